@@ -1,0 +1,388 @@
+"""MarkovCalibrator: a DSPy optimizer that learns p0, p_cw and p_wc of a MarkovRefine from labelled chains."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import dspy
+from dspy.teleprompt import Teleprompter
+from dspy.utils.parallelizer import ParallelExecutor
+from scipy import stats
+
+from markovscale_dspy._exceptions import CalibrationError, ConfigurationError, DataError
+from markovscale_dspy._model import PARAMETERS, TransitionModel, _check_prior
+from markovscale_dspy._refine import MAX_ROUNDS_LIMIT, MarkovRefine, _describe
+from markovscale_dspy._usage import Usage, measure
+
+__all__ = ["CalibrationReport", "ChainRecord", "MarkovCalibrator", "score_to_label"]
+
+logger = logging.getLogger(__name__)
+
+#: Round costs the report gives the recommended number of rounds for.
+REPORT_COSTS = (0.0, 0.005, 0.01, 0.02, 0.05)
+
+
+def score_to_label(score: Any, threshold: float) -> bool:
+    """Turn a metric's return value (bool, number, or a Prediction with ``.score``) into correct / wrong."""
+    value = getattr(score, "score", score)
+    if isinstance(value, bool):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"metric returned {score!r}; expected a bool, a number or a Prediction with .score") from None
+    if math.isnan(number):
+        raise DataError("metric returned NaN")
+    return number >= threshold
+
+
+@dataclass
+class ChainRecord:
+    """What calibration observed on one trainset example.
+
+    Attributes:
+        index: Position of the example in the trainset.
+        labels: Correctness of every round (``None`` where the round failed or could not be graded).
+        answers: Normalised answer of every round.
+        errors: Per round, the failure that kept the previous answer (``None`` if the round succeeded).
+        failure: Why the whole chain is missing (round 0 or the worker failed), else ``None``.
+        metric_error: The metric's exception on this example, if it raised.
+        usage: LM calls and tokens spent on the chain.
+    """
+
+    index: int
+    labels: list[bool | None] = field(default_factory=list)
+    answers: list[Any] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+    failure: str | None = None
+    metric_error: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+
+    def observed_chain(self) -> list[bool]:
+        """The labels the fit may use: failed rounds dropped (they kept the previous answer, so the chain did not
+        move), and the chain cut where the metric could not grade a real answer."""
+        chain: list[bool] = []
+        for label, error in zip(self.labels, self.errors, strict=True):
+            if error is not None:
+                continue
+            if label is None:
+                break
+            chain.append(label)
+        return chain
+
+
+@dataclass
+class CalibrationReport:
+    """Everything a calibration measured: counts, estimates with intervals, the regime verdict, fit checks.
+
+    ``to_dict()`` is JSON-able; the report layer renders it as text, Markdown and plots.
+    """
+
+    model: dict[str, Any]
+    rounds: int
+    examples: int
+    chains_used: int
+    estimates: dict[str, dict[str, float]]
+    regime: str
+    stationary_accuracy: float | None
+    convergence_rate: float
+    prob_improves: float
+    recommended_rounds: dict[str, int]
+    observed_accuracy: list[dict[str, float]]
+    transitions_by_round: list[dict[str, int]]
+    failures: dict[str, Any]
+    usage: dict[str, int]
+    seconds: float
+    valset: dict[str, Any] | None = None
+    chains: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def transition_model(self) -> TransitionModel:
+        return TransitionModel.from_dict(self.model)
+
+
+class MarkovCalibrator(Teleprompter):
+    """Learn when refinement pays: run full refinement chains on a labelled trainset and fit the Markov chain.
+
+    ``compile(student, trainset=...)`` runs round 0 plus ``rounds`` refinements on every example (no early
+    stopping, so every transition is observed), labels each round with ``metric(example, prediction)``, fits a
+    :class:`TransitionModel` and returns a calibrated copy of the student (the student is left untouched). The
+    calibrator keeps a :class:`CalibrationReport` in ``self.report``.
+
+    Calibrate with the LM, temperature and adapter you will use at inference: the transition rates belong to that
+    decoding setup. Run prompt optimizers (which reset parameters) before calibrating, not after.
+
+    Args:
+        metric: ``metric(example, prediction, trace=None)`` returning a bool, a number (compared with
+            ``threshold``) or a Prediction with ``.score``.
+        rounds: Refinement rounds per calibration chain.
+        num_threads: Threads for DSPy's parallel executor (defaults to ``dspy.settings.num_threads``).
+        prior: ``(alpha, beta)`` of the Beta prior on each parameter.
+        threshold: A numeric score counts as correct when it is at least this.
+        display_progress: Show a progress bar.
+
+    Example:
+        >>> import dspy
+        >>> from markovscale_dspy import MarkovCalibrator, MarkovRefine
+        >>> from markovscale_dspy.testing import SimulatedWorld
+        >>> world = SimulatedWorld.homogeneous(40, p0=0.4, p_cw=0.1, p_wc=0.3, seed=0)
+        >>> calibrator = MarkovCalibrator(world.metric, rounds=3, num_threads=1)
+        >>> with dspy.context(lm=world.lm()):
+        ...     refine = calibrator.compile(MarkovRefine(dspy.Predict("question -> answer")),
+        ...                                 trainset=world.examples)
+        >>> refine.model.regime()
+        'improving'
+    """
+
+    def __init__(
+        self,
+        metric: Callable[..., Any],
+        *,
+        rounds: int = 4,
+        num_threads: int | None = None,
+        prior: tuple[float, float] = (1.0, 1.0),
+        threshold: float = 1.0,
+        display_progress: bool = False,
+    ):
+        super().__init__()
+        if not callable(metric):
+            raise ConfigurationError(f"metric must be callable as metric(example, prediction), got {metric!r}")
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= MAX_ROUNDS_LIMIT:
+            raise ConfigurationError(f"rounds must be an integer in [1, {MAX_ROUNDS_LIMIT}], got {rounds!r}")
+        if num_threads is not None and (
+            isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+        ):
+            raise ConfigurationError(f"num_threads must be a positive integer or None, got {num_threads!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+            raise ConfigurationError(f"threshold must be a number, got {threshold!r}")
+        self.metric = metric
+        self.rounds = rounds
+        self.num_threads = num_threads
+        self.prior = _check_prior(prior)
+        self.threshold = float(threshold)
+        self.display_progress = display_progress
+        self.report: CalibrationReport | None = None
+
+    def compile(
+        self,
+        student: MarkovRefine,
+        *,
+        trainset: Sequence[dspy.Example],
+        valset: Sequence[dspy.Example] | None = None,
+        **kwargs: Any,
+    ) -> MarkovRefine:
+        """Calibrate a copy of ``student`` on ``trainset``; ``valset`` (optional) is only evaluated for the report.
+
+        Raises:
+            ConfigurationError: ``student`` is not a MarkovRefine.
+            DataError: the trainset is empty or its examples lack inputs or labels.
+            CalibrationError: no chain could be observed (every round 0 or every metric call failed).
+        """
+        if not isinstance(student, MarkovRefine):
+            raise ConfigurationError(
+                f"MarkovCalibrator calibrates a MarkovRefine, got {type(student).__name__}; wrap your program: "
+                "MarkovRefine(program)"
+            )
+        examples = _check_examples(trainset, student, "trainset")
+        started = time.perf_counter()
+        program = student.deepcopy()
+        program.model = None
+        records = self._observe(program, examples)
+        chains = [r.observed_chain() for r in records]
+        usable = [c for c in chains if c]
+        if not usable:
+            reasons = Counter(r.failure or r.metric_error or "no graded round" for r in records)
+            raise CalibrationError(
+                f"no usable chain among {len(records)} trainset examples; failures: "
+                + "; ".join(f"{n}x {reason}" for reason, n in reasons.most_common(3))
+            )
+        model = TransitionModel.fit(usable, prior=self.prior)
+        program.model = model
+        program._compiled = True
+        valset_result = None
+        if valset:
+            valset_result = _evaluate(
+                program, _check_examples(valset, student, "valset"), self.metric, self.threshold, self.num_threads
+            )
+        self.report = _build_report(model, records, self.rounds, time.perf_counter() - started, valset_result)
+        logger.info("MarkovCalibrator: %r", model)
+        return program
+
+    def _observe(self, program: MarkovRefine, examples: list[dspy.Example]) -> list[ChainRecord]:
+        executor = ParallelExecutor(
+            num_threads=self.num_threads, max_errors=len(examples) + 1, disable_progress_bar=not self.display_progress
+        )
+        jobs = list(enumerate(examples))
+        results = executor.execute(lambda job: self._chain(program, *job), jobs)
+        # The worker never raises, but the executor may still return None (cancelled) or an exception object.
+        return [
+            r if isinstance(r, ChainRecord) else ChainRecord(index=i, failure=f"executor: {r!r}")
+            for (i, _), r in zip(jobs, results, strict=True)
+        ]
+
+    def _chain(self, program: MarkovRefine, index: int, example: dspy.Example) -> ChainRecord:
+        """Worker: one full chain and its labels. Pure (returns its record) because the executor may re-run it."""
+        record = ChainRecord(index=index)
+        usage = Usage()
+        try:
+            with dspy.context(trace=[]), measure() as usage:
+                prediction = program.run_chain(self.rounds, **example.inputs())
+        except Exception as exc:
+            record.failure = _describe(exc)
+            record.usage = usage.to_dict()
+            return record
+        record.usage = usage.to_dict()
+        for entry in prediction.trajectory:
+            record.errors.append(entry["error"])
+            record.answers.append(_jsonable(entry["answer_key"]))
+            label = None
+            if entry["error"] is None and record.metric_error is None:
+                try:
+                    label = score_to_label(self.metric(example, dspy.Prediction(**entry["outputs"])), self.threshold)
+                except Exception as exc:  # a broken metric is reported per example, never aborts the run
+                    record.metric_error = _describe(exc)
+            record.labels.append(label)
+        return record
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+
+def _check_examples(dataset: Any, student: MarkovRefine, name: str) -> list[dspy.Example]:
+    if dataset is None or isinstance(dataset, (str, bytes)) or not isinstance(dataset, Sequence):
+        raise DataError(f"{name} must be a list of dspy.Example, got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise DataError(f"{name} is empty: calibration needs labelled examples (a few hundred for tight intervals)")
+    needed = list(student.signature.input_fields)
+    for i, example in enumerate(dataset):
+        if not isinstance(example, dspy.Example):
+            raise DataError(f"{name}[{i}] must be a dspy.Example, got {type(example).__name__}")
+        try:
+            inputs = example.inputs()
+        except ValueError:
+            raise DataError(
+                f"{name}[{i}] has no input fields marked; build it with dspy.Example(...).with_inputs({needed})"
+            ) from None
+        missing = [f for f in needed if f not in inputs]
+        if missing:
+            raise DataError(f"{name}[{i}] lacks input field(s) {missing} of the program (it has {list(inputs)})")
+        if not list(example.labels().keys()):
+            raise DataError(f"{name}[{i}] has no label fields (only inputs {list(inputs)}); the metric needs a label")
+    return list(dataset)
+
+
+def _evaluate(
+    program: MarkovRefine,
+    examples: list[dspy.Example],
+    metric: Callable[..., Any],
+    threshold: float,
+    num_threads: int | None,
+) -> dict[str, Any]:
+    executor = ParallelExecutor(num_threads=num_threads, max_errors=len(examples) + 1, disable_progress_bar=True)
+
+    def run(example: dspy.Example) -> tuple[bool, int] | None:
+        try:
+            pred = program(**example.inputs())
+            return score_to_label(metric(example, pred), threshold), pred.rounds
+        except Exception:
+            return None
+
+    results = [r for r in executor.execute(run, examples) if isinstance(r, tuple)]
+    n = len(results)
+    correct = sum(ok for ok, _ in results)
+    return {
+        "examples": len(examples),
+        "answered": n,
+        "accuracy": correct / n if n else None,
+        "interval": list(_binomial_interval(correct, n)) if n else None,
+        "mean_rounds": sum(r for _, r in results) / n if n else None,
+    }
+
+
+def _binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Jeffreys interval for a binomial proportion."""
+    lo, hi = stats.beta(k + 0.5, n - k + 0.5).interval(level)
+    return float(0.0 if k == 0 else lo), float(1.0 if k == n else hi)
+
+
+def _build_report(
+    model: TransitionModel, records: list[ChainRecord], rounds: int, seconds: float, valset: dict[str, Any] | None
+) -> CalibrationReport:
+    observed = []
+    by_round = []
+    for t in range(rounds + 1):
+        labels = [r.labels[t] for r in records if len(r.labels) > t and r.labels[t] is not None]
+        k, n = sum(labels), len(labels)
+        lo, hi = _binomial_interval(k, n) if n else (float("nan"), float("nan"))
+        observed.append(
+            {
+                "round": t,
+                "correct": k,
+                "n": n,
+                "accuracy": k / n if n else float("nan"),
+                "lo": lo,
+                "hi": hi,
+                "predicted": float(model.accuracy_at(t)),
+            }
+        )
+        if t:
+            counts = Counter()
+            for r in records:
+                if len(r.labels) > t and r.errors[t] is None and None not in (r.labels[t - 1], r.labels[t]):
+                    counts[("c" if r.labels[t - 1] else "w") + ("c" if r.labels[t] else "w")] += 1
+            by_round.append({"round": t, **{k: counts.get(k, 0) for k in ("cc", "cw", "wc", "ww")}})
+    round_errors = Counter(e.split(":", 1)[0] for r in records for e in r.errors if e)
+    failures = {
+        "chains_failed": sum(r.failure is not None for r in records),
+        "chain_failures": [{"index": r.index, "error": r.failure} for r in records if r.failure],
+        "rounds_failed": sum(round_errors.values()),
+        "round_errors": dict(round_errors),
+        "metric_errors": [{"index": r.index, "error": r.metric_error} for r in records if r.metric_error],
+    }
+    usage = Usage()
+    for r in records:
+        usage = usage + Usage(
+            r.usage.get("calls", 0), r.usage.get("prompt_tokens", 0), r.usage.get("completion_tokens", 0)
+        )
+    try:
+        bound = model.stationary_accuracy()
+    except ValueError:
+        bound = None
+    return CalibrationReport(
+        model=model.to_dict(),
+        rounds=rounds,
+        examples=len(records),
+        chains_used=sum(bool(r.observed_chain()) for r in records),
+        estimates={
+            name: {
+                "mean": getattr(model, name),
+                "lo": model.interval(name)[0],
+                "hi": model.interval(name)[1],
+                "se": model.standard_error(name),
+            }
+            for name in PARAMETERS
+        },
+        regime=model.regime(),
+        stationary_accuracy=bound,
+        convergence_rate=model.convergence_rate(),
+        prob_improves=model.prob_improves(),
+        recommended_rounds={str(c): model.optimal_rounds(c, rounds) for c in REPORT_COSTS},
+        observed_accuracy=observed,
+        transitions_by_round=by_round,
+        failures=failures,
+        usage=usage.to_dict(),
+        seconds=seconds,
+        valset=valset,
+        chains=[asdict(r) for r in records],
+    )

@@ -1,0 +1,273 @@
+"""TransitionModel: the learned state of MarkovRefine, estimated from labelled refinement chains.
+
+Estimation layer: numpy and scipy only, no DSPy. A model is an immutable value built from counts; the point
+estimates are posterior means under a Beta prior and every derived quantity delegates to :mod:`theory`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from markovscale_dspy import theory
+from markovscale_dspy._exceptions import ConfigurationError, DataError, StateError
+
+__all__ = ["PARAMETERS", "TransitionModel"]
+
+#: The chain parameters a model estimates, in the order they are reported.
+PARAMETERS = ("p0", "p_cw", "p_wc")
+
+_FORMAT = "markovscale.transition_model/1"
+
+
+def _check_prior(prior: Any) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in prior)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"prior must be a pair (alpha, beta) of positive numbers, got {prior!r}") from None
+    if not (a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b)):
+        raise ConfigurationError(f"prior must be a pair (alpha, beta) of positive numbers, got {prior!r}")
+    return a, b
+
+
+def _check_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ConfigurationError(f"{name} must be a non-negative integer count, got {value!r}")
+    return int(value)
+
+
+def _check_chains(labels: Any) -> list[list[bool]]:
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, (Sequence, np.ndarray)):
+        raise DataError(f"labels must be a sequence of chains (sequences of bools), got {type(labels).__name__}")
+    if len(labels) == 0:
+        raise DataError("labels is empty: fitting needs at least one chain of per-round correctness labels")
+    chains = []
+    for i, chain in enumerate(labels):
+        if isinstance(chain, (str, bytes)) or not isinstance(chain, (Sequence, np.ndarray)):
+            raise DataError(f"labels[{i}] must be a sequence of bools (round 0, 1, ...), got {chain!r}")
+        if len(chain) == 0:
+            raise DataError(f"labels[{i}] is an empty chain: every chain needs at least its round-0 label")
+        for j, x in enumerate(chain):
+            if not isinstance(x, (bool, np.bool_)):
+                raise DataError(
+                    f"labels[{i}][{j}] must be a bool (correct or not), got {x!r} ({type(x).__name__}); "
+                    "convert metric scores to bools first"
+                )
+        chains.append([bool(x) for x in chain])
+    return chains
+
+
+@dataclass(frozen=True)
+class TransitionModel:
+    """Fitted two-state chain: single-pass accuracy ``p0`` and per-round transition rates ``p_cw``, ``p_wc``.
+
+    Build it with :meth:`fit` (or get it from ``MarkovCalibrator``). Each parameter has a Beta posterior
+    ``Beta(alpha + successes, beta + failures)``; the point estimates are the posterior means, which stay defined
+    (and conservative) when a state was never visited.
+
+    Attributes:
+        n0_correct: Chains whose round 0 was correct.
+        n0_total: Chains observed (each contributes one round-0 label).
+        n_cc: Observed correct -> correct transitions.
+        n_cw: Observed correct -> wrong transitions.
+        n_wc: Observed wrong -> correct transitions.
+        n_ww: Observed wrong -> wrong transitions.
+        prior: ``(alpha, beta)`` of the Beta prior shared by the three parameters.
+
+    Example:
+        >>> from markovscale_dspy import TransitionModel
+        >>> model = TransitionModel.fit([[False, True, True], [True, True, False], [False, False, True]])
+        >>> model.n_wc, model.n_cw
+        (2, 1)
+        >>> model.regime()
+        'improving'
+    """
+
+    n0_correct: int
+    n0_total: int
+    n_cc: int
+    n_cw: int
+    n_wc: int
+    n_ww: int
+    prior: tuple[float, float] = (1.0, 1.0)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("n0_correct", "n0_total", "n_cc", "n_cw", "n_wc", "n_ww"):
+            object.__setattr__(self, name, _check_count(name, getattr(self, name)))
+        if self.n0_correct > self.n0_total:
+            raise ConfigurationError(f"n0_correct ({self.n0_correct}) cannot exceed n0_total ({self.n0_total})")
+        object.__setattr__(self, "prior", _check_prior(self.prior))
+
+    # Construction ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def fit(cls, labels: Sequence[Sequence[bool]], prior: tuple[float, float] = (1.0, 1.0)) -> TransitionModel:
+        """Count round-0 outcomes and transitions in labelled chains and return the fitted model.
+
+        Args:
+            labels: One chain per calibration run, each a sequence of bools: whether round 0, 1, ..., R was
+                correct. Chains may differ in length (a chain of length 1 only informs ``p0``).
+            prior: ``(alpha, beta)`` of the Beta prior; ``(1, 1)`` is uniform.
+
+        Raises:
+            DataError: ``labels`` is empty, a chain is empty, or a label is not a bool.
+        """
+        chains = _check_chains(labels)
+        prior = _check_prior(prior)
+        n0_correct = sum(chain[0] for chain in chains)
+        counts = {"n_cc": 0, "n_cw": 0, "n_wc": 0, "n_ww": 0}
+        for chain in chains:
+            for prev, cur in pairwise(chain):
+                counts["n_" + ("c" if prev else "w") + ("c" if cur else "w")] += 1
+        return cls(n0_correct=n0_correct, n0_total=len(chains), prior=prior, **counts)
+
+    # Posteriors --------------------------------------------------------------------------------------------------
+
+    def _successes_failures(self, name: str) -> tuple[int, int]:
+        if name == "p0":
+            return self.n0_correct, self.n0_total - self.n0_correct
+        if name == "p_cw":
+            return self.n_cw, self.n_cc
+        if name == "p_wc":
+            return self.n_wc, self.n_ww
+        raise ConfigurationError(f"unknown parameter {name!r}; expected one of {', '.join(PARAMETERS)}")
+
+    def posterior(self, name: str) -> Any:
+        """The Beta posterior of ``name`` (``"p0"``, ``"p_cw"`` or ``"p_wc"``) as a frozen ``scipy.stats`` law."""
+        k, f = self._successes_failures(name)
+        return stats.beta(self.prior[0] + k, self.prior[1] + f)
+
+    def _mean(self, name: str) -> float:
+        k, f = self._successes_failures(name)
+        return (self.prior[0] + k) / (self.prior[0] + self.prior[1] + k + f)
+
+    @property
+    def p0(self) -> float:
+        """Posterior mean of the single-pass accuracy."""
+        return self._mean("p0")
+
+    @property
+    def p_cw(self) -> float:
+        """Posterior mean of P(correct -> wrong) per refinement round."""
+        return self._mean("p_cw")
+
+    @property
+    def p_wc(self) -> float:
+        """Posterior mean of P(wrong -> correct) per refinement round."""
+        return self._mean("p_wc")
+
+    @property
+    def n_transitions(self) -> int:
+        """Observed transitions (refinement rounds with a label on both sides)."""
+        return self.n_cc + self.n_cw + self.n_wc + self.n_ww
+
+    def standard_error(self, name: str) -> float:
+        """Posterior standard deviation of ``name``."""
+        return float(self.posterior(name).std())
+
+    def interval(self, name: str, level: float = 0.95) -> tuple[float, float]:
+        """Equal-tailed credible interval of ``name`` at ``level`` (e.g. 0.95)."""
+        level = float(level)
+        if not 0.0 < level < 1.0:
+            raise ConfigurationError(f"level must be strictly between 0 and 1, got {level!r}")
+        lo, hi = self.posterior(name).interval(level)
+        return float(lo), float(hi)
+
+    def prob_improves(self, n_samples: int = 200_000, seed: int = 0) -> float:
+        """Posterior probability that refinement helps: ``P(p0 < p_wc / (p_cw + p_wc) | data)``.
+
+        Monte Carlo over the three independent posteriors with a fixed seed, so the value is reproducible
+        (standard error below 0.0012 at the default sample size).
+        """
+        key = ("prob_improves", n_samples, seed)
+        if key not in self._cache:
+            rng = np.random.default_rng(seed)
+            p0, p_cw, p_wc = (self.posterior(name).rvs(size=n_samples, random_state=rng) for name in PARAMETERS)
+            # p0 < p_wc / (p_cw + p_wc)  <=>  p_wc (1 - p0) > p_cw p0 (no division by a near-zero sum)
+            self._cache[key] = float(np.mean(p_wc * (1.0 - p0) > p_cw * p0))
+        return self._cache[key]
+
+    # Theory on the point estimates -------------------------------------------------------------------------------
+
+    def accuracy_at(self, t: int | np.ndarray) -> float | np.ndarray:
+        """Predicted accuracy after ``t`` refinement rounds (see :func:`theory.accuracy_at`)."""
+        return theory.accuracy_at(t, self.p0, self.p_cw, self.p_wc)
+
+    def stationary_accuracy(self) -> float:
+        """The bound refinement converges to (see :func:`theory.stationary_accuracy`)."""
+        return theory.stationary_accuracy(self.p_cw, self.p_wc)
+
+    def convergence_rate(self) -> float:
+        """Per-round shrink factor of the distance to the bound (see :func:`theory.convergence_rate`)."""
+        return theory.convergence_rate(self.p_cw, self.p_wc)
+
+    def improves(self) -> bool:
+        """Whether one refinement round raises expected accuracy at the point estimates."""
+        return theory.improves(self.p0, self.p_cw, self.p_wc)
+
+    def regime(self) -> str:
+        """``"improving"``, ``"neutral"`` or ``"degrading"`` at the point estimates."""
+        return theory.regime(self.p0, self.p_cw, self.p_wc)
+
+    def optimal_rounds(self, round_cost: float = 0.0, max_rounds: int = 8) -> int:
+        """Best number of refinement rounds for ``round_cost`` (see :func:`theory.optimal_rounds`)."""
+        return theory.optimal_rounds(self.p0, self.p_cw, self.p_wc, round_cost=round_cost, max_rounds=max_rounds)
+
+    def rounds_to_target(self, target: float, max_rounds: int | None = None) -> int | None:
+        """Fewest rounds reaching ``target`` accuracy (see :func:`theory.rounds_to_target`)."""
+        return theory.rounds_to_target(self.p0, self.p_cw, self.p_wc, target, max_rounds=max_rounds)
+
+    # Serialisation -----------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict; :meth:`from_dict` restores an equal model. Estimates are included for readers."""
+        return {
+            "format": _FORMAT,
+            "counts": {
+                "n0_correct": self.n0_correct,
+                "n0_total": self.n0_total,
+                "n_cc": self.n_cc,
+                "n_cw": self.n_cw,
+                "n_wc": self.n_wc,
+                "n_ww": self.n_ww,
+            },
+            "prior": list(self.prior),
+            "estimates": {name: self._mean(name) for name in PARAMETERS},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TransitionModel:
+        """Rebuild a model from :meth:`to_dict` output, checking that it is well formed and self-consistent.
+
+        Raises:
+            StateError: the dict is not a transition model, has bad counts, or its estimates disagree with its
+                counts (a hand-edited or corrupted file).
+        """
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise StateError(f"not a transition model (expected format {_FORMAT!r}, found {found!r})")
+        try:
+            model = cls(**data["counts"], prior=tuple(data["prior"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"transition model has invalid counts or prior: {exc}") from None
+        for name, value in (data.get("estimates") or {}).items():
+            if name not in PARAMETERS or not isinstance(value, (int, float)) or abs(model._mean(name) - value) > 1e-9:
+                raise StateError(
+                    f"transition model estimate {name}={value!r} disagrees with its counts "
+                    f"(which give {model._mean(name) if name in PARAMETERS else 'nothing'}); the state was edited "
+                    "or corrupted: recalibrate, or restore the original file"
+                )
+        return model
+
+    def __repr__(self) -> str:
+        return (
+            f"TransitionModel(p0={self.p0:.3f}, p_cw={self.p_cw:.3f}, p_wc={self.p_wc:.3f}, "
+            f"chains={self.n0_total}, transitions={self.n_transitions}, regime={self.regime()!r})"
+        )

@@ -1,0 +1,160 @@
+"""Stopping policies: before every refinement round, decide from what is known so far whether to run it.
+
+Policy layer: depends on the theory and the model, never on DSPy. A policy is a small object with a ``decide``
+method that reads an immutable :class:`RoundContext` and returns a :class:`Decision`. It holds no per-call state,
+so one instance can serve many threads; anything a policy wants to remember within a chain, it recomputes from the
+context (the whole history of the chain is in it).
+
+New policies plug in without touching the module: pass an instance as ``MarkovRefine(policy=...)`` or register a
+name with :func:`register_policy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from markovscale_dspy._exceptions import ConfigurationError
+from markovscale_dspy._model import TransitionModel
+
+__all__ = [
+    "ClosedFormPolicy",
+    "Decision",
+    "FixedPolicy",
+    "Policy",
+    "RoundContext",
+    "available_policies",
+    "register_policy",
+    "resolve_policy",
+]
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """Everything a policy may look at before deciding on the next refinement round.
+
+    Attributes:
+        model: The calibrated chain, or ``None`` if the module is not calibrated.
+        rounds_done: Refinement rounds attempted so far (0 before the first one).
+        max_rounds: The module's cap on refinement rounds.
+        round_cost: Accuracy one round must buy to be worth running.
+        answer_keys: Normalised answer of every round so far (round 0 first); a failed round repeats the answer it
+            kept.
+        failed: For every round so far, whether it failed and kept the previous answer.
+    """
+
+    model: TransitionModel | None
+    rounds_done: int
+    max_rounds: int
+    round_cost: float
+    answer_keys: tuple[Hashable, ...] = ()
+    failed: tuple[bool, ...] = ()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A policy's verdict: run another round (``refine=True``) or stop, with a short machine-readable reason.
+
+    ``info`` carries numbers worth showing in the trajectory (e.g. the planned rounds or a belief).
+    """
+
+    refine: bool
+    reason: str
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What MarkovRefine needs from a stopping policy."""
+
+    #: Whether :meth:`decide` needs ``context.model``; the module refuses to start without one.
+    requires_model: bool
+
+    def decide(self, context: RoundContext) -> Decision:
+        """Return whether to run refinement round ``context.rounds_done + 1``."""
+        ...
+
+
+@dataclass(frozen=True)
+class FixedPolicy:
+    """Always run ``max_rounds`` refinement rounds: the paper's sequential baseline (no model needed)."""
+
+    requires_model: bool = field(default=False, init=False)
+
+    def decide(self, context: RoundContext) -> Decision:
+        if context.rounds_done < context.max_rounds:
+            return Decision(True, "fixed")
+        return Decision(False, "max_rounds")
+
+
+@dataclass(frozen=True)
+class ClosedFormPolicy:
+    """Run ``optimal_rounds(p0, p_cw, p_wc, round_cost, max_rounds)`` rounds, the same number for every question.
+
+    This is the paper's population rule: 0 rounds (one LM call) in the degrading or neutral regime, otherwise
+    refine while the predicted marginal gain exceeds ``round_cost``.
+
+    Stop reasons: ``"degrading"`` / ``"neutral"`` (refinement does not pay at all), ``"cost"`` (it improves, but
+    not by more than one round's cost), ``"optimal_rounds"`` (the planned rounds are done).
+    """
+
+    requires_model: bool = field(default=True, init=False)
+
+    def decide(self, context: RoundContext) -> Decision:
+        model = context.model
+        planned = model.optimal_rounds(round_cost=context.round_cost, max_rounds=context.max_rounds)
+        info = {"planned_rounds": planned}
+        if context.rounds_done < planned:
+            return Decision(True, "closed_form", info)
+        if planned == 0:
+            regime = model.regime()
+            return Decision(False, "cost" if regime == "improving" else regime, info)
+        return Decision(False, "optimal_rounds", info)
+
+
+_REGISTRY: dict[str, Callable[[], Policy]] = {
+    "fixed": FixedPolicy,
+    "closed_form": ClosedFormPolicy,
+}
+
+
+def register_policy(name: str, factory: Callable[[], Policy]) -> None:
+    """Make ``MarkovRefine(policy=name)`` build its policy with ``factory()``.
+
+    Example:
+        >>> from markovscale_dspy import Decision, register_policy
+        >>> class OneRound:
+        ...     requires_model = False
+        ...     def decide(self, context):
+        ...         return Decision(context.rounds_done < 1, "one_round")
+        >>> register_policy("one_round", OneRound)
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"policy name must be a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise ConfigurationError(f"policy factory for {name!r} must be callable, got {factory!r}")
+    _REGISTRY[name] = factory
+
+
+def available_policies() -> list[str]:
+    """Names accepted by ``MarkovRefine(policy=...)``."""
+    return sorted(_REGISTRY)
+
+
+def resolve_policy(policy: str | Policy) -> Policy:
+    """Turn a policy name or instance into an instance, with a clear error for anything else."""
+    if isinstance(policy, str):
+        try:
+            return _REGISTRY[policy]()
+        except KeyError:
+            raise ConfigurationError(
+                f"unknown policy {policy!r}; expected one of {', '.join(available_policies())} "
+                "or an object with `requires_model` and `decide(context)`"
+            ) from None
+    if isinstance(policy, Policy):
+        return policy
+    raise ConfigurationError(
+        f"policy must be a name ({', '.join(available_policies())}) or an object with `requires_model` and "
+        f"`decide(context)`, got {policy!r}"
+    )

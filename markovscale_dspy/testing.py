@@ -1,0 +1,367 @@
+"""A simulated world with known chain parameters, for offline tests of refinement (yours and ours).
+
+:class:`SimulatedWorld` is a set of questions, each with its own hidden ``p0``, ``p_cw``, ``p_wc`` and answer
+stickiness, and a DSPy custom engine that answers them: a round-0 prompt is answered correctly with probability
+``p0``; a refinement prompt (one with a ``previous_<answer>`` input) looks at the previous answer it is shown and
+moves by the question's chain. Because the truth is known, estimates and policies can be checked against it.
+
+It plugs into DSPy as a real ``dspy.LM`` (``engine=`` / ``async_engine=``), so everything in between -- adapters,
+signatures, caching, threads -- is the real thing. Randomness is keyed on the seed, the prompt and how many times
+that prompt was seen, so runs are reproducible and identical whether questions are answered sequentially or in
+threads (each question's chain stays on one thread).
+
+Example:
+    >>> import dspy
+    >>> from markovscale_dspy.testing import SimulatedWorld
+    >>> world = SimulatedWorld.homogeneous(5, p0=0.5, p_cw=0.1, p_wc=0.3, seed=1)
+    >>> program = dspy.Predict("question -> answer")
+    >>> with dspy.context(lm=world.lm()):
+    ...     pred = program(**world.examples[0].inputs())
+    >>> world.calls
+    1
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import threading
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import dspy
+from dspy.lm15 import Message, Response, TextPart, Usage
+
+from markovscale_dspy._answers import normalize_answer
+from markovscale_dspy._exceptions import ConfigurationError
+
+__all__ = ["FAULT_KINDS", "SimQuestion", "SimulatedEngine", "SimulatedWorld"]
+
+#: Faults the engine can inject, each at its own rate.
+FAULT_KINDS = ("timeout", "rate_limit", "transport", "server", "context_window", "garbage", "empty")
+
+# Simulated values never contain blank lines, so a field's value ends at the first one.
+_FIELD_BLOCK = re.compile(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?=\n\n|\Z)", re.S)
+_QUESTION_ID = re.compile(r"#(\d+)\b")
+
+
+@dataclass(frozen=True)
+class SimQuestion:
+    """One simulated question and the hidden chain that governs its answers.
+
+    Attributes:
+        id: Index of the question in its world.
+        question: The question text (carries ``#id`` so the engine can recognise it).
+        answer: The gold answer.
+        p0: P(round 0 correct).
+        p_cw: P(a refinement breaks a correct answer).
+        p_wc: P(a refinement fixes a wrong answer).
+        p_same_wrong: P(a wrong answer that stays wrong stays *the same* wrong answer); 1.0 = wrong answers stick.
+        p_change_correct: P(a correct answer that stays correct is written differently, e.g. ``"42.0"``).
+        kind: Free label of the component this question was drawn from (for mixtures).
+    """
+
+    id: int
+    question: str
+    answer: str
+    p0: float
+    p_cw: float
+    p_wc: float
+    p_same_wrong: float = 1.0
+    p_change_correct: float = 0.0
+    kind: str = "default"
+
+    def __post_init__(self) -> None:
+        for name in ("p0", "p_cw", "p_wc", "p_same_wrong", "p_change_correct"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigurationError(f"{name} of question {self.id} must be in [0, 1], got {value!r}")
+
+
+def _output_fields(system: str) -> list[str]:
+    block = system.split("Your output fields are:", 1)[-1].split("All interactions", 1)[0]
+    return re.findall(r"^\d+\.\s+`(\w+)`", block, re.M)
+
+
+def _system_text(request: Any) -> str:
+    system = request.system
+    if isinstance(system, str):
+        return system
+    return "".join(getattr(part, "text", "") for part in system or ())
+
+
+class SimulatedEngine:
+    """DSPy custom engine (``complete(request) -> Response``) that answers by the world's hidden chains.
+
+    Args:
+        world: The world whose questions it answers.
+        faults: Optional ``{kind: rate}``; each call fails with that kind with that probability (see FAULT_KINDS).
+    """
+
+    def __init__(self, world: SimulatedWorld, faults: Mapping[str, float] | None = None):
+        self.world = world
+        self.faults = dict(faults or {})
+        unknown = set(self.faults) - set(FAULT_KINDS)
+        if unknown:
+            raise ConfigurationError(f"unknown fault kind(s) {sorted(unknown)}; expected some of {FAULT_KINDS}")
+        for kind, rate in self.faults.items():
+            if not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+                raise ConfigurationError(f"fault rate for {kind!r} must be in [0, 1], got {rate!r}")
+        if sum(self.faults.values()) > 1.0:
+            raise ConfigurationError(f"fault rates add up to more than 1: {self.faults}")
+        self._lock = threading.Lock()
+        self._seen: Counter[str] = Counter()
+        self.calls = 0
+        self.fault_counts: Counter[str] = Counter()
+
+    def __deepcopy__(self, memo: dict) -> SimulatedEngine:
+        return self  # engines are shared services; Module.deepcopy() must not clone their counters
+
+    def _rng(self, text: str) -> random.Random:
+        with self._lock:
+            self.calls += 1
+            self._seen[text] += 1
+            occurrence = self._seen[text]
+        digest = hashlib.sha256(f"{self.world.seed}|{occurrence}|{text}".encode()).digest()
+        return random.Random(int.from_bytes(digest[:8], "big"))
+
+    def complete(self, request: Any) -> Response:
+        system = _system_text(request)
+        user = request.messages[-1].text or ""
+        rng = self._rng(user)
+        fault = self._draw_fault(rng)
+        if fault is not None:
+            return self._fault(fault, request)
+        inputs = {name: value.strip() for name, value in _FIELD_BLOCK.findall(user)}
+        fields = _output_fields(system) or [self.world.answer_field]
+        answer = self.world.respond(inputs, rng)
+        values = {name: (answer if name == self.world.answer_field else "Simulated reasoning.") for name in fields}
+        if "JSON" in system.split("In adhering to this structure", 1)[0]:
+            text = json.dumps(values)
+        else:
+            text = "\n\n".join(f"[[ ## {k} ## ]]\n{v}" for k, v in values.items()) + "\n\n[[ ## completed ## ]]"
+        usage = Usage(input_tokens=len((system + user).split()), output_tokens=len(text.split()))
+        return Response(
+            id=f"sim-{self.calls}",
+            model=request.model,
+            message=Message.assistant(TextPart(text)),
+            finish_reason="stop",
+            usage=usage,
+        )
+
+    def _draw_fault(self, rng: random.Random) -> str | None:
+        if not self.faults:
+            return None
+        u, acc = rng.random(), 0.0
+        for kind in FAULT_KINDS:
+            acc += self.faults.get(kind, 0.0)
+            if u < acc:
+                with self._lock:
+                    self.fault_counts[kind] += 1
+                return kind
+        return None
+
+    def _fault(self, kind: str, request: Any) -> Response:
+        from dspy.lm15 import ContextLengthError, RateLimitError, ServerError, TimeoutError, TransportError
+
+        provider = "simulated"
+        if kind == "timeout":
+            raise TimeoutError("simulated timeout", provider=provider)
+        if kind == "rate_limit":
+            raise RateLimitError("simulated rate limit", provider=provider, status=429)
+        if kind == "transport":
+            raise TransportError("simulated connection reset")
+        if kind == "server":
+            raise ServerError("simulated server error", provider=provider, status=500)
+        if kind == "context_window":
+            raise ContextLengthError("simulated context window exceeded", provider=provider, status=400)
+        text = "I'm ready to help. What's your next question?" if kind == "garbage" else ""
+        return Response(
+            id="sim-fault",
+            model=request.model,
+            message=Message.assistant(TextPart(text or " ")),
+            finish_reason="stop",
+            usage=Usage(input_tokens=1, output_tokens=len(text.split())),
+        )
+
+
+class _AsyncSimulatedEngine:
+    """Async twin of SimulatedEngine (the simulation is instantaneous, so it just delegates)."""
+
+    def __init__(self, engine: SimulatedEngine):
+        self.engine = engine
+
+    async def complete(self, request: Any) -> Response:
+        return self.engine.complete(request)
+
+    def __deepcopy__(self, memo: dict) -> _AsyncSimulatedEngine:
+        return self
+
+
+class SimulatedWorld:
+    """Questions with hidden per-question chains, the LM that answers them, and the metric that grades them.
+
+    Args:
+        questions: The questions (see :meth:`homogeneous` and :meth:`mixture` to generate them).
+        seed: Seed of the answers' randomness.
+        question_field: Input field holding the question text.
+        answer_field: Output field holding the answer.
+    """
+
+    def __init__(
+        self,
+        questions: Sequence[SimQuestion],
+        *,
+        seed: int = 0,
+        question_field: str = "question",
+        answer_field: str = "answer",
+    ):
+        if not questions:
+            raise ConfigurationError("a simulated world needs at least one question")
+        self.questions = list(questions)
+        self.seed = seed
+        self.question_field = question_field
+        self.answer_field = answer_field
+        self._by_id = {q.id: q for q in self.questions}
+        self.engine = SimulatedEngine(self)
+
+    # Construction ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def homogeneous(
+        cls,
+        n: int,
+        *,
+        p0: float,
+        p_cw: float,
+        p_wc: float,
+        p_same_wrong: float = 1.0,
+        p_change_correct: float = 0.0,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> SimulatedWorld:
+        """``n`` questions that all share one chain."""
+        params = {
+            "p0": p0,
+            "p_cw": p_cw,
+            "p_wc": p_wc,
+            "p_same_wrong": p_same_wrong,
+            "p_change_correct": p_change_correct,
+        }
+        return cls.mixture(n, [(1.0, params)], seed=seed, **kwargs)
+
+    @classmethod
+    def mixture(
+        cls, n: int, components: Sequence[tuple[float, Mapping[str, Any]]], *, seed: int = 0, **kwargs: Any
+    ) -> SimulatedWorld:
+        """``n`` questions whose chains are drawn from weighted components.
+
+        Args:
+            n: Number of questions.
+            components: ``(weight, params)`` pairs; params are SimQuestion fields (``p0``, ``p_cw``, ``p_wc``,
+                optionally ``p_same_wrong``, ``p_change_correct``, ``kind``).
+            seed: Seed of the draw and of the answers.
+        """
+        if not isinstance(n, int) or n < 1:
+            raise ConfigurationError(f"n must be a positive integer, got {n!r}")
+        if not components:
+            raise ConfigurationError("mixture needs at least one (weight, params) component")
+        rng = random.Random(f"world|{seed}")
+        weights = [float(w) for w, _ in components]
+        questions = []
+        for i in range(n):
+            index = rng.choices(range(len(components)), weights=weights)[0]
+            params = dict(components[index][1])
+            params.setdefault("kind", f"component{index}")
+            gold = str(rng.randint(10, 999))
+            questions.append(
+                SimQuestion(
+                    id=i, question=f"Simulated question #{i}: what is the hidden number?", answer=gold, **params
+                )
+            )
+        return cls(questions, seed=seed, **kwargs)
+
+    # What users touch --------------------------------------------------------------------------------------------
+
+    @property
+    def examples(self) -> list[dspy.Example]:
+        """One labelled ``dspy.Example`` per question, inputs marked."""
+        return [
+            dspy.Example(**{self.question_field: q.question, self.answer_field: q.answer}).with_inputs(
+                self.question_field
+            )
+            for q in self.questions
+        ]
+
+    def lm(self, *, faults: Mapping[str, float] | None = None, **kwargs: Any) -> dspy.LM:
+        """A ``dspy.LM`` backed by this world's engine (``kwargs`` go to ``dspy.LM``; retries default to 0).
+
+        With ``faults``, the LM gets its own engine that fails at those rates (see :data:`FAULT_KINDS`); the
+        world's call counter then counts only fault-free engines, and the LM's engine is ``lm.engine``-reachable
+        via :attr:`last_fault_engine`.
+        """
+        engine = self.engine if faults is None else SimulatedEngine(self, faults)
+        if faults is not None:
+            self.last_fault_engine = engine
+        kwargs.setdefault("temperature", 0.7)
+        kwargs.setdefault("num_retries", 0)
+        kwargs.setdefault("cache", False)
+        return dspy.LM("simulated/world", engine=engine, async_engine=_AsyncSimulatedEngine(engine), **kwargs)
+
+    @property
+    def calls(self) -> int:
+        """LM calls the world's engine has answered."""
+        return self.engine.calls
+
+    def metric(self, example: dspy.Example, prediction: Any, trace: Any = None) -> bool:
+        """Exact match of the normalised answer."""
+        return normalize_answer(getattr(prediction, self.answer_field, None)) == normalize_answer(
+            example[self.answer_field]
+        )
+
+    def truth(self, example_or_question: Any) -> SimQuestion:
+        """The hidden parameters of an example (or question text)."""
+        text = example_or_question
+        if isinstance(example_or_question, dspy.Example):
+            text = example_or_question[self.question_field]
+        match = _QUESTION_ID.search(str(text))
+        if match is None or int(match.group(1)) not in self._by_id:
+            raise ConfigurationError(f"not a question of this world: {str(text)[:80]!r}")
+        return self._by_id[int(match.group(1))]
+
+    def summary(self) -> dict[str, Any]:
+        """Mean true parameters and the share of each component."""
+        n = len(self.questions)
+        kinds = Counter(q.kind for q in self.questions)
+        means = {k: sum(asdict(q)[k] for q in self.questions) / n for k in ("p0", "p_cw", "p_wc", "p_same_wrong")}
+        return {"questions": n, "kinds": dict(kinds), **means}
+
+    # The simulation ----------------------------------------------------------------------------------------------
+
+    def _wrong(self, q: SimQuestion, rng: random.Random, avoid: str | None = None) -> str:
+        gold = int(q.answer)
+        while True:
+            candidate = str(gold + rng.choice([-1, 1]) * rng.randint(1, 9))
+            if candidate != avoid:
+                return candidate
+
+    def respond(self, inputs: Mapping[str, str], rng: random.Random) -> str:
+        """The answer the world gives to a prompt with these input fields."""
+        q = self.truth(inputs.get(self.question_field, ""))
+        previous = inputs.get(f"previous_{self.answer_field}")
+        if previous is None:  # round 0
+            return q.answer if rng.random() < q.p0 else self._wrong(q, rng)
+        was_correct = normalize_answer(previous) == normalize_answer(q.answer)
+        if was_correct:
+            if rng.random() < q.p_cw:
+                return self._wrong(q, rng)
+            return f"{q.answer}.0" if rng.random() < q.p_change_correct else q.answer
+        if rng.random() < q.p_wc:
+            return q.answer
+        if rng.random() < q.p_same_wrong:
+            return previous
+        return self._wrong(q, rng, avoid=normalize_answer(previous))
