@@ -12,8 +12,9 @@ Example:
     >>> # calibrated = calibrator.compile(refine, trainset=trainset); calibrated(question="...")
 """
 
-from markovscale_dspy import theory
+from markovscale_dspy import belief, theory
 from markovscale_dspy._answers import default_answer_key, normalize_answer
+from markovscale_dspy._budget import BudgetResult
 from markovscale_dspy._calibrate import CalibrationReport, ChainRecord, MarkovCalibrator
 from markovscale_dspy._exceptions import (
     CalibrationError,
@@ -26,6 +27,7 @@ from markovscale_dspy._exceptions import (
 )
 from markovscale_dspy._model import TransitionModel
 from markovscale_dspy._policies import (
+    BeliefPolicy,
     ClosedFormPolicy,
     Decision,
     FixedPolicy,
@@ -39,6 +41,8 @@ from markovscale_dspy._usage import Usage, measure
 from markovscale_dspy._version import __version__
 
 __all__ = [
+    "BeliefPolicy",
+    "BudgetResult",
     "CalibrationError",
     "CalibrationReport",
     "ChainRecord",
@@ -59,6 +63,7 @@ __all__ = [
     "Usage",
     "__version__",
     "available_policies",
+    "belief",
     "default_answer_key",
     "measure",
     "normalize_answer",

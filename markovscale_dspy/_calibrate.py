@@ -15,9 +15,10 @@ from dspy.teleprompt import Teleprompter
 from dspy.utils.parallelizer import ParallelExecutor
 from scipy import stats
 
+from markovscale_dspy._chain import describe as _describe
 from markovscale_dspy._exceptions import CalibrationError, ConfigurationError, DataError
 from markovscale_dspy._model import PARAMETERS, TransitionModel, _check_prior
-from markovscale_dspy._refine import MAX_ROUNDS_LIMIT, MarkovRefine, _describe
+from markovscale_dspy._refine import MAX_ROUNDS_LIMIT, MarkovRefine
 from markovscale_dspy._usage import Usage, measure
 
 __all__ = ["CalibrationReport", "ChainRecord", "MarkovCalibrator", "score_to_label"]
@@ -64,17 +65,21 @@ class ChainRecord:
     metric_error: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
 
-    def observed_chain(self) -> list[bool]:
-        """The labels the fit may use: failed rounds dropped (they kept the previous answer, so the chain did not
-        move), and the chain cut where the metric could not grade a real answer."""
-        chain: list[bool] = []
-        for label, error in zip(self.labels, self.errors, strict=True):
+    def observed(self) -> list[tuple[bool, Any]]:
+        """The (label, answer) pairs the fit may use: failed rounds dropped (they kept the previous answer, so the
+        chain did not move), and the chain cut where the metric could not grade a real answer."""
+        chain: list[tuple[bool, Any]] = []
+        for label, answer, error in zip(self.labels, self.answers, self.errors, strict=True):
             if error is not None:
                 continue
             if label is None:
                 break
-            chain.append(label)
+            chain.append((label, _hashable(answer)))
         return chain
+
+    def observed_chain(self) -> list[bool]:
+        """The labels of :meth:`observed`."""
+        return [label for label, _ in self.observed()]
 
 
 @dataclass
@@ -196,15 +201,19 @@ class MarkovCalibrator(Teleprompter):
         program = student.deepcopy()
         program.model = None
         records = self._observe(program, examples)
-        chains = [r.observed_chain() for r in records]
-        usable = [c for c in chains if c]
+        observed = [r.observed() for r in records]
+        usable = [c for c in observed if c]
         if not usable:
             reasons = Counter(r.failure or r.metric_error or "no graded round" for r in records)
             raise CalibrationError(
                 f"no usable chain among {len(records)} trainset examples; failures: "
                 + "; ".join(f"{n}x {reason}" for reason, n in reasons.most_common(3))
             )
-        model = TransitionModel.fit(usable, prior=self.prior)
+        model = TransitionModel.fit(
+            [[label for label, _ in c] for c in usable],
+            prior=self.prior,
+            answers=[[answer for _, answer in c] for c in usable],
+        )
         program.model = model
         program._compiled = True
         valset_result = None
@@ -251,6 +260,10 @@ class MarkovCalibrator(Teleprompter):
                     record.metric_error = _describe(exc)
             record.labels.append(label)
         return record
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
 
 
 def _jsonable(value: Any) -> Any:

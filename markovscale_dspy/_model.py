@@ -7,7 +7,7 @@ estimates are posterior means under a Beta prior and every derived quantity dele
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -18,10 +18,12 @@ from scipy import stats
 from markovscale_dspy import theory
 from markovscale_dspy._exceptions import ConfigurationError, DataError, StateError
 
-__all__ = ["PARAMETERS", "TransitionModel"]
+__all__ = ["EMISSIONS", "PARAMETERS", "TransitionModel"]
 
 #: The chain parameters a model estimates, in the order they are reported.
 PARAMETERS = ("p0", "p_cw", "p_wc")
+#: Emission parameters, estimated when calibration chains carry answer identities.
+EMISSIONS = ("p_same_wrong", "p_change_correct")
 
 _FORMAT = "markovscale.transition_model/1"
 
@@ -78,7 +80,9 @@ class TransitionModel:
         n_cw: Observed correct -> wrong transitions.
         n_wc: Observed wrong -> correct transitions.
         n_ww: Observed wrong -> wrong transitions.
-        prior: ``(alpha, beta)`` of the Beta prior shared by the three parameters.
+        prior: ``(alpha, beta)`` of the Beta prior shared by all parameters.
+        n_cc_changed: Of the correct -> correct transitions, how many changed the answer (``None``: not observed).
+        n_ww_same: Of the wrong -> wrong transitions, how many kept the same answer (``None``: not observed).
 
     Example:
         >>> from markovscale_dspy import TransitionModel
@@ -96,6 +100,8 @@ class TransitionModel:
     n_wc: int
     n_ww: int
     prior: tuple[float, float] = (1.0, 1.0)
+    n_cc_changed: int | None = None
+    n_ww_same: int | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -104,29 +110,56 @@ class TransitionModel:
         if self.n0_correct > self.n0_total:
             raise ConfigurationError(f"n0_correct ({self.n0_correct}) cannot exceed n0_total ({self.n0_total})")
         object.__setattr__(self, "prior", _check_prior(self.prior))
+        for name, total in (("n_cc_changed", "n_cc"), ("n_ww_same", "n_ww")):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _check_count(name, value))
+                if value > getattr(self, total):
+                    raise ConfigurationError(f"{name} ({value}) cannot exceed {total} ({getattr(self, total)})")
+        if (self.n_cc_changed is None) != (self.n_ww_same is None):
+            raise ConfigurationError("n_cc_changed and n_ww_same are estimated together: give both or neither")
 
     # Construction ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def fit(cls, labels: Sequence[Sequence[bool]], prior: tuple[float, float] = (1.0, 1.0)) -> TransitionModel:
+    def fit(
+        cls,
+        labels: Sequence[Sequence[bool]],
+        prior: tuple[float, float] = (1.0, 1.0),
+        answers: Sequence[Sequence[Hashable]] | None = None,
+    ) -> TransitionModel:
         """Count round-0 outcomes and transitions in labelled chains and return the fitted model.
 
         Args:
             labels: One chain per calibration run, each a sequence of bools: whether round 0, 1, ..., R was
                 correct. Chains may differ in length (a chain of length 1 only informs ``p0``).
             prior: ``(alpha, beta)`` of the Beta prior; ``(1, 1)`` is uniform.
+            answers: Optionally, the answer identity of every round (same shape as ``labels``); then the emission
+                rates ``p_same_wrong`` and ``p_change_correct`` are estimated too.
 
         Raises:
-            DataError: ``labels`` is empty, a chain is empty, or a label is not a bool.
+            DataError: ``labels`` is empty, a chain is empty, a label is not a bool, or ``answers`` does not have
+                the shape of ``labels``.
         """
         chains = _check_chains(labels)
         prior = _check_prior(prior)
+        if answers is not None:
+            if len(answers) != len(chains) or any(len(a) != len(c) for a, c in zip(answers, chains, strict=False)):
+                raise DataError("answers must have one answer per label: same number of chains, same lengths")
         n0_correct = sum(chain[0] for chain in chains)
         counts = {"n_cc": 0, "n_cw": 0, "n_wc": 0, "n_ww": 0}
-        for chain in chains:
-            for prev, cur in pairwise(chain):
+        changed_correct = same_wrong = 0
+        for i, chain in enumerate(chains):
+            for t, (prev, cur) in enumerate(pairwise(chain), start=1):
                 counts["n_" + ("c" if prev else "w") + ("c" if cur else "w")] += 1
-        return cls(n0_correct=n0_correct, n0_total=len(chains), prior=prior, **counts)
+                if answers is not None:
+                    same = answers[i][t] == answers[i][t - 1]
+                    changed_correct += prev and cur and not same
+                    same_wrong += (not prev) and (not cur) and same
+        emissions = {}
+        if answers is not None:
+            emissions = {"n_cc_changed": changed_correct, "n_ww_same": same_wrong}
+        return cls(n0_correct=n0_correct, n0_total=len(chains), prior=prior, **counts, **emissions)
 
     # Posteriors --------------------------------------------------------------------------------------------------
 
@@ -137,7 +170,16 @@ class TransitionModel:
             return self.n_cw, self.n_cc
         if name == "p_wc":
             return self.n_wc, self.n_ww
-        raise ConfigurationError(f"unknown parameter {name!r}; expected one of {', '.join(PARAMETERS)}")
+        if name in EMISSIONS:
+            if not self.has_emissions:
+                raise ConfigurationError(
+                    f"{name} was not estimated: this model was fitted without answer identities (recalibrate with "
+                    "MarkovCalibrator, which records them)"
+                )
+            if name == "p_same_wrong":
+                return self.n_ww_same, self.n_ww - self.n_ww_same
+            return self.n_cc_changed, self.n_cc - self.n_cc_changed
+        raise ConfigurationError(f"unknown parameter {name!r}; expected one of {', '.join(PARAMETERS + EMISSIONS)}")
 
     def posterior(self, name: str) -> Any:
         """The Beta posterior of ``name`` (``"p0"``, ``"p_cw"`` or ``"p_wc"``) as a frozen ``scipy.stats`` law."""
@@ -162,6 +204,21 @@ class TransitionModel:
     def p_wc(self) -> float:
         """Posterior mean of P(wrong -> correct) per refinement round."""
         return self._mean("p_wc")
+
+    @property
+    def has_emissions(self) -> bool:
+        """Whether the answer-change rates were estimated (needed by the belief policy)."""
+        return self.n_cc_changed is not None
+
+    @property
+    def p_same_wrong(self) -> float | None:
+        """Posterior mean of P(answer unchanged | wrong -> wrong), or ``None`` if not estimated."""
+        return self._mean("p_same_wrong") if self.has_emissions else None
+
+    @property
+    def p_change_correct(self) -> float | None:
+        """Posterior mean of P(answer changes | correct -> correct), or ``None`` if not estimated."""
+        return self._mean("p_change_correct") if self.has_emissions else None
 
     @property
     def n_transitions(self) -> int:
@@ -237,10 +294,14 @@ class TransitionModel:
                 "n_cw": self.n_cw,
                 "n_wc": self.n_wc,
                 "n_ww": self.n_ww,
+                **({"n_cc_changed": self.n_cc_changed, "n_ww_same": self.n_ww_same} if self.has_emissions else {}),
             },
             "prior": list(self.prior),
-            "estimates": {name: self._mean(name) for name in PARAMETERS},
+            "estimates": {name: self._mean(name) for name in self._estimated()},
         }
+
+    def _estimated(self) -> tuple[str, ...]:
+        return PARAMETERS + EMISSIONS if self.has_emissions else PARAMETERS
 
     @classmethod
     def from_dict(cls, data: Any) -> TransitionModel:
@@ -258,10 +319,11 @@ class TransitionModel:
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"transition model has invalid counts or prior: {exc}") from None
         for name, value in (data.get("estimates") or {}).items():
-            if name not in PARAMETERS or not isinstance(value, (int, float)) or abs(model._mean(name) - value) > 1e-9:
+            known = name in model._estimated()
+            if not known or not isinstance(value, (int, float)) or abs(model._mean(name) - value) > 1e-9:
                 raise StateError(
                     f"transition model estimate {name}={value!r} disagrees with its counts "
-                    f"(which give {model._mean(name) if name in PARAMETERS else 'nothing'}); the state was edited "
+                    f"(which give {model._mean(name) if known else 'nothing'}); the state was edited "
                     "or corrupted: recalibrate, or restore the original file"
                 )
         return model

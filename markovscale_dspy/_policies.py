@@ -15,16 +15,20 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from markovscale_dspy._exceptions import ConfigurationError
+from markovscale_dspy import belief
+from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError
 from markovscale_dspy._model import TransitionModel
 
 __all__ = [
+    "BeliefPolicy",
     "ClosedFormPolicy",
     "Decision",
     "FixedPolicy",
     "Policy",
     "RoundContext",
     "available_policies",
+    "beliefs",
+    "observations",
     "register_policy",
     "resolve_policy",
 ]
@@ -42,6 +46,7 @@ class RoundContext:
         answer_keys: Normalised answer of every round so far (round 0 first); a failed round repeats the answer it
             kept.
         failed: For every round so far, whether it failed and kept the previous answer.
+        inputs: The question's inputs (for policies that look at the question itself).
     """
 
     model: TransitionModel | None
@@ -50,6 +55,7 @@ class RoundContext:
     round_cost: float
     answer_keys: tuple[Hashable, ...] = ()
     failed: tuple[bool, ...] = ()
+    inputs: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -76,11 +82,36 @@ class Policy(Protocol):
         ...
 
 
+def observations(context: RoundContext) -> list[bool | None]:
+    """Per refinement round: ``True`` if its answer equals the previous one, ``False`` if it changed, ``None`` if
+    the round failed (it kept the previous answer, so the chain did not move)."""
+    keys, failed = context.answer_keys, context.failed
+    return [None if failed[t] else keys[t] == keys[t - 1] for t in range(1, len(keys))]
+
+
+def beliefs(context: RoundContext) -> list[float]:
+    """Filtered belief that each round's answer is correct (needs a model with emission rates)."""
+    model = _emission_model(context.model, "the belief filter")
+    return belief.filter_beliefs(
+        model.p0, observations(context), model.p_cw, model.p_wc, model.p_same_wrong, model.p_change_correct
+    )
+
+
+def _emission_model(model: TransitionModel | None, what: str) -> TransitionModel:
+    if model is None or not model.has_emissions:
+        raise NotCalibratedError(
+            f"{what} needs a TransitionModel with answer-change rates (p_same_wrong, p_change_correct); "
+            "calibrate with MarkovCalibrator, which records them"
+        )
+    return model
+
+
 @dataclass(frozen=True)
 class FixedPolicy:
     """Always run ``max_rounds`` refinement rounds: the paper's sequential baseline (no model needed)."""
 
     requires_model: bool = field(default=False, init=False)
+    min_prob_improves: float = field(default=0.0, init=False)
 
     def decide(self, context: RoundContext) -> Decision:
         if context.rounds_done < context.max_rounds:
@@ -97,9 +128,12 @@ class ClosedFormPolicy:
 
     Stop reasons: ``"degrading"`` / ``"neutral"`` (refinement does not pay at all), ``"cost"`` (it improves, but
     not by more than one round's cost), ``"optimal_rounds"`` (the planned rounds are done).
+
+    It applies the paper's rule as is: no confidence gate by default (``min_prob_improves = 0``).
     """
 
     requires_model: bool = field(default=True, init=False)
+    min_prob_improves: float = field(default=0.0, init=False)
 
     def decide(self, context: RoundContext) -> Decision:
         model = context.model
@@ -113,9 +147,57 @@ class ClosedFormPolicy:
         return Decision(False, "optimal_rounds", info)
 
 
+@dataclass(frozen=True)
+class BeliefPolicy:
+    """Per-question Bayes-optimal stopping on a hidden-Markov belief over correctness.
+
+    The belief starts at ``p0`` and is updated after every round by whether the answer stayed the same or changed
+    (:mod:`markovscale_dspy.belief`). Before each round an exact expectimax over the remaining rounds decides
+    whether another round is worth ``round_cost``: a question whose answer has stabilised stops early, one whose
+    answer keeps changing is refined while that is expected to pay, and a degrading task costs one call.
+
+    Stop reasons: ``"degrading"`` / ``"neutral"`` / ``"cost"`` (no round pays from the start), ``"stable_answer"``
+    (stopped after an unchanged answer), ``"belief"`` (stopped after a change), ``"max_rounds"``. The belief after
+    every round is in ``info["belief"]``. Refines only when ``P(refinement helps) >= 0.9`` by default.
+    """
+
+    requires_model: bool = field(default=True, init=False)
+    min_prob_improves: float = field(default=0.9, init=False)
+
+    def decide(self, context: RoundContext) -> Decision:
+        model = _emission_model(context.model, "policy 'belief'")
+        q = beliefs(context)[-1]
+        info = {"belief": q}
+        left = context.max_rounds - context.rounds_done
+        if left > 0 and belief.should_refine(
+            q, left, context.round_cost, model.p_cw, model.p_wc, model.p_same_wrong, model.p_change_correct
+        ):
+            return Decision(True, "belief", info)
+        if left <= 0:
+            return Decision(False, "max_rounds", info)
+        if context.rounds_done == 0:
+            regime = model.regime()
+            return Decision(False, "cost" if regime == "improving" else regime, info)
+        same = observations(context)[-1]
+        return Decision(False, "stable_answer" if same else "belief", info)
+
+
+@dataclass(frozen=True)
+class Abstain:
+    """Never refine, for a stated reason (used when the calibration is not confident that refinement helps)."""
+
+    reason: str
+    info: Mapping[str, Any] = field(default_factory=dict)
+    requires_model: bool = field(default=False, init=False)
+
+    def decide(self, context: RoundContext) -> Decision:
+        return Decision(False, self.reason, self.info)
+
+
 _REGISTRY: dict[str, Callable[[], Policy]] = {
     "fixed": FixedPolicy,
     "closed_form": ClosedFormPolicy,
+    "belief": BeliefPolicy,
 }
 
 

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Hashable
-from dataclasses import dataclass
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import dspy
 
-from markovscale_dspy._answers import AnswerKey, default_answer_key, is_empty_answer
-from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError, RoundZeroError
+from markovscale_dspy._answers import AnswerKey, default_answer_key
+from markovscale_dspy._budget import BudgetResult, allocate
+from markovscale_dspy._chain import SELECT_MODES, Call, ChainState, Outcome, run_chain
+from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError
 from markovscale_dspy._model import TransitionModel
-from markovscale_dspy._policies import FixedPolicy, Policy, RoundContext, resolve_policy
+from markovscale_dspy._policies import Abstain, FixedPolicy, Policy, resolve_policy
 from markovscale_dspy._signatures import answer_fields, infer_signature, refinement_signature, uses_reasoning
 from markovscale_dspy._state import MarkovState
+from markovscale_dspy._usage import measure
 
 __all__ = ["MarkovRefine"]
 
@@ -25,34 +27,20 @@ ROLLOUT_STRIDE = 1000
 MAX_ROUNDS_LIMIT = ROLLOUT_STRIDE - 1
 
 
-@dataclass(frozen=True)
-class _Call:
-    """One LM-backed step the chain asks its driver to run."""
-
-    round: int
-    kwargs: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    prediction: Any = None
-    error: BaseException | None = None
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
-
-
 class MarkovRefine(dspy.Module):
     """Sequential refinement that stops by the Markov-chain theory of when refinement pays.
 
     Round 0 calls the wrapped program. Each refinement round calls ``self.refiner``, an ordinary DSPy predictor
     that sees the original inputs plus ``previous_<field>`` for every answer field and produces the answer again.
-    A stopping policy decides before every round whether to run it: ``"closed_form"`` (default) runs the
-    ``optimal_rounds`` of the calibrated chain, so a task where refinement hurts costs exactly one call;
-    ``"fixed"`` always runs ``max_rounds`` (the baseline). Calibrate with :class:`MarkovCalibrator`, or assign a
-    fitted :class:`TransitionModel` to ``.model``.
+    A stopping policy decides before every round whether to run it:
+
+    * ``"closed_form"`` (default): the paper's rule, ``optimal_rounds`` of the calibrated chain for every question,
+      so a task where refinement hurts costs exactly one call;
+    * ``"belief"``: per question, a hidden-Markov belief over correctness updated by whether the answer changed,
+      with Bayes-optimal (expectimax) stopping; stable answers stop early;
+    * ``"fixed"``: always ``max_rounds`` (the baseline).
+
+    Calibrate with :class:`MarkovCalibrator`, or assign a fitted :class:`TransitionModel` to ``.model``.
 
     Every refinement round is a fresh sample (its own ``rollout_id`` and ``temperature > 0``), so DSPy's cache never
     turns a refinement into a replay of an earlier round, and the LMs pinned on the wrapped program are respected.
@@ -64,9 +52,15 @@ class MarkovRefine(dspy.Module):
         signature: The program's task signature; inferred when the program has a single predictor.
         max_rounds: Largest number of refinement rounds.
         round_cost: Accuracy (0.01 = one point) a round must be expected to add to be worth its cost.
-        policy: ``"closed_form"``, ``"fixed"``, another registered name, or a policy object.
+        policy: ``"closed_form"``, ``"belief"``, ``"fixed"``, another registered name, or a policy object.
         temperature: Sampling temperature of refinement rounds (must be > 0).
-        answer_key: Maps a round's answer fields to its identity; defaults to normalised values.
+        answer_key: Maps a round's answer fields to its identity (whether two rounds gave "the same answer");
+            defaults to normalised values (whitespace, case, numbers in canonical form).
+        min_prob_improves: Refine only if the calibration's posterior probability that refinement helps reaches
+            this; below, answer in one call with ``stop_reason="uncertain"``. ``None``: the policy's default (0.9
+            for ``"belief"``, 0 for ``"closed_form"``, which applies the paper's rule unchanged).
+        select: ``"last"`` returns the final round's answer; ``"best"`` the visited answer with the highest smoothed
+            posterior of being correct (forward-backward over the rounds).
         rollout_seed: Namespace of this module's rollout ids (change it to draw different samples).
         instructions: Replaces the default refinement instructions.
 
@@ -92,6 +86,8 @@ class MarkovRefine(dspy.Module):
         policy: str | Policy = "closed_form",
         temperature: float = 0.7,
         answer_key: AnswerKey | None = None,
+        min_prob_improves: float | None = None,
+        select: str = "last",
         rollout_seed: int = 0,
         instructions: str | None = None,
     ):
@@ -107,6 +103,14 @@ class MarkovRefine(dspy.Module):
             )
         if answer_key is not None and not callable(answer_key):
             raise ConfigurationError(f"answer_key must be callable (outputs dict -> hashable), got {answer_key!r}")
+        if min_prob_improves is not None and (
+            isinstance(min_prob_improves, bool)
+            or not isinstance(min_prob_improves, (int, float))
+            or not 0 <= min_prob_improves <= 1
+        ):
+            raise ConfigurationError(f"min_prob_improves must be in [0, 1] or None, got {min_prob_improves!r}")
+        if select not in SELECT_MODES:
+            raise ConfigurationError(f"select must be one of {SELECT_MODES}, got {select!r}")
         resolve_policy(policy)  # fail now on an unknown policy, not at the first call
 
         self.program = program
@@ -116,6 +120,8 @@ class MarkovRefine(dspy.Module):
         self.policy = policy
         self.temperature = float(temperature)
         self.answer_key = answer_key
+        self.min_prob_improves = min_prob_improves
+        self.select = select
         self.rollout_seed = rollout_seed
         self.instructions = instructions
         self.answer_fields = answer_fields(task)
@@ -153,90 +159,93 @@ class MarkovRefine(dspy.Module):
 
     def forward(self, **inputs: Any) -> dspy.Prediction:
         """Answer ``inputs`` with round 0 plus as many refinement rounds as the policy allows."""
-        return _drive(self._chain(inputs, *self._settings()), self._call)
+        return _drive(self._chain(inputs, self._effective_policy(), self.max_rounds), self._call)
 
     async def aforward(self, **inputs: Any) -> dspy.Prediction:
         """Async twin of :meth:`forward`."""
-        return await _adrive(self._chain(inputs, *self._settings()), self._acall)
+        return await _adrive(self._chain(inputs, self._effective_policy(), self.max_rounds), self._acall)
 
     def run_chain(self, rounds: int, **inputs: Any) -> dspy.Prediction:
         """Run round 0 and exactly ``rounds`` refinement rounds, with no early stopping (used for calibration)."""
         _check_int("rounds", rounds, 0, MAX_ROUNDS_LIMIT)
-        return _drive(self._chain(inputs, FixedPolicy(), rounds), self._call)
+        return _drive(self._chain(inputs, FixedPolicy(), rounds, select="last"), self._call)
 
     async def arun_chain(self, rounds: int, **inputs: Any) -> dspy.Prediction:
         """Async twin of :meth:`run_chain`."""
         _check_int("rounds", rounds, 0, MAX_ROUNDS_LIMIT)
-        return await _adrive(self._chain(inputs, FixedPolicy(), rounds), self._acall)
+        return await _adrive(self._chain(inputs, FixedPolicy(), rounds, select="last"), self._acall)
 
-    def _settings(self) -> tuple[Policy, int]:
+    def answer_with_budget(
+        self, examples: Sequence[Any], *, budget: int, num_threads: int | None = None, display_progress: bool = False
+    ) -> BudgetResult:
+        """Answer a batch under a total budget of refinement rounds, giving each round where it gains most.
+
+        Round 0 runs for every question; then each refinement round goes to the question whose next round has the
+        highest expected accuracy gain (from its belief, or from the population chain without emission rates),
+        as long as that gain exceeds ``round_cost`` and the question has rounds left. Because each question's
+        gains shrink as it is refined, this greedy order is optimal for a total budget. With ``num_threads > 1``
+        the top questions are refined concurrently, one round each per step.
+
+        Args:
+            examples: ``dspy.Example``s (their inputs are used) or dicts of inputs.
+            budget: Total refinement rounds for the whole batch (round-0 calls are not counted).
+            num_threads: Concurrent LM calls (default ``dspy.settings.num_threads``).
+            display_progress: Show a progress bar.
+
+        Returns:
+            A :class:`BudgetResult` with one prediction per example (in order), the rounds spent and the allocation
+            log.
+        """
+        _check_int("budget", budget, 0, None)
+        model = self._require_model("budget allocation")
+        states = [
+            ChainState(_inputs_of(e), self.answer_fields, self.answer_key or default_answer_key) for e in examples
+        ]
+        for state in states:
+            self._check_inputs(state.inputs)
+        return allocate(
+            states,
+            model,
+            self.max_rounds,
+            self.round_cost,
+            budget,
+            self._call,
+            num_threads,
+            self.select,
+            display_progress,
+        )
+
+    def _effective_policy(self) -> Policy:
         policy = resolve_policy(self.policy)
-        if policy.requires_model:
-            self._require_model(self.policy if isinstance(self.policy, str) else type(policy).__name__)
-        return policy, self.max_rounds
+        if not policy.requires_model:
+            return policy
+        name = self.policy if isinstance(self.policy, str) else type(policy).__name__
+        model = self._require_model(name)
+        threshold = self.min_prob_improves
+        if threshold is None:
+            threshold = getattr(policy, "min_prob_improves", 0.0)
+        if threshold > 0:
+            p = model.prob_improves()
+            if p < threshold:
+                regime = model.regime()
+                reason = "uncertain" if regime == "improving" else regime
+                return Abstain(reason, {"prob_improves": p, "min_prob_improves": threshold})
+        return policy
 
-    def _chain(self, inputs: dict[str, Any], policy: Policy, max_rounds: int) -> Generator[_Call, _Outcome, Any]:
-        """The refinement loop, written once for sync and async drivers: it yields calls and receives outcomes."""
+    def _check_inputs(self, inputs: dict[str, Any]) -> None:
         missing = [name for name in self.signature.input_fields if name not in inputs]
         if missing:
             raise ConfigurationError(
                 f"missing input field(s) {missing}; {type(self.program).__name__} takes "
                 f"{list(self.signature.input_fields)}, got {list(inputs)}"
             )
-        key_of = self.answer_key or default_answer_key
-        model = self.model
 
-        outcome = yield _Call(0, dict(inputs))
-        if outcome.error is not None:
-            raise RoundZeroError(f"round 0 (the wrapped program) failed: {_describe(outcome.error)}") from outcome.error
-        outputs = _outputs_of(outcome.prediction)
-        absent = [name for name in self.answer_fields if name not in outputs]
-        if absent:
-            raise RoundZeroError(
-                f"the wrapped program returned no {absent} (it returned {list(outputs)}); pass signature= matching "
-                "the program's real outputs"
-            )
-        answer = {name: outputs[name] for name in self.answer_fields}
-        trajectory = [{"round": 0, "outputs": outputs, "answer_key": key_of(answer), "error": None}]
-        keys: list[Hashable] = [trajectory[0]["answer_key"]]
-        failed: list[bool] = [False]
-
-        rounds = 0
-        while True:
-            context = RoundContext(model, rounds, max_rounds, self.round_cost, tuple(keys), tuple(failed))
-            decision = policy.decide(context)
-            if not decision.refine or rounds >= max_rounds:
-                stop_reason = decision.reason if not decision.refine else "max_rounds"
-                stop_info = dict(decision.info)
-                break
-            rounds += 1
-            previous = {f"previous_{name}": value for name, value in answer.items()}
-            outcome = yield _Call(rounds, {**inputs, **previous})
-            entry: dict[str, Any] = {"round": rounds, "decision": decision.reason, **decision.info}
-            error = outcome.error
-            if error is None:
-                new_outputs = _outputs_of(outcome.prediction)
-                new_answer = {name: new_outputs.get(name) for name in self.answer_fields}
-                if is_empty_answer(new_answer):
-                    error = ValueError("the refinement returned an empty answer")
-            if error is None:
-                outputs, answer = new_outputs, new_answer
-                entry.update(outputs=outputs, answer_key=key_of(answer), error=None)
-            else:
-                logger.info("MarkovRefine round %d failed, keeping the previous answer: %s", rounds, _describe(error))
-                entry.update(outputs=dict(outputs), answer_key=keys[-1], error=_describe(error))
-            trajectory.append(entry)
-            keys.append(entry["answer_key"])
-            failed.append(error is not None)
-
-        return dspy.Prediction(
-            **outputs,
-            rounds=rounds,
-            stop_reason=stop_reason,
-            stop_info=stop_info,
-            failed_rounds=sum(failed),
-            trajectory=trajectory,
-        )
+    def _chain(
+        self, inputs: dict[str, Any], policy: Policy, max_rounds: int, select: str | None = None
+    ) -> Generator[Call, Outcome, Any]:
+        self._check_inputs(inputs)
+        state = ChainState(dict(inputs), self.answer_fields, self.answer_key or default_answer_key)
+        return run_chain(state, policy, self.model, max_rounds, self.round_cost, select or self.select)
 
     def _refine_lm(self) -> Any:
         """LM for refinement rounds: the refiner's own pin, else the wrapped program's single pin, else settings."""
@@ -248,7 +257,7 @@ class MarkovRefine(dspy.Module):
         except ValueError:
             return None  # several LMs in the program: no single one to follow, use the configured default
 
-    def _refine_kwargs(self, call: _Call) -> dict[str, Any]:
+    def _refine_kwargs(self, call: Call) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(call.kwargs)
         lm = self._refine_lm()
         if lm is not None:
@@ -259,23 +268,32 @@ class MarkovRefine(dspy.Module):
         }
         return kwargs
 
-    def _call(self, call: _Call) -> _Outcome:
-        try:
-            if call.round == 0:
-                return _Outcome(self.program(**call.kwargs))
-            return _Outcome(self.refiner(**self._refine_kwargs(call)))
-        except Exception as exc:  # a failed round is data, not a crash; the chain decides what it means
-            return _Outcome(error=exc)
+    def _call(self, call: Call) -> Outcome:
+        with measure() as usage:
+            try:
+                if call.round == 0:
+                    prediction = self.program(**call.kwargs)
+                else:
+                    prediction = self.refiner(**self._refine_kwargs(call))
+                error = None
+            except Exception as exc:  # a failed round is data, not a crash; the chain decides what it means
+                prediction, error = None, exc
+        return Outcome(prediction, error, usage.to_dict())
 
-    async def _acall(self, call: _Call) -> _Outcome:
-        try:
-            if call.round == 0:
-                if hasattr(self.program, "aforward"):
-                    return _Outcome(await self.program.acall(**call.kwargs))
-                return _Outcome(await dspy.asyncify(self.program)(**call.kwargs))
-            return _Outcome(await self.refiner.acall(**self._refine_kwargs(call)))
-        except Exception as exc:
-            return _Outcome(error=exc)
+    async def _acall(self, call: Call) -> Outcome:
+        with measure() as usage:
+            try:
+                if call.round == 0:
+                    if hasattr(self.program, "aforward"):
+                        prediction = await self.program.acall(**call.kwargs)
+                    else:
+                        prediction = await dspy.asyncify(self.program)(**call.kwargs)
+                else:
+                    prediction = await self.refiner.acall(**self._refine_kwargs(call))
+                error = None
+            except Exception as exc:
+                prediction, error = None, exc
+        return Outcome(prediction, error, usage.to_dict())
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None) -> None:
@@ -284,15 +302,20 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None) -> None:
         raise ConfigurationError(f"{name} must be an integer {bound}, got {value!r}")
 
 
-def _outputs_of(prediction: Any) -> dict[str, Any]:
-    if isinstance(prediction, dspy.Prediction):
-        return dict(prediction.items())
-    if isinstance(prediction, dict):
-        return dict(prediction)
-    raise ConfigurationError(f"the wrapped program must return a dspy.Prediction, got {type(prediction).__name__}")
+def _inputs_of(example: Any) -> dict[str, Any]:
+    if isinstance(example, dspy.Example):
+        try:
+            return dict(example.inputs())
+        except ValueError:
+            raise ConfigurationError(
+                "examples must have their inputs marked: dspy.Example(...).with_inputs(...)"
+            ) from None
+    if isinstance(example, dict):
+        return dict(example)
+    raise ConfigurationError(f"examples must be dspy.Example or dict of inputs, got {type(example).__name__}")
 
 
-def _drive(chain: Generator[_Call, _Outcome, Any], run: Any) -> Any:
+def _drive(chain: Generator[Call, Outcome, Any], run: Any) -> Any:
     try:
         call = next(chain)
         while True:
@@ -301,7 +324,7 @@ def _drive(chain: Generator[_Call, _Outcome, Any], run: Any) -> Any:
         return stop.value
 
 
-async def _adrive(chain: Generator[_Call, _Outcome, Any], run: Any) -> Any:
+async def _adrive(chain: Generator[Call, Outcome, Any], run: Any) -> Any:
     try:
         call = next(chain)
         while True:

@@ -17,7 +17,7 @@ from dspy.utils.parallelizer import ParallelExecutor
 from scipy import stats
 
 from markovscale_dspy._calibrate import score_to_label
-from markovscale_dspy._refine import _describe
+from markovscale_dspy._chain import describe as _describe
 from markovscale_dspy._usage import measure
 
 __all__ = ["MethodResult", "binomial_interval", "compare", "evaluate"]
@@ -46,6 +46,7 @@ class MethodResult:
     failures: int
     labels: list[bool] = field(default_factory=list, repr=False)
     errors: list[str] = field(default_factory=list, repr=False)
+    predictions: list[Any] = field(default_factory=list, repr=False)
 
     @property
     def accuracy(self) -> float:
@@ -69,6 +70,7 @@ class MethodResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data.pop("predictions")
         data.update(
             accuracy=self.accuracy,
             interval=list(self.interval),
@@ -88,17 +90,20 @@ def evaluate(
     num_threads: int | None = None,
     threshold: float = 1.0,
     display_progress: bool = False,
+    keep_predictions: bool = False,
 ) -> MethodResult:
     """Run ``program`` on every example and grade it with ``metric``.
 
-    ``rounds`` counts refinement rounds when the program reports them (``prediction.rounds``), else 0.
+    ``rounds`` counts refinement rounds when the program reports them (``prediction.rounds``), else 0. With
+    ``keep_predictions`` the predictions (``None`` where the program failed) are kept on the result.
     """
 
     def run(example: dspy.Example) -> dict[str, Any]:
-        out: dict[str, Any] = {"label": False, "rounds": 0, "error": None}
+        out: dict[str, Any] = {"label": False, "rounds": 0, "error": None, "prediction": None}
         with measure() as usage:
             try:
                 prediction = program(**example.inputs())
+                out["prediction"] = prediction
                 out["label"] = score_to_label(metric(example, prediction), threshold)
                 out["rounds"] = int(getattr(prediction, "rounds", 0) or 0)
             except Exception as exc:  # a failed question is a wrong answer, reported
@@ -128,6 +133,7 @@ def evaluate(
         failures=sum(r["error"] is not None for r in results),
         labels=[bool(r["label"]) for r in results],
         errors=[r["error"] for r in results if r["error"]],
+        predictions=[r["prediction"] for r in results] if keep_predictions else [],
     )
 
 

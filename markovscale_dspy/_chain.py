@@ -1,0 +1,181 @@
+"""The state of one question's refinement chain, and the loop that runs it (written once for sync and async).
+
+Module layer, private. A :class:`ChainState` lives for one call and is never stored on the module, which keeps
+``MarkovRefine.forward`` free of mutation and thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import dspy
+
+from markovscale_dspy import belief
+from markovscale_dspy._answers import default_answer_key, is_empty_answer
+from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError, RoundZeroError
+from markovscale_dspy._model import TransitionModel
+from markovscale_dspy._policies import Decision, Policy, RoundContext
+
+__all__ = ["SELECT_MODES", "Call", "ChainState", "Outcome", "describe", "run_chain"]
+
+logger = logging.getLogger(__name__)
+
+#: How the returned answer is chosen among the visited ones.
+SELECT_MODES = ("last", "best")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One LM-backed step the chain asks its driver to run (round 0 = the wrapped program)."""
+
+    round: int
+    kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    prediction: Any = None
+    error: BaseException | None = None
+    usage: dict[str, int] | None = None
+
+
+def describe(error: BaseException) -> str:
+    """``Type: first line of the message`` (short enough for trajectories and reports)."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
+def _outputs_of(prediction: Any) -> dict[str, Any]:
+    if isinstance(prediction, dspy.Prediction):
+        return dict(prediction.items())
+    if isinstance(prediction, dict):
+        return dict(prediction)
+    raise ConfigurationError(f"the wrapped program must return a dspy.Prediction, got {type(prediction).__name__}")
+
+
+@dataclass
+class ChainState:
+    """Everything known about one question's chain so far."""
+
+    inputs: dict[str, Any]
+    answer_fields: list[str]
+    key_of: Callable[[Mapping[str, Any]], Hashable] = default_answer_key
+    outputs: dict[str, Any] = field(default_factory=dict)
+    answer: dict[str, Any] = field(default_factory=dict)
+    trajectory: list[dict[str, Any]] = field(default_factory=list)
+    keys: list[Hashable] = field(default_factory=list)
+    failed: list[bool] = field(default_factory=list)
+
+    @property
+    def rounds(self) -> int:
+        """Refinement rounds attempted so far."""
+        return len(self.trajectory) - 1
+
+    def start(self, outcome: Outcome) -> None:
+        """Record round 0; a failed round 0 raises (there is nothing to return or refine)."""
+        if outcome.error is not None:
+            raise RoundZeroError(f"round 0 (the wrapped program) failed: {describe(outcome.error)}") from outcome.error
+        outputs = _outputs_of(outcome.prediction)
+        absent = [name for name in self.answer_fields if name not in outputs]
+        if absent:
+            raise RoundZeroError(
+                f"the wrapped program returned no {absent} (it returned {list(outputs)}); pass signature= matching "
+                "the program's real outputs"
+            )
+        self.outputs = outputs
+        self.answer = {name: outputs[name] for name in self.answer_fields}
+        self._append(
+            {
+                "round": 0,
+                "outputs": outputs,
+                "answer_key": self.key_of(self.answer),
+                "error": None,
+                "usage": outcome.usage,
+            },
+            False,
+        )
+
+    def next_call(self) -> Call:
+        previous = {f"previous_{name}": value for name, value in self.answer.items()}
+        return Call(self.rounds + 1, {**self.inputs, **previous})
+
+    def record(self, outcome: Outcome, decision: Decision) -> None:
+        """Record a refinement round; a failure keeps the previous answer and says why."""
+        entry: dict[str, Any] = {"round": self.rounds + 1, "decision": decision.reason, "usage": outcome.usage}
+        error = outcome.error
+        if error is None:
+            new_outputs = _outputs_of(outcome.prediction)
+            new_answer = {name: new_outputs.get(name) for name in self.answer_fields}
+            if is_empty_answer(new_answer):
+                error = ValueError("the refinement returned an empty answer")
+        if error is None:
+            self.outputs, self.answer = new_outputs, new_answer
+            entry.update(outputs=new_outputs, answer_key=self.key_of(new_answer), error=None)
+        else:
+            logger.info(
+                "MarkovRefine round %d failed, keeping the previous answer: %s", entry["round"], describe(error)
+            )
+            entry.update(outputs=dict(self.outputs), answer_key=self.keys[-1], error=describe(error))
+        self._append(entry, error is not None)
+
+    def _append(self, entry: dict[str, Any], failed: bool) -> None:
+        self.trajectory.append(entry)
+        self.keys.append(entry["answer_key"])
+        self.failed.append(failed)
+
+    def context(self, model: TransitionModel | None, max_rounds: int, round_cost: float) -> RoundContext:
+        return RoundContext(
+            model, self.rounds, max_rounds, round_cost, tuple(self.keys), tuple(self.failed), self.inputs
+        )
+
+    def note(self, info: Mapping[str, Any]) -> None:
+        """Attach what a policy computed after the latest round (e.g. the belief) to that round's entry."""
+        self.trajectory[-1].update(info)
+
+    def observations(self) -> list[bool | None]:
+        return [None if self.failed[t] else self.keys[t] == self.keys[t - 1] for t in range(1, len(self.keys))]
+
+    def finish(self, stop: Decision, model: TransitionModel | None, select: str) -> dspy.Prediction:
+        chosen = len(self.trajectory) - 1
+        extra: dict[str, Any] = {}
+        if select == "best":
+            if model is None or not model.has_emissions:
+                raise NotCalibratedError(
+                    "select='best' needs a calibrated TransitionModel with answer-change rates: run MarkovCalibrator"
+                )
+            posteriors = belief.smooth(
+                model.p0, self.observations(), model.p_cw, model.p_wc, model.p_same_wrong, model.p_change_correct
+            )
+            # Highest smoothed posterior; on ties the latest round (it has seen the most refinement).
+            chosen = max(range(len(posteriors)), key=lambda t: posteriors[t] + 1e-12 * t)
+            extra = {"posteriors": posteriors}
+        outputs = self.trajectory[chosen]["outputs"]
+        final_belief = self.trajectory[-1].get("belief")
+        return dspy.Prediction(
+            **outputs,
+            rounds=self.rounds,
+            stop_reason=stop.reason,
+            stop_info=dict(stop.info),
+            failed_rounds=sum(self.failed),
+            selected_round=chosen,
+            belief=final_belief,
+            trajectory=self.trajectory,
+            **extra,
+        )
+
+
+def run_chain(
+    state: ChainState, policy: Policy, model: TransitionModel | None, max_rounds: int, round_cost: float, select: str
+) -> Generator[Call, Outcome, dspy.Prediction]:
+    """The refinement loop: yields calls, receives their outcomes, returns the prediction."""
+    state.start((yield Call(0, dict(state.inputs))))
+    while True:
+        decision = policy.decide(state.context(model, max_rounds, round_cost))
+        state.note(decision.info)
+        if not decision.refine or state.rounds >= max_rounds:
+            stop = decision if not decision.refine else Decision(False, "max_rounds", decision.info)
+            return state.finish(stop, model, select)
+        state.record((yield state.next_call()), decision)
