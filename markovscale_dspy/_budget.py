@@ -44,12 +44,13 @@ class BudgetResult:
     errors: dict[int, str] = field(default_factory=dict)
 
 
-def _belief_of(state: ChainState, model: TransitionModel) -> float:
+def _belief_and_gain(state: ChainState, model: TransitionModel) -> tuple[float, float]:
     if model.has_emissions:
-        return belief.filter_beliefs(
-            model.p0, state.observations(), model.p_cw, model.p_wc, model.p_same_wrong, model.p_change_correct
-        )[-1]
-    return float(model.accuracy_at(sum(not f for f in state.failed[1:])))
+        chains = model.hidden_chains()
+        b = chains.filter(state.observations())[-1]
+        return chains.correct(b), chains.expected_gain(b)
+    q = float(model.accuracy_at(sum(not f for f in state.failed[1:])))
+    return q, belief.expected_gain(q, model.p_cw, model.p_wc)
 
 
 def _outcome(result: Any) -> Outcome:
@@ -82,9 +83,9 @@ def allocate(
             errors[i] = str(exc)
 
     def gain_of(i: int) -> float:
-        q = _belief_of(states[i], model)
+        q, gain = _belief_and_gain(states[i], model)
         states[i].note({"belief": q})
-        return belief.expected_gain(q, model.p_cw, model.p_wc)
+        return gain
 
     gains = {i: gain_of(i) for i in alive}
     spent, step, log = 0, 0, []

@@ -17,6 +17,7 @@ from scipy import stats
 
 from markovscale_dspy._chain import describe as _describe
 from markovscale_dspy._exceptions import CalibrationError, ConfigurationError, DataError
+from markovscale_dspy._mixture import ChainMixture, chain_statistics, fit_mixture, select_mixture
 from markovscale_dspy._model import PARAMETERS, TransitionModel, _check_prior
 from markovscale_dspy._refine import MAX_ROUNDS_LIMIT, MarkovRefine
 from markovscale_dspy._usage import Usage, measure
@@ -24,6 +25,9 @@ from markovscale_dspy._usage import Usage, measure
 __all__ = ["CalibrationReport", "ChainRecord", "MarkovCalibrator", "score_to_label"]
 
 logger = logging.getLogger(__name__)
+
+#: ``question_types="auto"`` looks for latent types only with at least this many calibration chains.
+MIN_CHAINS_FOR_TYPES = 100
 
 #: Round costs the report gives the recommended number of rounds for.
 REPORT_COSTS = (0.0, 0.005, 0.01, 0.02, 0.05)
@@ -132,6 +136,9 @@ class MarkovCalibrator(Teleprompter):
         num_threads: Threads for DSPy's parallel executor (defaults to ``dspy.settings.num_threads``).
         prior: ``(alpha, beta)`` of the Beta prior on each parameter.
         threshold: A numeric score counts as correct when it is at least this.
+        question_types: Latent question types to fit (a mixture of chains, by EM) for the belief policy:
+            ``"auto"`` chooses 1-4 by 5-fold held-out likelihood (with at least 100 chains), an integer forces it,
+            1 turns it off.
         display_progress: Show a progress bar.
 
     Example:
@@ -155,6 +162,7 @@ class MarkovCalibrator(Teleprompter):
         num_threads: int | None = None,
         prior: tuple[float, float] = (1.0, 1.0),
         threshold: float = 1.0,
+        question_types: int | str = "auto",
         display_progress: bool = False,
     ):
         super().__init__()
@@ -168,11 +176,16 @@ class MarkovCalibrator(Teleprompter):
             raise ConfigurationError(f"num_threads must be a positive integer or None, got {num_threads!r}")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
             raise ConfigurationError(f"threshold must be a number, got {threshold!r}")
+        if question_types != "auto" and (
+            isinstance(question_types, bool) or not isinstance(question_types, int) or not 1 <= question_types <= 8
+        ):
+            raise ConfigurationError(f"question_types must be 'auto' or an integer in [1, 8], got {question_types!r}")
         self.metric = metric
         self.rounds = rounds
         self.num_threads = num_threads
         self.prior = _check_prior(prior)
         self.threshold = float(threshold)
+        self.question_types = question_types
         self.display_progress = display_progress
         self.report: CalibrationReport | None = None
 
@@ -209,11 +222,10 @@ class MarkovCalibrator(Teleprompter):
                 f"no usable chain among {len(records)} trainset examples; failures: "
                 + "; ".join(f"{n}x {reason}" for reason, n in reasons.most_common(3))
             )
-        model = TransitionModel.fit(
-            [[label for label, _ in c] for c in usable],
-            prior=self.prior,
-            answers=[[answer for _, answer in c] for c in usable],
-        )
+        labels = [[label for label, _ in c] for c in usable]
+        answers = [[answer for _, answer in c] for c in usable]
+        model = TransitionModel.fit(labels, prior=self.prior, answers=answers)
+        model = model.with_mixture(self._question_types(labels, answers))
         program.model = model
         program._compiled = True
         valset_result = None
@@ -224,6 +236,19 @@ class MarkovCalibrator(Teleprompter):
         self.report = _build_report(model, records, self.rounds, time.perf_counter() - started, valset_result)
         logger.info("MarkovCalibrator: %r", model)
         return program
+
+    def _question_types(self, labels: list[list[bool]], answers: list[list[Any]]) -> ChainMixture | None:
+        """Latent question types by EM; ``"auto"`` picks their number by held-out likelihood (1 = no mixture)."""
+        stats = chain_statistics(labels, answers)
+        if self.question_types == "auto":
+            if len(labels) < MIN_CHAINS_FOR_TYPES or self.rounds < 2:
+                return None  # too little data to tell types apart
+            mixture = select_mixture(stats, prior=self.prior)
+        elif self.question_types == 1:
+            return None
+        else:
+            mixture = fit_mixture(stats, self.question_types, prior=self.prior)
+        return mixture if mixture.components > 1 else None
 
     def _observe(self, program: MarkovRefine, examples: list[dspy.Example]) -> list[ChainRecord]:
         executor = ParallelExecutor(

@@ -13,7 +13,6 @@ from typing import Any
 
 import dspy
 
-from markovscale_dspy import belief
 from markovscale_dspy._answers import default_answer_key, is_empty_answer
 from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError, RoundZeroError
 from markovscale_dspy._model import TransitionModel
@@ -146,9 +145,7 @@ class ChainState:
                 raise NotCalibratedError(
                     "select='best' needs a calibrated TransitionModel with answer-change rates: run MarkovCalibrator"
                 )
-            posteriors = belief.smooth(
-                model.p0, self.observations(), model.p_cw, model.p_wc, model.p_same_wrong, model.p_change_correct
-            )
+            posteriors = model.hidden_chains().smooth(self.observations())
             # Highest smoothed posterior; on ties the latest round (it has seen the most refinement).
             chosen = max(range(len(posteriors)), key=lambda t: posteriors[t] + 1e-12 * t)
             extra = {"posteriors": posteriors}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Any
 
@@ -16,7 +16,9 @@ import numpy as np
 from scipy import stats
 
 from markovscale_dspy import theory
-from markovscale_dspy._exceptions import ConfigurationError, DataError, StateError
+from markovscale_dspy._exceptions import ConfigurationError, DataError, NotCalibratedError, StateError
+from markovscale_dspy._mixture import ChainMixture
+from markovscale_dspy.belief import HiddenChains
 
 __all__ = ["EMISSIONS", "PARAMETERS", "TransitionModel"]
 
@@ -83,6 +85,7 @@ class TransitionModel:
         prior: ``(alpha, beta)`` of the Beta prior shared by all parameters.
         n_cc_changed: Of the correct -> correct transitions, how many changed the answer (``None``: not observed).
         n_ww_same: Of the wrong -> wrong transitions, how many kept the same answer (``None``: not observed).
+        mixture: Latent question types fitted by EM (``None``: one population chain describes the questions).
 
     Example:
         >>> from markovscale_dspy import TransitionModel
@@ -102,6 +105,7 @@ class TransitionModel:
     prior: tuple[float, float] = (1.0, 1.0)
     n_cc_changed: int | None = None
     n_ww_same: int | None = None
+    mixture: ChainMixture | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -118,6 +122,8 @@ class TransitionModel:
                     raise ConfigurationError(f"{name} ({value}) cannot exceed {total} ({getattr(self, total)})")
         if (self.n_cc_changed is None) != (self.n_ww_same is None):
             raise ConfigurationError("n_cc_changed and n_ww_same are estimated together: give both or neither")
+        if self.mixture is not None and not isinstance(self.mixture, ChainMixture):
+            raise ConfigurationError(f"mixture must be a ChainMixture or None, got {type(self.mixture).__name__}")
 
     # Construction ------------------------------------------------------------------------------------------------
 
@@ -220,6 +226,21 @@ class TransitionModel:
         """Posterior mean of P(answer changes | correct -> correct), or ``None`` if not estimated."""
         return self._mean("p_change_correct") if self.has_emissions else None
 
+    def with_mixture(self, mixture: ChainMixture | None) -> TransitionModel:
+        """The same model with question types attached (or removed)."""
+        return replace(self, mixture=mixture)
+
+    def hidden_chains(self) -> HiddenChains:
+        """The chain(s) the belief filter runs on: the question types if fitted, else the population chain."""
+        if not self.has_emissions:
+            raise NotCalibratedError(
+                "the belief filter needs answer-change rates (p_same_wrong, p_change_correct): calibrate with "
+                "MarkovCalibrator, which records them"
+            )
+        if self.mixture is not None:
+            return self.mixture.hidden_chains()
+        return HiddenChains.single(self.p0, self.p_cw, self.p_wc, self.p_same_wrong, self.p_change_correct)
+
     @property
     def n_transitions(self) -> int:
         """Observed transitions (refinement rounds with a label on both sides)."""
@@ -298,6 +319,7 @@ class TransitionModel:
             },
             "prior": list(self.prior),
             "estimates": {name: self._mean(name) for name in self._estimated()},
+            **({"mixture": self.mixture.to_dict()} if self.mixture is not None else {}),
         }
 
     def _estimated(self) -> tuple[str, ...]:
@@ -314,8 +336,9 @@ class TransitionModel:
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise StateError(f"not a transition model (expected format {_FORMAT!r}, found {found!r})")
+        mixture = ChainMixture.from_dict(data["mixture"]) if data.get("mixture") is not None else None
         try:
-            model = cls(**data["counts"], prior=tuple(data["prior"]))
+            model = cls(**data["counts"], prior=tuple(data["prior"]), mixture=mixture)
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"transition model has invalid counts or prior: {exc}") from None
         for name, value in (data.get("estimates") or {}).items():
@@ -329,7 +352,8 @@ class TransitionModel:
         return model
 
     def __repr__(self) -> str:
+        types = f", types={self.mixture.components}" if self.mixture is not None else ""
         return (
             f"TransitionModel(p0={self.p0:.3f}, p_cw={self.p_cw:.3f}, p_wc={self.p_wc:.3f}, "
-            f"chains={self.n0_total}, transitions={self.n_transitions}, regime={self.regime()!r})"
+            f"chains={self.n0_total}, transitions={self.n_transitions}{types}, regime={self.regime()!r})"
         )

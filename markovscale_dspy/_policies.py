@@ -15,7 +15,6 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from markovscale_dspy import belief
 from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError
 from markovscale_dspy._model import TransitionModel
 
@@ -91,10 +90,8 @@ def observations(context: RoundContext) -> list[bool | None]:
 
 def beliefs(context: RoundContext) -> list[float]:
     """Filtered belief that each round's answer is correct (needs a model with emission rates)."""
-    model = _emission_model(context.model, "the belief filter")
-    return belief.filter_beliefs(
-        model.p0, observations(context), model.p_cw, model.p_wc, model.p_same_wrong, model.p_change_correct
-    )
+    chains = _emission_model(context.model, "the belief filter").hidden_chains()
+    return [chains.correct(b) for b in chains.filter(observations(context))]
 
 
 def _emission_model(model: TransitionModel | None, what: str) -> TransitionModel:
@@ -151,7 +148,9 @@ class ClosedFormPolicy:
 class BeliefPolicy:
     """Per-question Bayes-optimal stopping on a hidden-Markov belief over correctness.
 
-    The belief starts at ``p0`` and is updated after every round by whether the answer stayed the same or changed
+    When the calibration found several question types (``model.mixture``), the filter runs over type and
+    correctness jointly, so what a question's answers do also tells which kind of question it is. The belief
+    starts at ``p0`` and is updated after every round by whether the answer stayed the same or changed
     (:mod:`markovscale_dspy.belief`). Before each round an exact expectimax over the remaining rounds decides
     whether another round is worth ``round_cost``: a question whose answer has stabilised stops early, one whose
     answer keeps changing is refined while that is expected to pay, and a degrading task costs one call.
@@ -166,12 +165,11 @@ class BeliefPolicy:
 
     def decide(self, context: RoundContext) -> Decision:
         model = _emission_model(context.model, "policy 'belief'")
-        q = beliefs(context)[-1]
-        info = {"belief": q}
+        chains = model.hidden_chains()
+        b = chains.filter(observations(context))[-1]
+        info = {"belief": chains.correct(b)}
         left = context.max_rounds - context.rounds_done
-        if left > 0 and belief.should_refine(
-            q, left, context.round_cost, model.p_cw, model.p_wc, model.p_same_wrong, model.p_change_correct
-        ):
+        if left > 0 and chains.should_refine(b, left, context.round_cost):
             return Decision(True, "belief", info)
         if left <= 0:
             return Decision(False, "max_rounds", info)

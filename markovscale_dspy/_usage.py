@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import dspy
-from dspy.utils.callback import BaseCallback
 
 __all__ = ["Usage", "measure"]
 
 
 @dataclass
 class Usage:
-    """LM calls (including cache hits and adapter retries) and the tokens providers reported (cache misses)."""
+    """LM calls that reached a provider and the tokens they reported (cache hits are free and not counted)."""
 
     calls: int = 0
     prompt_tokens: int = 0
@@ -41,19 +39,12 @@ class Usage:
         }
 
 
-class _CallCounter(BaseCallback):
-    def __init__(self) -> None:
-        self.calls = 0
-        self._lock = threading.Lock()
-
-    def on_lm_start(self, call_id, instance, inputs):
-        with self._lock:
-            self.calls += 1
-
-
 @contextmanager
 def measure() -> Iterator[Usage]:
-    """Count LM calls and tokens of everything run inside the block on this thread (and its async tasks).
+    """Count the LM calls and tokens of everything run inside the block on this thread (and its async tasks).
+
+    Built on ``dspy.track_usage`` (one usage entry per call that reached the provider), not on callbacks, which
+    would make DSPy dispatch callbacks for every module and adapter call.
 
     Example:
         >>> with measure() as usage:
@@ -62,12 +53,12 @@ def measure() -> Iterator[Usage]:
         0
     """
     usage = Usage()
-    counter = _CallCounter()
-    with dspy.context(callbacks=[*dspy.settings.callbacks, counter]), dspy.track_usage() as tracker:
+    with dspy.track_usage() as tracker:
         try:
             yield usage
         finally:
-            for totals in tracker.get_total_tokens().values():
-                usage.prompt_tokens += int(totals.get("prompt_tokens") or 0)
-                usage.completion_tokens += int(totals.get("completion_tokens") or 0)
-            usage.calls = counter.calls
+            for entries in tracker.usage_data.values():
+                usage.calls += len(entries)
+                for entry in entries:
+                    usage.prompt_tokens += int(entry.get("prompt_tokens") or 0)
+                    usage.completion_tokens += int(entry.get("completion_tokens") or 0)

@@ -32,6 +32,8 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -39,6 +41,7 @@ from markovscale_dspy.theory import TIE_TOLERANCE, _check_probability
 
 __all__ = [
     "MAX_LOOKAHEAD",
+    "HiddenChains",
     "continuation_value",
     "expected_gain",
     "filter_beliefs",
@@ -62,11 +65,110 @@ def _params(p_cw: float, p_wc: float, p_same_wrong: float, p_change_correct: flo
     )
 
 
-def _emissions(p_cw: float, p_wc: float, s: float, e: float) -> np.ndarray:
-    """``M[o, x_prev, x]`` = P(X_t = x, o | X_{t-1} = x_prev), with x = 1 for correct and o = 1 for same."""
-    move = np.array([[1 - p_wc, p_wc], [p_cw, 1 - p_cw]])  # move[x_prev, x]
-    same = np.array([[s, 0.0], [0.0, 1 - e]])
-    return np.stack([move * (1 - same), move * same])
+@dataclass(frozen=True, eq=False)
+class HiddenChains:
+    """One or more question types, each a chain with its own parameters; a question belongs to one unknown type.
+
+    The belief is a ``(K, 2)`` array: ``b[k, x]`` = P(type k and the current answer is ``x``), x = 1 for correct.
+    A single type is the plain chain of the paper; several types (fitted by EM, see ``TransitionModel.mixture``)
+    let the filter learn what kind of question it is looking at from how its answers move.
+    """
+
+    weights: np.ndarray
+    p0: np.ndarray
+    p_cw: np.ndarray
+    p_wc: np.ndarray
+    p_same_wrong: np.ndarray
+    p_change_correct: np.ndarray
+
+    @classmethod
+    def single(cls, p0: float, p_cw: float, p_wc: float, p_same_wrong: float, p_change_correct: float) -> HiddenChains:
+        p0 = _check_probability("p0", p0)
+        p_cw, p_wc, s, e = _params(p_cw, p_wc, p_same_wrong, p_change_correct)
+        return cls(*(np.array([x]) for x in (1.0, p0, p_cw, p_wc, s, e)))
+
+    @cached_property
+    def steps(self) -> np.ndarray:
+        """``M[o, k, x_prev, x]`` = P(X_t = x, observation o | X_{t-1} = x_prev, type k); o = 1 means same."""
+        move = np.stack([np.stack([1 - self.p_wc, self.p_wc], -1), np.stack([self.p_cw, 1 - self.p_cw], -1)], 1)
+        zero = np.zeros_like(self.p0)
+        same = np.stack([np.stack([self.p_same_wrong, zero], -1), np.stack([zero, 1 - self.p_change_correct], -1)], 1)
+        return np.stack([move * (1 - same), move * same])
+
+    def initial(self) -> np.ndarray:
+        return np.stack([self.weights * (1 - self.p0), self.weights * self.p0], -1)
+
+    def update(self, b: np.ndarray, same: bool | None) -> np.ndarray:
+        """Belief after one more round (``None``: the round failed, nothing moved)."""
+        if same is None:
+            return b
+        nxt = np.einsum("kx,kxy->ky", b, self.steps[int(bool(same))])
+        total = nxt.sum()
+        if total <= 0.0:  # an observation the model calls impossible: keep the prediction without it
+            return self.predict(b)
+        return nxt / total
+
+    def predict(self, b: np.ndarray) -> np.ndarray:
+        """Belief after one more round whose answer is not looked at."""
+        nxt = np.einsum("kx,okxy->ky", b, self.steps)
+        return nxt / nxt.sum()
+
+    def filter(self, observations: Sequence[bool | None]) -> list[np.ndarray]:
+        beliefs = [self.initial()]
+        for same in observations:
+            beliefs.append(self.update(beliefs[-1], same))
+        return beliefs
+
+    @staticmethod
+    def correct(b: np.ndarray) -> float:
+        """P(the current answer is correct)."""
+        return float(b[..., 1].sum(-1) / b.sum((-1, -2)))
+
+    def expected_gain(self, b: np.ndarray) -> float:
+        """Expected accuracy change of one more round from belief ``b``."""
+        return self.correct(self.predict(b)) - self.correct(b)
+
+    def continuation_value(self, b: np.ndarray, rounds_left: int, round_cost: float) -> float:
+        """Exact expectimax value of refining once more and then stopping optimally (``-inf`` if no round left)."""
+        if rounds_left <= 0:
+            return float("-inf")
+        depth = min(int(rounds_left), MAX_LOOKAHEAD)
+        levels = [b[None] / b.sum()]  # [node, k, x]
+        probs = []
+        for _ in range(depth):
+            joint = np.einsum("nkx,okxy->noky", levels[-1], self.steps)
+            p_obs = joint.sum((2, 3))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                nxt = np.where(p_obs[:, :, None, None] > 0, joint / p_obs[:, :, None, None], 0.0)
+            probs.append(p_obs)
+            levels.append(nxt.reshape(-1, *b.shape))
+        value = levels[depth][..., 1].sum(-1)
+        for d in range(depth - 1, -1, -1):
+            cont = -round_cost + (probs[d] * value.reshape(-1, 2)).sum(axis=1)
+            value = cont if d == 0 else np.maximum(levels[d][..., 1].sum(-1), cont)
+        return float(value[0])
+
+    def should_refine(self, b: np.ndarray, rounds_left: int, round_cost: float) -> bool:
+        """Whether another round beats stopping now (strictly; ties stop)."""
+        return self.continuation_value(b, rounds_left, round_cost) > self.correct(b) + TIE_TOLERANCE
+
+    def smooth(self, observations: Sequence[bool | None]) -> list[float]:
+        """Forward-backward: P(round t's answer is correct | all observations) for every round."""
+        identity = np.broadcast_to(np.eye(2), (len(self.p0), 2, 2))
+        steps = [identity if o is None else self.steps[int(bool(o))] for o in observations]
+        alphas = [self.initial()]
+        for step in steps:
+            a = np.einsum("kx,kxy->ky", alphas[-1], step)
+            alphas.append(a / a.sum() if a.sum() > 0 else alphas[-1])
+        betas = [np.ones_like(alphas[0])]
+        for step in reversed(steps):
+            b = np.einsum("kxy,ky->kx", step, betas[0])
+            betas.insert(0, b / b.sum() if b.sum() > 0 else betas[0])
+        out = []
+        for a, b in zip(alphas, betas, strict=True):
+            g = a * b
+            out.append(float(g[:, 1].sum() / g.sum()) if g.sum() > 0 else self.correct(a))
+        return out
 
 
 def observation_probability(
@@ -78,21 +180,17 @@ def observation_probability(
     return p_same if same else 1.0 - p_same
 
 
+def _belief(q: float) -> np.ndarray:
+    q = _check_probability("q", q)
+    return np.array([[1 - q, q]])
+
+
 def update(
     q: float, same: bool | None, p_cw: float, p_wc: float, p_same_wrong: float, p_change_correct: float
 ) -> float:
     """Belief that the new answer is correct after one round showed ``same`` (``None``: no step, no change)."""
-    q = _check_probability("q", q)
-    if same is None:
-        return q
-    p_cw, p_wc, s, e = _params(p_cw, p_wc, p_same_wrong, p_change_correct)
-    joint = np.array([1 - q, q]) @ _emissions(p_cw, p_wc, s, e)[int(bool(same))]
-    total = joint.sum()
-    if total <= 0.0:
-        # An observation the model calls impossible (e.g. "changed" when nothing ever changes): fall back to the
-        # prediction without it rather than divide by zero.
-        return float(q * (1 - p_cw) + (1 - q) * p_wc)
-    return float(joint[1] / total)
+    chain = HiddenChains.single(0.5, p_cw, p_wc, p_same_wrong, p_change_correct)
+    return chain.correct(chain.update(_belief(q), same))
 
 
 def filter_beliefs(
@@ -104,10 +202,8 @@ def filter_beliefs(
     p_change_correct: float,
 ) -> list[float]:
     """Beliefs ``[q_0, q_1, ..., q_T]`` that the answer of each round is correct, given the rounds so far."""
-    beliefs = [_check_probability("p0", p0)]
-    for same in observations:
-        beliefs.append(update(beliefs[-1], same, p_cw, p_wc, p_same_wrong, p_change_correct))
-    return beliefs
+    chain = HiddenChains.single(p0, p_cw, p_wc, p_same_wrong, p_change_correct)
+    return [chain.correct(b) for b in chain.filter(observations)]
 
 
 def expected_gain(q: float, p_cw: float, p_wc: float) -> float:
@@ -130,29 +226,8 @@ def continuation_value(
     term for ``k = rounds_left`` (``-inf`` when no round is left). Solved level by level over the ``2**k``
     observation paths (capped at :data:`MAX_LOOKAHEAD` rounds ahead).
     """
-    p_cw, p_wc, s, e = _params(p_cw, p_wc, p_same_wrong, p_change_correct)
-    if rounds_left <= 0:
-        return float("-inf")
-    depth = min(int(rounds_left), MAX_LOOKAHEAD)
-    emissions = _emissions(p_cw, p_wc, s, e)
-    # Forward: beliefs and observation probabilities on every path, level by level (children of node i at the
-    # next level are 2i (changed) and 2i + 1 (same)).
-    levels = [np.array([float(q)])]
-    probs = []
-    for _ in range(depth):
-        b = np.stack([1 - levels[-1], levels[-1]], axis=1)
-        joint = np.einsum("nx,oxy->noy", b, emissions)  # [node, obs, x]
-        p_obs = joint.sum(axis=2)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            nxt = np.where(p_obs > 0, joint[:, :, 1] / p_obs, 0.0)
-        probs.append(p_obs)
-        levels.append(nxt.reshape(-1))
-    # Backward: value of the best stop/continue strategy below each node.
-    value = levels[depth]
-    for d in range(depth - 1, -1, -1):
-        cont = -round_cost + (probs[d] * value.reshape(-1, 2)).sum(axis=1)
-        value = cont if d == 0 else np.maximum(levels[d], cont)
-    return float(value[0])
+    chain = HiddenChains.single(0.5, p_cw, p_wc, p_same_wrong, p_change_correct)
+    return chain.continuation_value(_belief(q), rounds_left, round_cost)
 
 
 def should_refine(
@@ -165,8 +240,8 @@ def should_refine(
     p_change_correct: float,
 ) -> bool:
     """Whether another round beats stopping now with the current answer (strictly; ties stop)."""
-    value = continuation_value(q, rounds_left, round_cost, p_cw, p_wc, p_same_wrong, p_change_correct)
-    return value > q + TIE_TOLERANCE
+    chain = HiddenChains.single(0.5, p_cw, p_wc, p_same_wrong, p_change_correct)
+    return chain.should_refine(_belief(q), rounds_left, round_cost)
 
 
 def smooth(
@@ -178,21 +253,4 @@ def smooth(
     p_change_correct: float,
 ) -> list[float]:
     """Forward-backward: ``P(round t's answer is correct | all observations)`` for every round ``0..T``."""
-    p0 = _check_probability("p0", p0)
-    p_cw, p_wc, s, e = _params(p_cw, p_wc, p_same_wrong, p_change_correct)
-    emissions = _emissions(p_cw, p_wc, s, e)
-    identity = np.eye(2)
-    steps = [identity if o is None else emissions[int(bool(o))] for o in observations]
-    alphas = [np.array([1 - p0, p0])]
-    for step in steps:
-        a = alphas[-1] @ step
-        alphas.append(a / a.sum() if a.sum() > 0 else alphas[-1])
-    betas = [np.ones(2)]
-    for step in reversed(steps):
-        b = step @ betas[0]
-        betas.insert(0, b / b.sum() if b.sum() > 0 else betas[0])
-    posteriors = []
-    for a, b in zip(alphas, betas, strict=True):
-        g = a * b
-        posteriors.append(float(g[1] / g.sum()) if g.sum() > 0 else float(a[1]))
-    return posteriors
+    return HiddenChains.single(p0, p_cw, p_wc, p_same_wrong, p_change_correct).smooth(observations)

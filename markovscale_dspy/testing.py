@@ -400,7 +400,9 @@ class SimulatedWorld:
         if was_correct:
             if rng.random() < q.p_cw:
                 return self._wrong(q, rng)
-            return f"{q.answer}.0" if rng.random() < q.p_change_correct else q.answer
+            if rng.random() < q.p_change_correct:  # same answer, written differently from the previous round
+                return q.answer if previous.strip() != q.answer else f"{q.answer}.0"
+            return previous
         if rng.random() < q.p_wc:
             return q.answer
         if rng.random() < q.p_same_wrong:

@@ -19,7 +19,8 @@ PARAMS = ("p0", "p_cw", "p_wc")
 
 def calibrate(params, seed, n=300, rounds=4, num_threads=1, **refine_kwargs):
     w = SimulatedWorld.homogeneous(n, seed=seed, **params)
-    calibrator = MarkovCalibrator(w.metric, rounds=rounds, num_threads=num_threads)
+    # One population chain is the model under test here (question types are tested in test_beyond.py).
+    calibrator = MarkovCalibrator(w.metric, rounds=rounds, num_threads=num_threads, question_types=1)
     with dspy.context(lm=w.lm()):
         return calibrator.compile(refine(**refine_kwargs), trainset=w.examples)
 
