@@ -229,9 +229,8 @@ def test_belief_policy_dominates_the_fixed_frontier_on_a_heterogeneous_world():
     frontier = frontier_at(fixed, belief.mean_calls)
     print(f"\n{result.model}")
     for r in result.results:
-        print(
-            f"  {r.name:24s} accuracy {r.accuracy:.3f}  calls/q {r.mean_calls:.2f}  acc/call {r.accuracy / r.mean_calls:.3f}"
-        )
+        per_call = r.accuracy / r.mean_calls
+        print(f"  {r.name:24s} accuracy {r.accuracy:.3f}  calls/q {r.mean_calls:.2f}  acc/call {per_call:.3f}")
     print(f"  belief vs fixed frontier at {belief.mean_calls:.2f} calls: {belief.accuracy:.3f} vs {frontier:.3f}")
     print(
         f"  gap to the parameter oracle: {oracle.accuracy - belief.accuracy:+.3f} "
