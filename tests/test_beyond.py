@@ -276,3 +276,24 @@ def test_belief_is_calibrated():
         assert abs(observed - expected) <= 3 * se + 1
         checked += 1
     assert checked >= 4
+
+
+def test_belief_policy_on_a_degrading_task_costs_one_call():
+    model = calibrated(SimulatedWorld.preset("hurts", 300, seed=30))
+    module = refine(policy="belief", max_rounds=4)
+    module.model = model
+    w = SimulatedWorld.preset("hurts", 100, seed=31)
+    with dspy.context(lm=w.lm()):
+        reasons = {module(**e.inputs()).stop_reason for e in w.examples}
+    assert w.calls == 100 and reasons == {"degrading"}
+
+
+def test_belief_policy_stops_a_stable_answer_early():
+    model = calibrated(SimulatedWorld.preset("heterogeneous", 400, seed=32), rounds=5)
+    module = refine(policy="belief", max_rounds=5)
+    module.model = model
+    w = SimulatedWorld.preset("heterogeneous", 200, seed=33)
+    with dspy.context(lm=w.lm()):
+        preds = [module(**e.inputs()) for e in w.examples]
+    stable = [p.rounds for e, p in zip(w.examples, preds, strict=True) if w.truth(e).kind == "stable"]
+    assert np.mean(stable) < 2 and any(p.stop_reason == "stable_answer" for p in preds)
