@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -20,11 +21,15 @@ from markovscale_dspy._exceptions import CalibrationError, ConfigurationError, D
 from markovscale_dspy._mixture import ChainMixture, chain_statistics, fit_mixture, select_mixture
 from markovscale_dspy._model import PARAMETERS, TransitionModel, _check_prior
 from markovscale_dspy._refine import MAX_ROUNDS_LIMIT, MarkovRefine
+from markovscale_dspy._traces import TraceStore, chain_key
 from markovscale_dspy._usage import Usage, measure
 
 __all__ = ["CalibrationReport", "ChainRecord", "MarkovCalibrator", "score_to_label"]
 
 logger = logging.getLogger(__name__)
+
+#: Fewer labelled examples than this cannot inform the chain at all.
+MIN_TRAINSET = 2
 
 #: ``question_types="auto"`` looks for latent types only with at least this many calibration chains.
 MIN_CHAINS_FOR_TYPES = 100
@@ -58,7 +63,8 @@ class ChainRecord:
         errors: Per round, the failure that kept the previous answer (``None`` if the round succeeded).
         failure: Why the whole chain is missing (round 0 or the worker failed), else ``None``.
         metric_error: The metric's exception on this example, if it raised.
-        usage: LM calls and tokens spent on the chain.
+        usage: LM calls and tokens spent on the chain (when it was first run, if reused).
+        reused: Whether the chain came from the trace store instead of the LM.
     """
 
     index: int
@@ -68,6 +74,7 @@ class ChainRecord:
     failure: str | None = None
     metric_error: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
+    reused: bool = False
 
     def observed(self) -> list[tuple[bool, Any]]:
         """The (label, answer) pairs the fit may use: failed rounds dropped (they kept the previous answer, so the
@@ -109,6 +116,8 @@ class CalibrationReport:
     usage: dict[str, int]
     seconds: float
     valset: dict[str, Any] | None = None
+    chains_reused: int = 0
+    reused_usage: dict[str, int] = field(default_factory=dict)
     chains: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +148,10 @@ class MarkovCalibrator(Teleprompter):
         question_types: Latent question types to fit (a mixture of chains, by EM) for the belief policy:
             ``"auto"`` chooses 1-4 by 5-fold held-out likelihood (with at least 100 chains), an integer forces it,
             1 turns it off.
+        resume: Reuse finished chains from the trace store (``False``: recompute every chain, like ``--fresh``).
+        trace_dir: Where finished chains are stored (default ``$MARKOVSCALE_TRACE_DIR`` or
+            ``~/.cache/markovscale/traces``).
+        store_traces: Write finished chains to the store at all.
         display_progress: Show a progress bar.
 
     Example:
@@ -163,6 +176,9 @@ class MarkovCalibrator(Teleprompter):
         prior: tuple[float, float] = (1.0, 1.0),
         threshold: float = 1.0,
         question_types: int | str = "auto",
+        resume: bool = True,
+        trace_dir: str | os.PathLike | None = None,
+        store_traces: bool = True,
         display_progress: bool = False,
     ):
         super().__init__()
@@ -186,6 +202,9 @@ class MarkovCalibrator(Teleprompter):
         self.prior = _check_prior(prior)
         self.threshold = float(threshold)
         self.question_types = question_types
+        self.resume = resume
+        self.trace_dir = trace_dir
+        self.store_traces = store_traces
         self.display_progress = display_progress
         self.report: CalibrationReport | None = None
 
@@ -228,6 +247,15 @@ class MarkovCalibrator(Teleprompter):
         model = model.with_mixture(self._question_types(labels, answers))
         program.model = model
         program._compiled = True
+        if model.n_transitions == 0:
+            self.report = _build_report(model, records, self.rounds, time.perf_counter() - started, None)
+            errors = Counter(e.split(":", 1)[0] for r in records for e in r.errors if e)
+            raise CalibrationError(
+                "no refinement round succeeded, so p_cw and p_wc cannot be estimated "
+                f"(failed rounds: {dict(errors) or 'none run'}); fix the refiner's LM and re-run (chains lost to LM "
+                "errors are recomputed, the others come from the trace store). The partial report is in "
+                "calibrator.report"
+            )
         valset_result = None
         if valset:
             valset_result = _evaluate(
@@ -255,26 +283,55 @@ class MarkovCalibrator(Teleprompter):
             num_threads=self.num_threads, max_errors=len(examples) + 1, disable_progress_bar=not self.display_progress
         )
         jobs = list(enumerate(examples))
-        results = executor.execute(lambda job: self._chain(program, *job), jobs)
+        store = TraceStore(self.trace_dir) if self.store_traces else None
+        try:
+            results = executor.execute(lambda job: self._chain(program, store, *job), jobs)
+        finally:
+            if store is not None:
+                store.close()
         # The worker never raises, but the executor may still return None (cancelled) or an exception object.
         return [
             r if isinstance(r, ChainRecord) else ChainRecord(index=i, failure=f"executor: {r!r}")
             for (i, _), r in zip(jobs, results, strict=True)
         ]
 
-    def _chain(self, program: MarkovRefine, index: int, example: dspy.Example) -> ChainRecord:
-        """Worker: one full chain and its labels. Pure (returns its record) because the executor may re-run it."""
+    def _chain(self, program: MarkovRefine, store: TraceStore | None, index: int, example: dspy.Example) -> ChainRecord:
+        """Worker: one full chain and its labels. Pure (returns its record) because the executor may re-run it;
+        the store write is idempotent (same key, same chain)."""
         record = ChainRecord(index=index)
+        key = None
+        if store is not None:
+            try:
+                key = chain_key(program, self.rounds, example)
+            except Exception as exc:  # the store is an optimisation: without a key, just run the chain
+                logger.warning("trace store disabled for example %d: %s", index, _describe(exc))
+        trajectory = store.get(key) if key is not None and self.resume else None
+        if trajectory is not None:
+            record.reused = True
+        else:
+            usage = Usage()
+            try:
+                with dspy.context(trace=[]), measure() as usage:
+                    prediction = program.run_chain(self.rounds, **example.inputs())
+            except Exception as exc:
+                record.failure = _describe(exc)
+                record.usage = usage.to_dict()
+                return record
+            trajectory = [{**entry, "answer_key": _jsonable(entry["answer_key"])} for entry in prediction.trajectory]
+            # Only chains that are the model's own behaviour are remembered; a round lost to a transient service
+            # failure (timeout, rate limit, dead server) is recomputed by the next run.
+            if key is not None and all(e.get("error_kind") in (None, "parse", "empty") for e in trajectory):
+                store.put(key, trajectory)
+        self._label(record, example, trajectory)
+        return record
+
+    def _label(self, record: ChainRecord, example: dspy.Example, trajectory: list[dict[str, Any]]) -> None:
         usage = Usage()
-        try:
-            with dspy.context(trace=[]), measure() as usage:
-                prediction = program.run_chain(self.rounds, **example.inputs())
-        except Exception as exc:
-            record.failure = _describe(exc)
-            record.usage = usage.to_dict()
-            return record
-        record.usage = usage.to_dict()
-        for entry in prediction.trajectory:
+        for entry in trajectory:
+            spent = entry.get("usage") or {}
+            usage = usage + Usage(
+                spent.get("calls", 0), spent.get("prompt_tokens", 0), spent.get("completion_tokens", 0)
+            )
             record.errors.append(entry["error"])
             record.answers.append(_jsonable(entry["answer_key"]))
             label = None
@@ -284,7 +341,7 @@ class MarkovCalibrator(Teleprompter):
                 except Exception as exc:  # a broken metric is reported per example, never aborts the run
                     record.metric_error = _describe(exc)
             record.labels.append(label)
-        return record
+        record.usage = usage.to_dict()
 
 
 def _hashable(value: Any) -> Any:
@@ -317,6 +374,11 @@ def _check_examples(dataset: Any, student: MarkovRefine, name: str) -> list[dspy
             raise DataError(f"{name}[{i}] lacks input field(s) {missing} of the program (it has {list(inputs)})")
         if not list(example.labels().keys()):
             raise DataError(f"{name}[{i}] has no label fields (only inputs {list(inputs)}); the metric needs a label")
+    if name == "trainset" and len(dataset) < MIN_TRAINSET:
+        raise DataError(
+            f"trainset has {len(dataset)} example; calibration needs at least {MIN_TRAINSET} to estimate anything "
+            "(a few hundred for tight intervals)"
+        )
     return list(dataset)
 
 
@@ -388,11 +450,13 @@ def _build_report(
         "round_errors": dict(round_errors),
         "metric_errors": [{"index": r.index, "error": r.metric_error} for r in records if r.metric_error],
     }
-    usage = Usage()
+    usage, reused = Usage(), Usage()
     for r in records:
-        usage = usage + Usage(
-            r.usage.get("calls", 0), r.usage.get("prompt_tokens", 0), r.usage.get("completion_tokens", 0)
-        )
+        spent = Usage(r.usage.get("calls", 0), r.usage.get("prompt_tokens", 0), r.usage.get("completion_tokens", 0))
+        if r.reused:
+            reused = reused + spent
+        else:
+            usage = usage + spent
     try:
         bound = model.stationary_accuracy()
     except ValueError:
@@ -422,5 +486,7 @@ def _build_report(
         usage=usage.to_dict(),
         seconds=seconds,
         valset=valset,
+        chains_reused=sum(r.reused for r in records),
+        reused_usage=reused.to_dict(),
         chains=[asdict(r) for r in records],
     )

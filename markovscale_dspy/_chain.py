@@ -47,6 +47,22 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
+class EmptyAnswerError(ValueError):
+    """A round returned no answer at all."""
+
+
+def error_kind(error: BaseException) -> str:
+    """``"parse"`` / ``"empty"`` (the model's own behaviour: worth remembering), ``"lm"`` (a transient service
+    failure: timeout, rate limit, transport, server, context window) or ``"other"``."""
+    if isinstance(error, dspy.AdapterParseError):
+        return "parse"
+    if isinstance(error, EmptyAnswerError):
+        return "empty"
+    if isinstance(error, dspy.LMError):
+        return "lm"
+    return "other"
+
+
 def _outputs_of(prediction: Any) -> dict[str, Any]:
     if isinstance(prediction, dspy.Prediction):
         return dict(prediction.items())
@@ -109,7 +125,7 @@ class ChainState:
             new_outputs = _outputs_of(outcome.prediction)
             new_answer = {name: new_outputs.get(name) for name in self.answer_fields}
             if is_empty_answer(new_answer):
-                error = ValueError("the refinement returned an empty answer")
+                error = EmptyAnswerError("the refinement returned an empty answer")
         if error is None:
             self.outputs, self.answer = new_outputs, new_answer
             entry.update(outputs=new_outputs, answer_key=self.key_of(new_answer), error=None)
@@ -117,7 +133,12 @@ class ChainState:
             logger.info(
                 "MarkovRefine round %d failed, keeping the previous answer: %s", entry["round"], describe(error)
             )
-            entry.update(outputs=dict(self.outputs), answer_key=self.keys[-1], error=describe(error))
+            entry.update(
+                outputs=dict(self.outputs),
+                answer_key=self.keys[-1],
+                error=describe(error),
+                error_kind=error_kind(error),
+            )
         self._append(entry, error is not None)
 
     def _append(self, entry: dict[str, Any], failed: bool) -> None:

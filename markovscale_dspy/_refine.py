@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Generator, Sequence
+from pathlib import Path
 from typing import Any
 
 import dspy
+import orjson
+from dspy.utils.saving import get_dependency_versions
 
 from markovscale_dspy._answers import AnswerKey, default_answer_key
 from markovscale_dspy._budget import BudgetResult, allocate
 from markovscale_dspy._chain import SELECT_MODES, Call, ChainState, Outcome, run_chain
-from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError
+from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError, StateError
 from markovscale_dspy._model import TransitionModel
 from markovscale_dspy._policies import Abstain, FixedPolicy, Policy, resolve_policy
 from markovscale_dspy._signatures import answer_fields, infer_signature, refinement_signature, uses_reasoning
@@ -141,6 +146,66 @@ class MarkovRefine(dspy.Module):
         if value is not None and not isinstance(value, TransitionModel):
             raise ConfigurationError(f"model must be a TransitionModel or None, got {type(value).__name__}")
         self.markov.model = value
+
+    # Saving and loading -------------------------------------------------------------------------------------------
+
+    def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
+        """DSPy state of the module, with endpoints and headers of pinned LMs removed (they may hold secrets)."""
+        return _scrub(super().dump_state(json_mode=json_mode))
+
+    def save(self, path: str | os.PathLike, save_program: bool = False, modules_to_serialize: Any = None) -> None:
+        """Write the state to a ``.json`` file (atomically: a crash mid-write never leaves a half file).
+
+        Only JSON: state is never pickled. Load it with :meth:`load` into a MarkovRefine built the same way.
+        """
+        path = Path(path)
+        if save_program or path.suffix != ".json":
+            raise StateError(
+                f"MarkovRefine saves its state as JSON only (got {path.name!r}"
+                f"{', save_program=True' if save_program else ''}); use a path ending in .json"
+            )
+        state = self.dump_state()
+        state["metadata"] = {"dependency_versions": get_dependency_versions()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+        os.replace(tmp, path)
+
+    def load(
+        self, path: str | os.PathLike, allow_pickle: bool = False, allow_unsafe_lm_state: bool = False
+    ) -> MarkovRefine:
+        """Restore a state written by :meth:`save`; nothing is changed unless the whole file is valid.
+
+        Raises:
+            StateError: the file is missing, not JSON, corrupt, from another program or an incompatible version.
+        """
+        path = Path(path)
+        if path.suffix != ".json":
+            raise StateError(f"MarkovRefine loads JSON state only, never pickles: {path.name!r} is not a .json file")
+        try:
+            state = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise StateError(f"no state file at {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StateError(
+                f"{path} is not valid JSON ({exc}); the file is corrupt: restore it or recalibrate"
+            ) from None
+        if not isinstance(state, dict) or "markov" not in state:
+            raise StateError(
+                f"{path} holds no MarkovRefine state (no 'markov' entry): was it saved from another kind of program?"
+            )
+        MarkovState.parse(state["markov"], self.markov.input_fields, self.markov.answer_fields)  # fail early
+        state.setdefault("metadata", {"dependency_versions": {}})
+        try:
+            self.load_state(state, allow_unsafe_lm_state=allow_unsafe_lm_state)
+        except StateError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StateError(
+                f"{path} does not fit this MarkovRefine ({type(exc).__name__}: {exc}); build the module with the "
+                "same program and signature as the one that was saved"
+            ) from None
+        return self
 
     def planned_rounds(self) -> int:
         """Rounds the closed-form rule runs for this module's cost and cap (raises if not calibrated)."""
@@ -294,6 +359,24 @@ class MarkovRefine(dspy.Module):
             except Exception as exc:
                 prediction, error = None, exc
         return Outcome(prediction, error, usage.to_dict())
+
+
+_ENDPOINT_KEYS = ("api_key", "api_base", "base_url", "extra_headers", "headers", "model_list")
+
+
+def _scrub(state: Any) -> Any:
+    """Drop endpoint settings of every saved LM: they may embed credentials and do not belong in a shared file."""
+    if isinstance(state, dict):
+        return {k: (_scrub_lm(v) if k == "lm" else _scrub(v)) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_scrub(v) for v in state]
+    return state
+
+
+def _scrub_lm(lm_state: Any) -> Any:
+    if isinstance(lm_state, dict):
+        return {k: v for k, v in lm_state.items() if k not in _ENDPOINT_KEYS}
+    return lm_state
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None) -> None:

@@ -141,6 +141,16 @@ class SimulatedEngine:
     def __deepcopy__(self, memo: dict) -> SimulatedEngine:
         return self  # engines are shared services; Module.deepcopy() must not clone their counters
 
+    @property
+    def fingerprint(self) -> str:
+        """Identity of what this engine answers (world and faults), for caches such as the trace store."""
+        world = [
+            (q.question, q.answer, q.p0, q.p_cw, q.p_wc, q.p_same_wrong, q.p_change_correct)
+            for q in self.world.questions
+        ]
+        text = json.dumps([self.world.seed, self.world.answer_field, world, sorted(self.faults.items())])
+        return hashlib.sha256(text.encode()).hexdigest()
+
     def _rng(self, text: str) -> random.Random:
         with self._lock:
             self.calls += 1

@@ -1,0 +1,137 @@
+"""A disk store of finished calibration chains, so an interrupted calibration resumes without paying again.
+
+Calibrator layer, private. Every chain is written as soon as it finishes, keyed by what determines its outcome:
+the program (signatures, instructions, demos of the wrapped program and the refiner), the refinement settings,
+the LM (model, sampling settings, endpoint -- hashed, never stored), the adapter, and the example. A re-run of
+the same calibration finds every finished chain and calls the LM only for the rest.
+
+Storage is ``diskcache`` with its JSON disk: values are JSON, never pickles, and the directory can be shared by
+processes. Default location: ``$MARKOVSCALE_TRACE_DIR``, else ``~/.cache/markovscale/traces``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import dspy
+
+__all__ = ["DEFAULT_TRACE_DIR", "TraceStore", "chain_key"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACE_DIR = Path("~/.cache/markovscale/traces")
+_FORMAT = "markovscale.trace/1"
+# Never part of a key in clear text, never stored (they are hashed into the endpoint fingerprint or dropped).
+_SECRET_KEYS = {"api_key", "api_base", "base_url", "extra_headers", "headers"}
+
+
+def default_trace_dir() -> Path:
+    return Path(os.environ.get("MARKOVSCALE_TRACE_DIR") or DEFAULT_TRACE_DIR).expanduser()
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def lm_fingerprint(lm: Any) -> dict[str, Any]:
+    """What about an LM decides its answers: model, sampling settings, engine and endpoint (the last two hashed)."""
+    if lm is None:
+        return {"lm": None}
+    kwargs = dict(getattr(lm, "kwargs", {}) or {})
+    endpoint = {k: kwargs.pop(k) for k in list(kwargs) if k in _SECRET_KEYS}
+    endpoint.pop("api_key", None)  # the key does not change answers
+    engine = getattr(lm, "_engine_spec", None)
+    if engine is not None and not isinstance(engine, str):
+        # A custom engine: its own fingerprint if it offers one (what it answers), else its class.
+        engine = getattr(engine, "fingerprint", None) or f"{type(engine).__module__}.{type(engine).__qualname__}"
+    return {
+        "model": getattr(lm, "model", type(lm).__name__),
+        "model_type": getattr(lm, "model_type", None),
+        "kwargs": kwargs,
+        "endpoint": _digest(endpoint) if endpoint else None,
+        "engine": engine if isinstance(engine, (str, type(None))) else repr(engine),
+    }
+
+
+def chain_key(program: Any, rounds: int, example: dspy.Example) -> str:
+    """Key of one calibration chain: program state, refinement settings, LM, adapter and example."""
+    state = {
+        name: {
+            "signature": predictor.signature.dump_state(),
+            "demos": [demo.toDict() if hasattr(demo, "toDict") else demo for demo in predictor.demos],
+            "lm": lm_fingerprint(predictor.lm) if predictor.lm is not None else None,
+        }
+        for name, predictor in program.named_predictors()
+    }
+    lm = program.program.get_lm() if _single_lm(program.program) else None
+    settings = {
+        "program": state,
+        "rounds": rounds,
+        "temperature": program.temperature,
+        "rollout_seed": program.rollout_seed,
+        "answer_fields": program.answer_fields,
+        "lm": lm_fingerprint(lm or dspy.settings.lm),
+        "adapter": type(dspy.settings.adapter).__name__ if dspy.settings.adapter is not None else "ChatAdapter",
+        "example": example.toDict(),
+    }
+    return _digest(settings)
+
+
+def _single_lm(program: Any) -> bool:
+    try:
+        return program.get_lm() is not None
+    except ValueError:
+        return False
+
+
+class TraceStore:
+    """Finished calibration chains on disk (JSON values in a ``diskcache.Cache``).
+
+    Args:
+        directory: Where to keep them (default ``$MARKOVSCALE_TRACE_DIR`` or ``~/.cache/markovscale/traces``).
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self.directory = Path(directory).expanduser() if directory is not None else default_trace_dir()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._cache = diskcache.Cache(str(self.directory), disk=diskcache.JSONDisk, timeout=30)
+
+    def get(self, key: str) -> list[dict[str, Any]] | None:
+        """The trajectory stored under ``key``, or ``None``; an unreadable entry counts as missing."""
+        try:
+            value = self._cache.get(key)
+        except Exception as exc:  # a damaged entry must not stop a calibration: recompute it
+            logger.warning("ignoring unreadable trace %s: %s", key[:12], exc)
+            return None
+        if not isinstance(value, dict) or value.get("format") != _FORMAT:
+            return None
+        return value.get("trajectory")
+
+    def put(self, key: str, trajectory: list[dict[str, Any]]) -> bool:
+        """Store a finished chain; returns False (and stores nothing) if it is not plain JSON."""
+        value = {"format": _FORMAT, "trajectory": trajectory}
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            logger.debug("not storing a chain whose outputs are not plain JSON")
+            return False
+        self._cache.set(key, value)
+        return True
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def __repr__(self) -> str:
+        return f"TraceStore({str(self.directory)!r}, chains={len(self)})"
