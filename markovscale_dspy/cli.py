@@ -115,7 +115,14 @@ def _calibrate(
 ) -> tuple[MarkovRefine, MarkovCalibrator]:
     task = load_task(task_name)
     student = MarkovRefine(task.program(reasoning=args.reasoning), max_rounds=args.rounds, round_cost=args.round_cost)
-    calibrator = MarkovCalibrator(task.metric, rounds=args.rounds, num_threads=args.threads, display_progress=True)
+    calibrator = MarkovCalibrator(
+        task.metric,
+        rounds=args.rounds,
+        num_threads=args.threads,
+        display_progress=True,
+        resume=not args.fresh,
+        trace_dir=args.trace_dir,
+    )
     with dspy.context(lm=lm, adapter=_adapter(args.adapter)):
         program = calibrator.compile(student, trainset=train)
     return program, calibrator
@@ -332,12 +339,34 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reasoning", action="store_true", help="use ChainOfThought instead of Predict")
         p.add_argument("--round-cost", type=float, default=0.01, help="accuracy one round must buy (default 0.01)")
 
+    def trace_options(p: argparse.ArgumentParser, fresh: bool) -> None:
+        p.add_argument(
+            "--trace-dir",
+            help="where finished calibration chains are kept (default "
+            "$MARKOVSCALE_TRACE_DIR or ~/.cache/markovscale/traces)",
+        )
+        group = p.add_mutually_exclusive_group()
+        group.add_argument(
+            "--fresh",
+            dest="fresh",
+            action="store_true",
+            default=fresh,
+            help="recompute every chain, ignoring stored ones" + (" (default)" if fresh else ""),
+        )
+        group.add_argument(
+            "--resume",
+            dest="fresh",
+            action="store_false",
+            help="reuse finished chains from an earlier run" + ("" if fresh else " (default)"),
+        )
+
     demo = sub.add_parser("demo", help="the main job: calibrate and evaluate on the embedded model, offline")
     task_options(demo, DEMO_TASK)
     demo.add_argument("--train", type=int, default=DEMO_TRAIN, help=f"calibration questions (default {DEMO_TRAIN})")
     demo.add_argument("--test", type=int, default=DEMO_TEST, help=f"held-out questions (default {DEMO_TEST})")
     demo.add_argument("--rounds", type=int, default=3, help="refinement rounds (default 3)")
     demo.add_argument("--out", default="markovscale-out", help="output folder (default markovscale-out)")
+    trace_options(demo, fresh=True)  # the demo measures: a fresh calibration each time
     _add_lm_options(demo)
     demo.set_defaults(func=cmd_demo, no_cache=True)
 
@@ -346,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--train", type=int, default=200, help="calibration questions (default 200)")
     cal.add_argument("--rounds", type=int, default=4, help="refinement rounds per chain (default 4)")
     cal.add_argument("--out", default="markovscale-state.json", help="state file to write")
+    trace_options(cal, fresh=False)  # a paid-for calibration resumes where it stopped
     _add_lm_options(cal)
     cal.set_defaults(func=cmd_calibrate)
 

@@ -94,7 +94,9 @@ def format_calibration(report: CalibrationReport, round_cost: float = 0.0, max_r
     lines = [
         f"Calibration: {report.chains_used} of {report.examples} chains used, round 0 + {report.rounds} refinement "
         f"rounds each ({usage.get('calls', 0)} LM calls, {usage.get('total_tokens', 0)} tokens, "
-        f"{report.seconds:.0f} s)",
+        f"{report.seconds:.0f} s"
+        + (f"; {report.chains_reused} chains reused from the trace store" if report.chains_reused else "")
+        + ")",
         "  estimates with 95% credible intervals:",
         *format_model(model),
         f"  regime: {report.regime}; {_bound_words(report)}; convergence rate {report.convergence_rate:.3f}/round",
