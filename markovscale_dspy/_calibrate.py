@@ -118,6 +118,7 @@ class CalibrationReport:
     valset: dict[str, Any] | None = None
     chains_reused: int = 0
     reused_usage: dict[str, int] = field(default_factory=dict)
+    drift: dict[str, Any] = field(default_factory=dict)
     chains: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -416,6 +417,20 @@ def _binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, floa
     return float(0.0 if k == 0 else lo), float(1.0 if k == n else hi)
 
 
+def _drift(by_round: list[dict[str, int]]) -> dict[str, Any]:
+    """Do the transition rates change with the round? A chi-square test of homogeneity per rate."""
+    out: dict[str, Any] = {}
+    for name, (hit, miss) in {"p_cw": ("cw", "cc"), "p_wc": ("wc", "ww")}.items():
+        rows = [(r["round"], r[hit], r[miss]) for r in by_round if r[hit] + r[miss] > 0]
+        rates = {str(t): h / (h + m) for t, h, m in rows}
+        if len(rows) < 2 or sum(h for _, h, _ in rows) == 0 or sum(m for _, _, m in rows) == 0:
+            out[name] = {"rates": rates, "chi2": None, "p_value": None}
+            continue
+        chi2, p_value, _, _ = stats.chi2_contingency([[h, m] for _, h, m in rows])
+        out[name] = {"rates": rates, "chi2": float(chi2), "p_value": float(p_value)}
+    return out
+
+
 def _build_report(
     model: TransitionModel, records: list[ChainRecord], rounds: int, seconds: float, valset: dict[str, Any] | None
 ) -> CalibrationReport:
@@ -442,6 +457,7 @@ def _build_report(
                 if len(r.labels) > t and r.errors[t] is None and None not in (r.labels[t - 1], r.labels[t]):
                     counts[("c" if r.labels[t - 1] else "w") + ("c" if r.labels[t] else "w")] += 1
             by_round.append({"round": t, **{k: counts.get(k, 0) for k in ("cc", "cw", "wc", "ww")}})
+    drift = _drift(by_round)
     round_errors = Counter(e.split(":", 1)[0] for r in records for e in r.errors if e)
     failures = {
         "chains_failed": sum(r.failure is not None for r in records),
@@ -487,6 +503,7 @@ def _build_report(
         seconds=seconds,
         valset=valset,
         chains_reused=sum(r.reused for r in records),
+        drift=drift,
         reused_usage=reused.to_dict(),
         chains=[asdict(r) for r in records],
     )

@@ -15,6 +15,8 @@ of that run. Two limits frame the policies:
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,13 +24,86 @@ from typing import Any
 import dspy
 import numpy as np
 
+from markovscale_dspy._answers import normalize_answer
 from markovscale_dspy._calibrate import MarkovCalibrator
 from markovscale_dspy._model import TransitionModel
 from markovscale_dspy._refine import MarkovRefine
 from markovscale_dspy.evaluation import MethodResult, evaluate
 from markovscale_dspy.testing import ParameterOracle, SimulatedWorld
 
-__all__ = ["SimulationResult", "fixed_curve", "frontier_at", "run_simulation"]
+__all__ = [
+    "JudgeAnswer",
+    "SelfConsistency",
+    "SimulationResult",
+    "baselines",
+    "fixed_curve",
+    "frontier_at",
+    "run_simulation",
+    "self_judge_reward",
+]
+
+
+class JudgeAnswer(dspy.Signature):
+    """Judge whether the proposed answer to the question is correct."""
+
+    question: str = dspy.InputField()
+    proposed_answer: str = dspy.InputField()
+    is_correct: bool = dspy.OutputField(desc="true if the proposed answer is correct")
+
+
+def self_judge_reward(answer_field: str = "answer") -> Callable[[dict, Any], float]:
+    """A reward for ``dspy.Refine`` / ``dspy.BestOfN`` that needs no gold label: the model judges its own answer.
+
+    Returns 1.0 when the judge says correct, else 0.0 (also when the judge's output cannot be parsed).
+    """
+    judge = dspy.Predict(JudgeAnswer)
+
+    def reward(args: dict, prediction: Any) -> float:
+        question = str(next(iter(args.values()))) if len(args) == 1 else "\n".join(f"{k}: {v}" for k, v in args.items())
+        try:
+            verdict = judge(question=question, proposed_answer=str(getattr(prediction, answer_field, "")))
+            return 1.0 if verdict.is_correct else 0.0
+        except Exception:
+            return 0.0
+
+    return reward
+
+
+class SelfConsistency(dspy.Module):
+    """Baseline: ``n`` independent samples of the program, majority vote on the normalised answer."""
+
+    def __init__(self, program: dspy.Module, n: int = 5, temperature: float = 0.7, answer_field: str = "answer"):
+        super().__init__()
+        self.program = program
+        self.n = n
+        self.temperature = temperature
+        self.answer_field = answer_field
+
+    def forward(self, **inputs: Any) -> dspy.Prediction:
+        lm = dspy.settings.lm
+        samples = []
+        for i in range(self.n):
+            with dspy.context(lm=lm.copy(rollout_id=10_000 + i, temperature=self.temperature)):
+                try:
+                    samples.append(self.program(**inputs))
+                except Exception:  # a failed sample just does not vote
+                    continue
+        if not samples:
+            raise RuntimeError("every self-consistency sample failed")
+        votes = Counter(normalize_answer(getattr(s, self.answer_field, None)) for s in samples)
+        winner = votes.most_common(1)[0][0]
+        chosen = next(s for s in samples if normalize_answer(getattr(s, self.answer_field, None)) == winner)
+        return dspy.Prediction(**dict(chosen.items()), rounds=len(samples) - 1)
+
+
+def baselines(make: Callable[[], dspy.Module], n: int = 3) -> dict[str, dspy.Module]:
+    """What users would pick instead: ``dspy.BestOfN`` and ``dspy.Refine`` with a self-judge reward (no gold
+    label exists at inference), and self-consistency, each with ``n`` attempts."""
+    return {
+        f"dspy.BestOfN (N={n}, self-judge)": dspy.BestOfN(make(), N=n, reward_fn=self_judge_reward(), threshold=1.0),
+        f"dspy.Refine (N={n}, self-judge)": dspy.Refine(make(), N=n, reward_fn=self_judge_reward(), threshold=1.0),
+        f"self-consistency (N={n})": SelfConsistency(make(), n=n),
+    }
 
 
 @dataclass
@@ -128,6 +203,8 @@ def run_simulation(
     num_threads: int = 1,
     program: Callable[[], dspy.Module] | None = None,
     extra: dict[str, Callable[[TransitionModel], dspy.Module]] | None = None,
+    include_baselines: bool = False,
+    baseline_n: int = 3,
 ) -> SimulationResult:
     """Calibrate on one world of ``preset``, then run every policy on a disjoint world of the same make-up.
 
@@ -171,6 +248,8 @@ def run_simulation(
         "belief + select best": refine(policy="belief", select="best"),
         "parameter oracle": refine(policy=ParameterOracle(test)),
     }
+    if include_baselines:
+        methods.update(baselines(make, n=baseline_n))
     for name, builder in (extra or {}).items():
         methods[name] = builder(model)
     for name, module in methods.items():
@@ -190,3 +269,207 @@ def run_simulation(
             "seed": seed,
         },
     )
+
+
+# Oracle at several costs: its accuracy-vs-calls curve, for comparisons at equal calls ---------------------------------
+
+
+ORACLE_COSTS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+
+
+def oracle_curve(
+    preset: str,
+    model: TransitionModel,
+    *,
+    n_test: int,
+    max_rounds: int,
+    seed: int,
+    num_threads: int = 1,
+    make: Callable[[], dspy.Module] | None = None,
+) -> list[MethodResult]:
+    """The parameter oracle run at several round costs: the best accuracy a Markov stopping rule buys per call."""
+    make = make or (lambda: dspy.Predict("question -> answer"))
+    test = SimulatedWorld.preset(preset, n_test, seed=seed + 1)
+    curve = []
+    for cost in ORACLE_COSTS:
+        module = MarkovRefine(make(), max_rounds=max_rounds, round_cost=cost, policy=ParameterOracle(test))
+        module.model = model
+        world = test.fresh()
+        with dspy.context(lm=world.lm()):
+            curve.append(
+                evaluate(module, world.examples, world.metric, name=f"oracle@{cost:g}", num_threads=num_threads)
+            )
+    return curve
+
+
+# The real embedded model -------------------------------------------------------------------------------------------
+
+
+def run_real(
+    task_name: str,
+    lm: dspy.LM,
+    *,
+    n_train: int = 60,
+    n_test: int = 40,
+    max_rounds: int = 3,
+    round_cost: float = 0.01,
+    seed: int = 0,
+    num_threads: int = 2,
+    include_baselines: bool = True,
+    baseline_n: int = 3,
+    adapter: dspy.Adapter | None = None,
+) -> SimulationResult:
+    """Every method on a real task with a real LM: calibration on ``n_train`` questions, disjoint ``n_test``."""
+    from markovscale_dspy.datasets import load_task
+
+    task = load_task(task_name)
+    train, test = task.split(n_train, n_test, seed=seed)
+    adapter = adapter or dspy.JSONAdapter()
+    with dspy.context(lm=lm, adapter=adapter, warn_on_type_mismatch=False):
+        calibrator = MarkovCalibrator(task.metric, rounds=max_rounds, num_threads=num_threads, resume=False)
+        calibrated = calibrator.compile(
+            MarkovRefine(task.program(), max_rounds=max_rounds, round_cost=round_cost), trainset=train
+        )
+        model = calibrated.model
+
+        def refine(**kwargs: Any) -> MarkovRefine:
+            module = MarkovRefine(task.program(), max_rounds=max_rounds, round_cost=round_cost, **kwargs)
+            module.model = model
+            return module
+
+        results: list[MethodResult] = []
+        full = evaluate(
+            refine(policy="fixed"),
+            test,
+            task.metric,
+            name=f"fixed-{max_rounds}",
+            num_threads=num_threads,
+            keep_predictions=True,
+        )
+        done = [p for p in full.predictions if p is not None]
+        kept = [e for e, p in zip(test, full.predictions, strict=True) if p is not None]
+        results += fixed_curve(full, done, kept, task.metric, max_rounds, full.seconds)
+        results.append(hindsight(done, kept, task.metric))
+        methods: dict[str, dspy.Module] = {
+            "closed_form": refine(policy="closed_form"),
+            "belief": refine(policy="belief"),
+        }
+        if include_baselines:
+            methods.update(baselines(task.program, n=baseline_n))
+        for name, module in methods.items():
+            results.append(evaluate(module, test, task.metric, name=name, num_threads=num_threads))
+    return SimulationResult(
+        preset=task_name,
+        model=model,
+        results=results,
+        world={"task": task.description, "source": task.source},
+        settings={
+            "n_train": n_train,
+            "n_test": n_test,
+            "max_rounds": max_rounds,
+            "round_cost": round_cost,
+            "seed": seed,
+            "calibration": calibrator.report.to_dict() | {"chains": []},
+        },
+    )
+
+
+# Overheads and throughput --------------------------------------------------------------------------------------------
+
+
+def decision_seconds(model: TransitionModel, *, max_rounds: int = 6, repeats: int = 300) -> dict[str, float]:
+    """Median seconds of one stop decision, per policy (a mid-chain decision with an observed history)."""
+    import statistics
+
+    from markovscale_dspy._policies import RoundContext, resolve_policy
+
+    context = RoundContext(model, 2, max_rounds, 0.01, answer_keys=("a", "b", "b"), failed=(False, False, False))
+    out = {}
+    for name in ("closed_form", "belief"):
+        if name == "belief" and not model.has_emissions:
+            continue
+        policy = resolve_policy(name)
+        policy.decide(context)  # warm caches (prob_improves, hidden chains)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            policy.decide(context)
+            times.append(time.perf_counter() - started)
+        out[name] = statistics.median(times)
+    return out
+
+
+def fit_seconds(n_chains: int = 10_000, rounds: int = 4, seed: int = 0) -> dict[str, float]:
+    """Seconds to fit ``n_chains`` simulated chains: the chain itself, and question types by held-out likelihood."""
+    from markovscale_dspy._mixture import chain_statistics, select_mixture
+
+    rng = np.random.default_rng(seed)
+    labels, answers = [], []
+    for _ in range(n_chains):
+        x = bool(rng.random() < 0.4)
+        chain, keys = [x], [0]
+        for _ in range(rounds):
+            nxt = bool(rng.random() >= 0.1) if x else bool(rng.random() < 0.3)
+            keys.append(keys[-1] + (nxt != x or (not x and rng.random() < 0.5)))
+            chain.append(nxt)
+            x = nxt
+        labels.append(chain)
+        answers.append(keys)
+    started = time.perf_counter()
+    TransitionModel.fit(labels, answers=answers)
+    chain_time = time.perf_counter() - started
+    started = time.perf_counter()
+    select_mixture(chain_statistics(labels, answers))
+    return {"chain": chain_time, "question_types": time.perf_counter() - started}
+
+
+def throughput(
+    lm: dspy.LM,
+    task_name: str = "winogrande",
+    *,
+    n: int = 16,
+    rounds: int = 2,
+    threads: Sequence[int] = (1, 2, 4),
+    adapter: dspy.Adapter | None = None,
+) -> dict[str, dict[str, float]]:
+    """Calibration throughput (LM calls per second) sequential vs threaded vs async, on the same questions."""
+    import asyncio
+
+    from markovscale_dspy.datasets import load_task
+
+    task = load_task(task_name)
+    examples, _ = task.split(n, 0, seed=7)
+    adapter = adapter or dspy.JSONAdapter()
+    out: dict[str, dict[str, float]] = {}
+    with dspy.context(lm=lm, adapter=adapter):
+        for k in threads:
+            calibrator = MarkovCalibrator(
+                task.metric, rounds=rounds, num_threads=k, store_traces=False, question_types=1
+            )
+            started = time.perf_counter()
+            calibrator.compile(MarkovRefine(task.program(), max_rounds=rounds), trainset=examples)
+            seconds = time.perf_counter() - started
+            calls = calibrator.report.usage["calls"]
+            out["sequential" if k == 1 else f"{k} threads"] = {
+                "calls": calls,
+                "seconds": seconds,
+                "calls_per_s": calls / seconds,
+            }
+        module = MarkovRefine(task.program(), max_rounds=rounds)
+
+        async def chains(limit: int) -> int:
+            gate = asyncio.Semaphore(limit)
+
+            async def one(example: dspy.Example) -> int:
+                async with gate:
+                    pred = await module.arun_chain(rounds, **example.inputs())
+                return sum((e.get("usage") or {}).get("calls", 0) for e in pred.trajectory)
+
+            return sum(await asyncio.gather(*(one(e) for e in examples)))
+
+        limit = max(threads)
+        started = time.perf_counter()
+        calls = asyncio.run(chains(limit))
+        seconds = time.perf_counter() - started
+        out[f"async ({limit} concurrent)"] = {"calls": calls, "seconds": seconds, "calls_per_s": calls / seconds}
+    return out

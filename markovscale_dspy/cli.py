@@ -394,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-rounds", type=int, default=4)
     _add_lm_options(run)
     run.set_defaults(func=cmd_run)
+
+    from markovscale_dspy._bench_cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -407,6 +411,7 @@ DEMO_TEST = 50
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[2:] if argv is None else argv[1:])
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     for noisy in ("LiteLLM", "litellm", "httpx", "dspy"):
         logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.ERROR)

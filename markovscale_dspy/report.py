@@ -20,6 +20,7 @@ __all__ = [
     "calibration_markdown",
     "comparison_markdown",
     "difference_interval",
+    "drift_words",
     "format_calibration",
     "format_comparison",
     "format_model",
@@ -116,8 +117,30 @@ def format_calibration(report: CalibrationReport, round_cost: float = 0.0, max_r
         f"  failures: {f['chains_failed']} chains, {f['rounds_failed']} refinement rounds ({errors}), "
         f"{len(f['metric_errors'])} metric errors"
     )
+    lines.append("  " + drift_words(report))
     lines.append("  " + verdict(model, round_cost, max_rounds))
     return "\n".join(lines)
+
+
+def drift_words(report: CalibrationReport) -> str:
+    """The drift check in a sentence: do the transition rates change with the round?"""
+    parts = []
+    for name in ("p_cw", "p_wc"):
+        check = (report.drift or {}).get(name) or {}
+        p = check.get("p_value")
+        if p is None:
+            parts.append(f"{name}: not enough transitions to test")
+        elif p < 0.01:
+            parts.append(f"{name} DRIFTS with the round (chi-square p = {p:.3g})")
+        else:
+            parts.append(f"{name}: no evidence of drift (chi-square p = {p:.2f})")
+    drifting = any("DRIFTS" in part for part in parts)
+    advice = (
+        " The homogeneous chain is then an approximation: calibrate with as many rounds as you will run."
+        if drifting
+        else ""
+    )
+    return "Drift check: " + "; ".join(parts) + "." + advice
 
 
 def difference_interval(a: MethodResult, b: MethodResult, level: float = 0.95) -> tuple[float, float, float]:
@@ -222,6 +245,7 @@ def calibration_markdown(
             f"| {row['round']} | {row['cc']} | {row['cw']} | {row['wc']} | {row['ww']} | "
             f"{_pct(row['cw'] / c if c else None)} | {_pct(row['wc'] / w if w else None)} |"
         )
+    out += ["", drift_words(report)]
     out += ["", "## Recommended rounds by cost", "", "| cost per round | rounds |", "|---|---|"]
     out += [f"| {float(c):g} | {t} |" for c, t in report.recommended_rounds.items()]
     f = report.failures

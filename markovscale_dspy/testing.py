@@ -41,7 +41,15 @@ from markovscale_dspy._answers import normalize_answer
 from markovscale_dspy._exceptions import ConfigurationError
 from markovscale_dspy._policies import Decision, RoundContext
 
-__all__ = ["FAULT_KINDS", "PRESETS", "ParameterOracle", "SimQuestion", "SimulatedEngine", "SimulatedWorld"]
+__all__ = [
+    "FAULT_KINDS",
+    "JUDGE_FIELD",
+    "PRESETS",
+    "ParameterOracle",
+    "SimQuestion",
+    "SimulatedEngine",
+    "SimulatedWorld",
+]
 
 #: Faults the engine can inject, each at its own rate.
 FAULT_KINDS = ("timeout", "rate_limit", "transport", "server", "context_window", "garbage", "empty")
@@ -49,6 +57,10 @@ FAULT_KINDS = ("timeout", "rate_limit", "transport", "server", "context_window",
 # Simulated values never contain blank lines, so a field's value ends at the first one.
 _FIELD_BLOCK = re.compile(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?=\n\n|\Z)", re.S)
 _QUESTION_ID = re.compile(r"#(\d+)\b")
+
+#: An output field with this name asks the world to judge a proposed answer (a self-judge / verifier prompt);
+#: the proposed answer is read from the ``proposed_answer`` input.
+JUDGE_FIELD = "is_correct"
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,8 @@ class SimQuestion:
         p_wc: P(a refinement fixes a wrong answer).
         p_same_wrong: P(a wrong answer that stays wrong stays *the same* wrong answer); 1.0 = wrong answers stick.
         p_change_correct: P(a correct answer that stays correct is written differently, e.g. ``"42.0"``).
+        judge_tpr: P(a self-judge calls a correct answer correct).
+        judge_fpr: P(a self-judge calls a wrong answer correct).
         kind: Free label of the component this question was drawn from (for mixtures).
     """
 
@@ -75,18 +89,35 @@ class SimQuestion:
     p_wc: float
     p_same_wrong: float = 1.0
     p_change_correct: float = 0.0
+    judge_tpr: float = 0.8
+    judge_fpr: float = 0.3
     kind: str = "default"
 
     def __post_init__(self) -> None:
-        for name in ("p0", "p_cw", "p_wc", "p_same_wrong", "p_change_correct"):
+        for name in ("p0", "p_cw", "p_wc", "p_same_wrong", "p_change_correct", "judge_tpr", "judge_fpr"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ConfigurationError(f"{name} of question {self.id} must be in [0, 1], got {value!r}")
 
 
-def _output_fields(system: str) -> list[str]:
+def _output_fields(system: str) -> dict[str, str]:
+    """Output field names and their declared types, from DSPy's system prompt."""
     block = system.split("Your output fields are:", 1)[-1].split("All interactions", 1)[0]
-    return re.findall(r"^\d+\.\s+`(\w+)`", block, re.M)
+    return dict(re.findall(r"^\d+\.\s+`(\w+)`\s*\(([^)]*)\)", block, re.M))
+
+
+def _filler(kind: str) -> Any:
+    """A well-typed placeholder for an output field the simulation does not model."""
+    kind = kind.lower()
+    if kind.startswith("dict"):
+        return {}
+    if kind.startswith("list"):
+        return []
+    if kind.startswith("bool"):
+        return False
+    if kind.startswith(("int", "float")):
+        return 0
+    return "Simulated reasoning."
 
 
 def _system_text(request: Any) -> str:
@@ -167,13 +198,22 @@ class SimulatedEngine:
         if fault is not None:
             return self._fault(fault, request)
         inputs = {name: value.strip() for name, value in _FIELD_BLOCK.findall(user)}
-        fields = _output_fields(system) or [self.world.answer_field]
-        answer = self.world.respond(inputs, rng)
-        values = {name: (answer if name == self.world.answer_field else "Simulated reasoning.") for name in fields}
+        fields = _output_fields(system) or {self.world.answer_field: "str"}
+        values = {name: _filler(kind) for name, kind in fields.items()}
+        if JUDGE_FIELD in fields:
+            values[JUDGE_FIELD] = self.world.judge(inputs, rng)
+        elif self.world.answer_field in fields:
+            values[self.world.answer_field] = self.world.respond(inputs, rng)
         if "JSON" in system.split("In adhering to this structure", 1)[0]:
             text = json.dumps(values)
         else:
-            text = "\n\n".join(f"[[ ## {k} ## ]]\n{v}" for k, v in values.items()) + "\n\n[[ ## completed ## ]]"
+            text = (
+                "\n\n".join(
+                    f"[[ ## {k} ## ]]\n{json.dumps(v) if isinstance(v, (dict, list, bool)) else v}"
+                    for k, v in values.items()
+                )
+                + "\n\n[[ ## completed ## ]]"
+            )
         usage = Usage(input_tokens=len((system + user).split()), output_tokens=len(text.split()))
         return Response(
             id=f"sim-{self.calls}",
@@ -399,6 +439,12 @@ class SimulatedWorld:
             candidate = str(gold + rng.choice([-1, 1]) * rng.randint(1, 9))
             if candidate != avoid:
                 return candidate
+
+    def judge(self, inputs: Mapping[str, str], rng: random.Random) -> bool:
+        """A self-judge's verdict on ``inputs["proposed_answer"]``: right with the question's TPR / FPR."""
+        q = self.truth(inputs.get(self.question_field, ""))
+        correct = normalize_answer(inputs.get("proposed_answer")) == normalize_answer(q.answer)
+        return rng.random() < (q.judge_tpr if correct else q.judge_fpr)
 
     def respond(self, inputs: Mapping[str, str], rng: random.Random) -> str:
         """The answer the world gives to a prompt with these input fields."""
