@@ -17,7 +17,7 @@ from dspy.utils.parallelizer import ParallelExecutor
 from scipy import stats
 
 from markovscale_dspy._chain import describe as _describe
-from markovscale_dspy._exceptions import CalibrationError, ConfigurationError, DataError
+from markovscale_dspy._exceptions import CalibrationError, ConfigurationError, DataError, StateError
 from markovscale_dspy._mixture import ChainMixture, chain_statistics, fit_mixture, select_mixture
 from markovscale_dspy._model import PARAMETERS, TransitionModel, _check_prior
 from markovscale_dspy._refine import MAX_ROUNDS_LIMIT, MarkovRefine
@@ -123,6 +123,20 @@ class CalibrationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CalibrationReport:
+        """Rebuild a report saved with :meth:`to_dict` (e.g. the ``report.json`` the CLI writes)."""
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise StateError(f"not a calibration report: {exc}") from None
+
+    @classmethod
+    def from_model(cls, model: TransitionModel, horizon: int = 8) -> CalibrationReport:
+        """A report of a model alone (no calibration chains at hand): predictions, bounds and recommendations."""
+        return _build_report(model, [], horizon, 0.0, None)
 
     def transition_model(self) -> TransitionModel:
         return TransitionModel.from_dict(self.model)

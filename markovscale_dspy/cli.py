@@ -26,7 +26,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch Lit
 
 import dspy
 
-from markovscale_dspy._calibrate import MarkovCalibrator
+from markovscale_dspy._calibrate import CalibrationReport, MarkovCalibrator
 from markovscale_dspy._exceptions import MarkovScaleError
 from markovscale_dspy._model import TransitionModel
 from markovscale_dspy._refine import MarkovRefine
@@ -195,12 +195,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     state_path, report_path = out / "state.json", out / "report.md"
     program.save(state_path)
     context = _context(args, model_name, task, len(train), len(test))
+    figure = _figure(report, out / "report.png", f"SmolLM2-135M on {task.name}: accuracy by refinement round")
     markdown = calibration_markdown(
         report,
         title=f"markovscale demo: {task.name}",
         context=context,
         round_cost=args.round_cost,
         max_rounds=args.rounds,
+        figure=figure,
     )
     markdown += "\n## Held-out evaluation\n\n" + comparison_markdown(results) + "\n\n" + held_out + "\n"
     report_path.write_text(markdown)
@@ -229,7 +231,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     program.save(out)
     context = _context(args, model_name, task, len(train), None)
-    report_md = out.with_suffix(".md")
+    report_md = out.with_suffix(".report.md")
+    figure = _figure(report, out.with_suffix(".report.png"), f"{model_name} on {task.name}")
     report_md.write_text(
         calibration_markdown(
             report,
@@ -237,6 +240,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             context=context,
             round_cost=args.round_cost,
             max_rounds=args.rounds,
+            figure=figure,
         )
     )
     out.with_suffix(".report.json").write_text(
@@ -264,8 +268,58 @@ def _read_state(path: str) -> tuple[dict[str, Any], TransitionModel]:
     return state, model
 
 
+def _figure(report: CalibrationReport, path: Path, title: str) -> str | None:
+    """Draw the calibration figure; without matplotlib the report simply has no figure."""
+    try:
+        from markovscale_dspy.plots import calibration_figure
+
+        return calibration_figure(report, path, title=title).name
+    except MarkovScaleError as exc:
+        _say(f"  (no figure: {exc})")
+        return None
+
+
+def _sidecar_report(state_path: Path) -> tuple[CalibrationReport | None, dict[str, Any]]:
+    """The calibration report written next to a state by ``calibrate`` or ``demo``, if there is one."""
+    for candidate in (state_path.with_suffix(".report.json"), state_path.parent / "report.json"):
+        if candidate.exists():
+            try:
+                data = json.loads(candidate.read_text())
+                return CalibrationReport.from_dict(data["calibration"]), data.get("context") or {}
+            except (json.JSONDecodeError, KeyError, MarkovScaleError):
+                continue
+    return None, {}
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     state, model = _read_state(args.state)
+    state_path = Path(args.state)
+    report, context = _sidecar_report(state_path)
+    if report is None or report.transition_model() != model:
+        report, context = CalibrationReport.from_model(model, args.max_rounds), {}
+    md_path = Path(args.markdown) if args.markdown else state_path.with_suffix(".report.md")
+    png_path = Path(args.png) if args.png else state_path.with_suffix(".report.png")
+    if not args.no_files:
+        figure = _figure(report, png_path, f"Calibration in {state_path.name}")
+        markdown = calibration_markdown(
+            report,
+            title=f"Calibration report: {state_path.name}",
+            context=context,
+            round_cost=args.cost[0],
+            max_rounds=args.max_rounds,
+            figure=figure,
+        )
+        rows = [
+            f"| {c:g} | {model.optimal_rounds(c, args.max_rounds)} | "
+            f"{model.accuracy_at(model.optimal_rounds(c, args.max_rounds)):.3f} |"
+            for c in args.cost
+        ]
+        markdown += (
+            "\n## Rounds for the requested costs\n\n| cost per round | rounds | expected accuracy |\n"
+            "|---|---|---|\n" + "\n".join(rows) + "\n"
+        )
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(markdown)
     program = state.get("program", {})
     _say(
         f"{args.state}: MarkovRefine for {program.get('inputs')} -> {program.get('answers')}, "
@@ -286,6 +340,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"(vs {model.p0:.3f} without refinement)"
         )
     _say("  " + verdict(model, args.cost[0], args.max_rounds))
+    if not args.no_files:
+        _say(f"Wrote {md_path} and {png_path}.")
     return 0
 
 
@@ -383,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("state", help="state JSON written by calibrate, demo or refine.save()")
     rep.add_argument("--cost", type=float, nargs="+", default=[0.0, 0.01, 0.05], help="costs per round to plan for")
     rep.add_argument("--max-rounds", type=int, default=8)
+    rep.add_argument("--markdown", help="Markdown report to write (default STATE.report.md)")
+    rep.add_argument("--png", help="figure to write (default STATE.report.png)")
+    rep.add_argument("--no-files", action="store_true", help="only print, write no report files")
     rep.set_defaults(func=cmd_report)
 
     run = sub.add_parser("run", help="answer questions with a calibrated state")

@@ -49,3 +49,30 @@ def test_report_on_an_uncalibrated_state_is_a_clear_error(tmp_path, capsys):
 def test_demo_defaults_are_the_measured_ones():
     args = build_parser().parse_args(["demo"])
     assert (args.task, args.train, args.test, args.rounds) == ("winogrande", 100, 50, 3)
+
+
+def test_report_writes_markdown_and_a_png(tmp_path, capsys):
+    path = saved_state(tmp_path)
+    assert main(["report", str(path)]) == 0
+    markdown = path.with_suffix(".report.md").read_text()
+    png = path.with_suffix(".report.png").read_bytes()
+    assert "## Verdict" in markdown and "Refinement HELPS" in markdown and "report.png" in markdown
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_report_uses_the_calibration_sidecar_when_present(tmp_path, capsys):
+    import json
+
+    from helpers import world
+
+    from markovscale_dspy import MarkovCalibrator
+
+    w = world(60)
+    calibrator = MarkovCalibrator(w.metric, rounds=3, num_threads=1)
+    with dspy.context(lm=w.lm()):
+        program = calibrator.compile(refine(), trainset=w.examples)
+    program.save(tmp_path / "s.json")
+    (tmp_path / "s.report.json").write_text(json.dumps({"calibration": calibrator.report.to_dict()}))
+    assert main(["report", str(tmp_path / "s.json")]) == 0
+    markdown = (tmp_path / "s.report.md").read_text()
+    assert "| 0 | " in markdown and "(n=" not in markdown and "| 60 |" in markdown  # observed rows, n = 60

@@ -85,7 +85,11 @@ def test_cli_calibrates_any_openai_compatible_server(server, tmp_path, capsys):
     )
     assert code == 0 and "Calibration:" in capsys.readouterr().out
     saved = json.loads(state.read_text())
-    assert saved["markov"]["model"]["counts"]["n0_total"] >= 1 and state.with_suffix(".md").exists()
+    assert (
+        saved["markov"]["model"]["counts"]["n0_total"] >= 1
+        and state.with_suffix(".report.md").exists()
+        and state.with_suffix(".report.png").exists()
+    )
     assert main(["report", str(state), "--cost", "0.01"]) == 0
     assert "P(refinement helps | data)" in capsys.readouterr().out
 

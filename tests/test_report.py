@@ -97,3 +97,40 @@ def test_difference_interval_is_centred_on_the_difference():
         b = evaluate(refine(policy="fixed", max_rounds=0), w.examples, w.metric, name="b")
     diff, lo, hi = difference_interval(a, b)
     assert diff == pytest.approx(a.accuracy - b.accuracy) and lo < diff < hi
+
+
+def test_calibration_figure_is_a_png(calibrated, tmp_path):
+    from markovscale_dspy.plots import calibration_figure
+
+    path = calibration_figure(calibrated[1], tmp_path / "c.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_frontier_figure_is_a_png(tmp_path):
+    from markovscale_dspy.plots import frontier_figure
+
+    w = world(20)
+    with dspy.context(lm=w.lm()):
+        results = [
+            evaluate(refine(policy="fixed", max_rounds=n), w.examples, w.metric, name=f"fixed-{n}") for n in range(3)
+        ]
+    assert frontier_figure(results, tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_drift_check_flags_rates_that_change_with_the_round(calibrated):
+    from markovscale_dspy.report import drift_words
+
+    _, report = calibrated
+    report.drift = {"p_cw": {"p_value": 0.0001}, "p_wc": {"p_value": 0.6}}
+    assert "p_cw DRIFTS with the round" in drift_words(report) and "p_wc: no evidence of drift" in drift_words(report)
+
+
+def test_drift_test_detects_changing_rates_and_not_constant_ones():
+    from markovscale_dspy._calibrate import _drift
+
+    changing = [
+        {"round": 1, "cc": 90, "cw": 10, "wc": 30, "ww": 70},
+        {"round": 2, "cc": 50, "cw": 50, "wc": 30, "ww": 70},
+    ]
+    drift = _drift(changing)
+    assert drift["p_cw"]["p_value"] < 0.001 and drift["p_wc"]["p_value"] > 0.5
