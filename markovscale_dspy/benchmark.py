@@ -7,8 +7,8 @@ every method (common random numbers): differences between methods are difference
 fixed-N baselines are read off one fixed-``max_rounds`` run, which is exact: fixed-N's chain is the first N rounds
 of that run. Two limits frame the policies:
 
-* the *parameter oracle* knows each question's true chain and runs its ``optimal_rounds`` -- the best a Markov
-  stopping rule can do without labels;
+* the *parameter oracle* knows each question's true chain and runs its ``optimal_rounds`` -- the best a
+  per-question number of rounds can do without labels (adaptive policies can beat it);
 * the *hindsight oracle* knows the labels and stops at the first correct round of the fixed-max run (or at round 0
   if none is correct) -- what no stopping rule can beat.
 """

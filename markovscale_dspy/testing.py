@@ -470,7 +470,9 @@ class SimulatedWorld:
 class ParameterOracle:
     """Policy that knows each simulated question's true chain and runs its ``optimal_rounds``.
 
-    The best any Markov stopping rule can do without seeing labels: a benchmark limit, not a usable policy.
+    The paper's rule with perfect per-question parameters: the best a per-question *number of rounds* can do
+    without seeing labels. A benchmark reference, not a usable policy. Policies that watch how the answers move
+    (``belief``) can beat it on questions whose chains are alike but whose answers behave differently.
     """
 
     world: SimulatedWorld
