@@ -274,30 +274,37 @@ def run_simulation(
 # Oracle at several costs: its accuracy-vs-calls curve, for comparisons at equal calls ---------------------------------
 
 
-ORACLE_COSTS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+COSTS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
 
 
-def oracle_curve(
+def cost_curve(
     preset: str,
     model: TransitionModel,
+    policy: str,
     *,
     n_test: int,
     max_rounds: int,
     seed: int,
+    costs: Sequence[float] = COSTS,
     num_threads: int = 1,
     make: Callable[[], dspy.Module] | None = None,
 ) -> list[MethodResult]:
-    """The parameter oracle run at several round costs: the best accuracy a Markov stopping rule buys per call."""
+    """A policy run at several round costs on the test world: its accuracy-vs-calls curve.
+
+    ``policy`` is a policy name, or ``"oracle"`` for the parameter oracle. The round cost is the user's knob for
+    trading accuracy against calls, so policies are compared along these curves, at equal calls.
+    """
     make = make or (lambda: dspy.Predict("question -> answer"))
     test = SimulatedWorld.preset(preset, n_test, seed=seed + 1)
     curve = []
-    for cost in ORACLE_COSTS:
-        module = MarkovRefine(make(), max_rounds=max_rounds, round_cost=cost, policy=ParameterOracle(test))
+    for cost in costs:
+        chosen = ParameterOracle(test) if policy == "oracle" else policy
+        module = MarkovRefine(make(), max_rounds=max_rounds, round_cost=cost, policy=chosen)
         module.model = model
         world = test.fresh()
         with dspy.context(lm=world.lm()):
             curve.append(
-                evaluate(module, world.examples, world.metric, name=f"oracle@{cost:g}", num_threads=num_threads)
+                evaluate(module, world.examples, world.metric, name=f"{policy}@{cost:g}", num_threads=num_threads)
             )
     return curve
 

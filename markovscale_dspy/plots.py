@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,21 +62,30 @@ def calibration_figure(
     low = min([model.p0, *(r["lo"] for r in observed), report.stationary_accuracy or 1.0])
     high = max([model.p0, *(r["hi"] for r in observed), report.stationary_accuracy or 0.0])
     ax.set_ylim(max(0.0, low - 0.08), min(1.0, high + 0.08))
-    ax.set_title(title or f"Refinement is {report.regime}: P(helps | data) = {report.prob_improves:.2f}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(
+        plt,
+        fig,
+        ax,
+        path,
+        title or f"Refinement is {report.regime}: P(helps | data) = {report.prob_improves:.2f}",
+        legend_size=8,
+    )
 
 
-def frontier_figure(results: Sequence[MethodResult], path: str | Path, *, title: str = "Accuracy vs LM calls") -> Path:
-    """Accuracy against mean LM calls per question: the fixed-N line, every other method a point (95% CI)."""
+def frontier_figure(
+    results: Sequence[MethodResult],
+    path: str | Path,
+    *,
+    title: str = "Accuracy vs LM calls",
+    curves: dict[str, Sequence[MethodResult]] | None = None,
+) -> Path:
+    """Accuracy against mean LM calls per question: the fixed-N line, every other method a point (95% CI), and
+    optional named ``curves`` (e.g. a policy at several round costs) as dashed lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    for name, curve in (curves or {}).items():
+        points = sorted(curve, key=lambda r: r.mean_calls)
+        ax.plot([r.mean_calls for r in points], [r.accuracy for r in points], "--.", lw=1, label=name)
     fixed = sorted((r for r in results if r.name.startswith("fixed-")), key=lambda r: r.mean_calls)
     if fixed:
         ax.plot(
@@ -112,9 +122,13 @@ def frontier_figure(results: Sequence[MethodResult], path: str | Path, *, title:
         )
     ax.set_xlabel("LM calls per question (mean)")
     ax.set_ylabel("accuracy (95% CI)")
+    return _save(plt, fig, ax, path, title, legend_size=7)
+
+
+def _save(plt: Any, fig: Any, ax: Any, path: str | Path, title: str, legend_size: int) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=legend_size, loc="best")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
