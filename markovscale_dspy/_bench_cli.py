@@ -261,7 +261,7 @@ def _micro_markdown(micro: dict[str, Any]) -> list[str]:
         seq = (runs["sequential"]["calls_per_s"] + runs.get("sequential again", runs["sequential"])["calls_per_s"]) / 2
         call = 1.0 / seq
         lines += [
-            "| calibration against the local server | LM calls | seconds | calls / s | vs mean of the sequential runs |",
+            "| calibration against the local server | LM calls | seconds | calls / s | vs sequential (mean of 2) |",
             "|---|---|---|---|---|",
         ]
         for name, row in micro["throughput"].items():

@@ -107,7 +107,8 @@ def test_cli_never_shows_the_api_key(tmp_path, capsys, caplog, monkeypatch):
         )
         api_base = server.api_base
     out = capsys.readouterr()
-    files = "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
+    files = "".join(p.read_text() for p in tmp_path.iterdir() if p.suffix in (".json", ".md"))
+    assert state.with_suffix(".report.md").exists() and state.with_suffix(".report.json").exists()
     assert code == 0
     for text in (out.out, out.err, caplog.text, files):
         assert secret not in text
