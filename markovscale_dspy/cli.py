@@ -114,7 +114,12 @@ def _calibrate(
     task_name: str, lm: dspy.LM, args: argparse.Namespace, train: list[dspy.Example]
 ) -> tuple[MarkovRefine, MarkovCalibrator]:
     task = load_task(task_name)
-    student = MarkovRefine(task.program(reasoning=args.reasoning), max_rounds=args.rounds, round_cost=args.round_cost)
+    student = MarkovRefine(
+        task.program(reasoning=args.reasoning),
+        max_rounds=args.rounds,
+        round_cost=args.round_cost,
+        min_prob_improves=args.min_prob_improves,
+    )
     calibrator = MarkovCalibrator(
         task.metric,
         rounds=args.rounds,
@@ -159,7 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _say(f"\n[1/2] Calibrating: round 0 + {args.rounds} refinement rounds on {len(train)} questions ...")
         program, calibrator = _calibrate(args.task, lm, args, train)
         report = calibrator.report
-        _say(format_calibration(report, args.round_cost, args.rounds))
+        _say(format_calibration(report, args.round_cost, args.rounds, args.min_prob_improves))
 
         _say(f"\n[2/2] Held-out evaluation on {len(test)} questions (each method runs on its own) ...")
         methods = {
@@ -188,7 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"scored {100 * markov.accuracy:.1f}% with {markov.mean_calls:.2f} calls per question "
         f"({markov.calls / max(fixed.calls, 1):.0%} of fixed-{args.rounds}'s calls)."
     )
-    words = verdict(program.model, args.round_cost, args.rounds)
+    words = verdict(program.model, args.round_cost, args.rounds, args.min_prob_improves)
     _say("\nVerdict: " + words)
     _say(held_out)
 
@@ -203,6 +208,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         round_cost=args.round_cost,
         max_rounds=args.rounds,
         figure=figure,
+        min_prob_improves=args.min_prob_improves,
     )
     markdown += "\n## Held-out evaluation\n\n" + comparison_markdown(results) + "\n\n" + held_out + "\n"
     report_path.write_text(markdown)
@@ -227,7 +233,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         _say(f"Calibrating on {len(train)} {task.name} questions, round 0 + {args.rounds} refinement rounds ...")
         program, calibrator = _calibrate(args.task, lm, args, train)
     report = calibrator.report
-    _say(format_calibration(report, args.round_cost, args.rounds))
+    _say(format_calibration(report, args.round_cost, args.rounds, args.min_prob_improves))
     out.parent.mkdir(parents=True, exist_ok=True)
     program.save(out)
     context = _context(args, model_name, task, len(train), None)
@@ -241,6 +247,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             round_cost=args.round_cost,
             max_rounds=args.rounds,
             figure=figure,
+            min_prob_improves=args.min_prob_improves,
         )
     )
     out.with_suffix(".report.json").write_text(
@@ -352,6 +359,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_rounds=args.max_rounds,
         round_cost=args.round_cost,
         policy=args.policy,
+        min_prob_improves=args.min_prob_improves,
     )
     refine.load(args.state)
     if args.question:
@@ -394,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
         p.add_argument("--reasoning", action="store_true", help="use ChainOfThought instead of Predict")
         p.add_argument("--round-cost", type=float, default=0.01, help="accuracy one round must buy (default 0.01)")
+        p.add_argument(
+            "--min-prob-improves",
+            type=float,
+            default=0.9,
+            help="refine only if P(refinement helps | calibration) reaches this (default 0.9; 0 = the "
+            "paper's rule as is)",
+        )
 
     def trace_options(p: argparse.ArgumentParser, fresh: bool) -> None:
         p.add_argument(

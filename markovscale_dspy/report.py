@@ -38,11 +38,14 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
-def verdict(model: TransitionModel, round_cost: float = 0.0, max_rounds: int = 8) -> str:
+def verdict(
+    model: TransitionModel, round_cost: float = 0.0, max_rounds: int = 8, min_prob_improves: float = 0.0
+) -> str:
     """One paragraph in plain words: does refinement help this program on this task, and what will MarkovRefine do.
 
     The headline follows the posterior probability that refinement helps: HELPS above 90%, HURTS below 10%,
-    UNCERTAIN in between (then the point estimates are reported as a lean, not a finding).
+    UNCERTAIN in between (then the point estimates are reported as a lean, not a finding). ``min_prob_improves``
+    is the module's confidence gate, if any.
     """
     p0, p_cw, p_wc = model.p0, model.p_cw, model.p_wc
     helps = model.prob_improves()
@@ -63,7 +66,12 @@ def verdict(model: TransitionModel, round_cost: float = 0.0, max_rounds: int = 8
     text = f"{head}: {moves}, {course}. Probability that refinement helps, given the data: {helps:.0%}."
     if 0.1 < helps < 0.9:
         text += " Calibrate on more examples to settle it."
-    if planned == 0:
+    if planned > 0 and helps < min_prob_improves:
+        text += (
+            f" MarkovRefine (closed form, confidence gate {min_prob_improves:g}) does not refine until a "
+            "calibration is surer: one LM call per question."
+        )
+    elif planned == 0:
         text += " MarkovRefine (closed form) does not refine: one LM call per question."
     else:
         cost = f" at a cost of {round_cost:g} accuracy per round" if round_cost else ""
@@ -87,7 +95,9 @@ def _bound_words(report: CalibrationReport) -> str:
     return f"{kind} bound (stationary accuracy) {report.stationary_accuracy:.3f}"
 
 
-def format_calibration(report: CalibrationReport, round_cost: float = 0.0, max_rounds: int | None = None) -> str:
+def format_calibration(
+    report: CalibrationReport, round_cost: float = 0.0, max_rounds: int | None = None, min_prob_improves: float = 0.0
+) -> str:
     """Terminal text for a calibration: estimates, regime, bound, recommended rounds, fit check, failures."""
     model = report.transition_model()
     max_rounds = report.rounds if max_rounds is None else max_rounds
@@ -118,7 +128,7 @@ def format_calibration(report: CalibrationReport, round_cost: float = 0.0, max_r
         f"{len(f['metric_errors'])} metric errors"
     )
     lines.append("  " + drift_words(report))
-    lines.append("  " + verdict(model, round_cost, max_rounds))
+    lines.append("  " + verdict(model, round_cost, max_rounds, min_prob_improves))
     return "\n".join(lines)
 
 
@@ -191,6 +201,7 @@ def calibration_markdown(
     round_cost: float = 0.0,
     max_rounds: int | None = None,
     figure: str | None = None,
+    min_prob_improves: float = 0.0,
 ) -> str:
     """A Markdown report of a calibration (and, via ``context``, of where it ran)."""
     model = report.transition_model()
@@ -198,7 +209,7 @@ def calibration_markdown(
     out = [f"# {title}", ""]
     if context:
         out += [f"- **{k}**: {v}" for k, v in context.items()] + [""]
-    out += ["## Verdict", "", verdict(model, round_cost, max_rounds), ""]
+    out += ["## Verdict", "", verdict(model, round_cost, max_rounds, min_prob_improves), ""]
     out += [
         "## Estimates (95% credible intervals)",
         "",
