@@ -139,6 +139,6 @@ def test_drift_test_detects_changing_rates_and_not_constant_ones():
 def test_verdict_reports_the_confidence_gate():
     from markovscale_dspy import TransitionModel
 
-    unsure = TransitionModel.fit([[False, True], [True, True], [False, False], [True, True]] * 3)
-    assert 0.1 < unsure.prob_improves() < 0.9
+    unsure = TransitionModel.fit([[False, True], [True, True], [False, False], [True, False], [False, True]])
+    assert 0.1 < unsure.prob_improves() < 0.9 and unsure.optimal_rounds(0.0, 3) > 0
     assert "confidence gate 0.9" in verdict(unsure, 0.0, 3, min_prob_improves=0.9)
