@@ -24,7 +24,7 @@ from markovscale_dspy._refine import MAX_ROUNDS_LIMIT, MarkovRefine
 from markovscale_dspy._traces import TraceStore, chain_key
 from markovscale_dspy._usage import Usage, measure
 
-__all__ = ["CalibrationReport", "ChainRecord", "MarkovCalibrator", "score_to_label"]
+__all__ = ["CalibrationReport", "ChainRecord", "MarkovCalibrator", "binomial_interval", "score_to_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -343,10 +343,7 @@ class MarkovCalibrator(Teleprompter):
     def _label(self, record: ChainRecord, example: dspy.Example, trajectory: list[dict[str, Any]]) -> None:
         usage = Usage()
         for entry in trajectory:
-            spent = entry.get("usage") or {}
-            usage = usage + Usage(
-                spent.get("calls", 0), spent.get("prompt_tokens", 0), spent.get("completion_tokens", 0)
-            )
+            usage = usage + Usage.from_dict(entry.get("usage"))
             record.errors.append(entry["error"])
             record.answers.append(_jsonable(entry["answer_key"]))
             label = None
@@ -420,13 +417,15 @@ def _evaluate(
         "examples": len(examples),
         "answered": n,
         "accuracy": correct / n if n else None,
-        "interval": list(_binomial_interval(correct, n)) if n else None,
+        "interval": list(binomial_interval(correct, n)) if n else None,
         "mean_rounds": sum(r for _, r in results) / n if n else None,
     }
 
 
-def _binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Jeffreys interval for a binomial proportion."""
+def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Jeffreys interval of a binomial proportion ``k / n`` (``nan`` bounds when ``n == 0``)."""
+    if n == 0:
+        return float("nan"), float("nan")
     lo, hi = stats.beta(k + 0.5, n - k + 0.5).interval(level)
     return float(0.0 if k == 0 else lo), float(1.0 if k == n else hi)
 
@@ -453,7 +452,7 @@ def _build_report(
     for t in range(rounds + 1):
         labels = [r.labels[t] for r in records if len(r.labels) > t and r.labels[t] is not None]
         k, n = sum(labels), len(labels)
-        lo, hi = _binomial_interval(k, n) if n else (float("nan"), float("nan"))
+        lo, hi = binomial_interval(k, n)
         observed.append(
             {
                 "round": t,
@@ -482,7 +481,7 @@ def _build_report(
     }
     usage, reused = Usage(), Usage()
     for r in records:
-        spent = Usage(r.usage.get("calls", 0), r.usage.get("prompt_tokens", 0), r.usage.get("completion_tokens", 0))
+        spent = Usage.from_dict(r.usage)
         if r.reused:
             reused = reused + spent
         else:

@@ -16,7 +16,7 @@ import dspy
 from markovscale_dspy._answers import default_answer_key, is_empty_answer
 from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError, RoundZeroError
 from markovscale_dspy._model import TransitionModel
-from markovscale_dspy._policies import Decision, Policy, RoundContext
+from markovscale_dspy._policies import Decision, Policy, RoundContext, observations_of
 
 __all__ = ["SELECT_MODES", "Call", "ChainState", "Outcome", "describe", "run_chain"]
 
@@ -156,7 +156,7 @@ class ChainState:
         self.trajectory[-1].update(info)
 
     def observations(self) -> list[bool | None]:
-        return [None if self.failed[t] else self.keys[t] == self.keys[t - 1] for t in range(1, len(self.keys))]
+        return observations_of(self.keys, self.failed)
 
     def finish(self, stop: Decision, model: TransitionModel | None, select: str) -> dspy.Prediction:
         chosen = len(self.trajectory) - 1

@@ -19,10 +19,10 @@ from scipy.special import logsumexp
 from markovscale_dspy._exceptions import DataError, StateError
 from markovscale_dspy.belief import HiddenChains
 
-__all__ = ["ChainMixture", "chain_statistics", "fit_mixture", "select_mixture"]
+__all__ = ["STATISTICS", "ChainMixture", "chain_statistics", "fit_mixture", "select_mixture"]
 
-# Per-chain sufficient statistics, and the log-parameter each one multiplies.
-_COLUMNS = ("c0", "w0", "cc", "cw", "wc", "ww", "cc_changed", "cc_same", "ww_same", "ww_changed")
+#: Per-chain sufficient statistics (the columns of :func:`chain_statistics`).
+STATISTICS = ("c0", "w0", "cc", "cw", "wc", "ww", "cc_changed", "cc_same", "ww_same", "ww_changed")
 _FIELDS = ("p0", "p_cw", "p_wc", "p_change_correct", "p_same_wrong")
 
 
@@ -30,7 +30,7 @@ def chain_statistics(labels: Sequence[Sequence[bool]], answers: Sequence[Sequenc
     """``(n_chains, 10)`` counts: round-0 outcome, the four transitions, and answer changes within C->C / W->W."""
     rows = []
     for chain, keys in zip(labels, answers, strict=True):
-        row = dict.fromkeys(_COLUMNS, 0)
+        row = dict.fromkeys(STATISTICS, 0)
         row["c0" if chain[0] else "w0"] += 1
         for t in range(1, len(chain)):
             prev, cur, same = chain[t - 1], chain[t], keys[t] == keys[t - 1]
@@ -39,12 +39,12 @@ def chain_statistics(labels: Sequence[Sequence[bool]], answers: Sequence[Sequenc
                 row["cc_same" if same else "cc_changed"] += 1
             elif not prev and not cur:
                 row["ww_same" if same else "ww_changed"] += 1
-        rows.append([row[c] for c in _COLUMNS])
-    return np.asarray(rows, dtype=float).reshape(-1, len(_COLUMNS))
+        rows.append([row[c] for c in STATISTICS])
+    return np.asarray(rows, dtype=float).reshape(-1, len(STATISTICS))
 
 
 def _log_params(params: np.ndarray) -> np.ndarray:
-    """``(K, 10)`` log-probabilities matching ``_COLUMNS``, from ``(K, 5)`` parameters in ``_FIELDS`` order."""
+    """``(K, 10)`` log-probabilities matching ``STATISTICS``, from ``(K, 5)`` parameters in ``_FIELDS`` order."""
     p0, p_cw, p_wc, e, s = np.clip(params, 1e-12, 1 - 1e-12).T
     return np.log(np.stack([p0, 1 - p0, 1 - p_cw, p_cw, p_wc, 1 - p_wc, e, 1 - e, s, 1 - s], axis=1))
 
@@ -53,7 +53,7 @@ def _m_step(resp: np.ndarray, stats: np.ndarray, prior: tuple[float, float], n: 
     """``resp`` already carries each row's multiplicity; ``n`` is the number of chains."""
     a, b = prior
     totals = resp.T @ stats  # (K, 10)
-    col = {c: totals[:, i] for i, c in enumerate(_COLUMNS)}
+    col = {c: totals[:, i] for i, c in enumerate(STATISTICS)}
 
     def rate(k: np.ndarray, n: np.ndarray) -> np.ndarray:
         return (k + a) / (n + a + b)

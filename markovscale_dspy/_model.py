@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ from scipy import stats
 
 from markovscale_dspy import theory
 from markovscale_dspy._exceptions import ConfigurationError, DataError, NotCalibratedError, StateError
-from markovscale_dspy._mixture import ChainMixture
+from markovscale_dspy._mixture import STATISTICS, ChainMixture, chain_statistics
 from markovscale_dspy.belief import HiddenChains
 
 __all__ = ["EMISSIONS", "PARAMETERS", "TransitionModel"]
@@ -152,20 +151,22 @@ class TransitionModel:
         if answers is not None:
             if len(answers) != len(chains) or any(len(a) != len(c) for a, c in zip(answers, chains, strict=False)):
                 raise DataError("answers must have one answer per label: same number of chains, same lengths")
-        n0_correct = sum(chain[0] for chain in chains)
-        counts = {"n_cc": 0, "n_cw": 0, "n_wc": 0, "n_ww": 0}
-        changed_correct = same_wrong = 0
-        for i, chain in enumerate(chains):
-            for t, (prev, cur) in enumerate(pairwise(chain), start=1):
-                counts["n_" + ("c" if prev else "w") + ("c" if cur else "w")] += 1
-                if answers is not None:
-                    same = answers[i][t] == answers[i][t - 1]
-                    changed_correct += prev and cur and not same
-                    same_wrong += (not prev) and (not cur) and same
+        # The same per-chain counts the mixture of question types is fitted to, summed over chains.
+        keys = answers if answers is not None else [[0] * len(chain) for chain in chains]
+        totals = dict(zip(STATISTICS, (int(x) for x in chain_statistics(chains, keys).sum(axis=0)), strict=True))
         emissions = {}
         if answers is not None:
-            emissions = {"n_cc_changed": changed_correct, "n_ww_same": same_wrong}
-        return cls(n0_correct=n0_correct, n0_total=len(chains), prior=prior, **counts, **emissions)
+            emissions = {"n_cc_changed": totals["cc_changed"], "n_ww_same": totals["ww_same"]}
+        return cls(
+            n0_correct=totals["c0"],
+            n0_total=len(chains),
+            prior=prior,
+            n_cc=totals["cc"],
+            n_cw=totals["cw"],
+            n_wc=totals["wc"],
+            n_ww=totals["ww"],
+            **emissions,
+        )
 
     # Posteriors --------------------------------------------------------------------------------------------------
 
@@ -237,9 +238,14 @@ class TransitionModel:
                 "the belief filter needs answer-change rates (p_same_wrong, p_change_correct): calibrate with "
                 "MarkovCalibrator, which records them"
             )
-        if self.mixture is not None:
-            return self.mixture.hidden_chains()
-        return HiddenChains.single(self.p0, self.p_cw, self.p_wc, self.p_same_wrong, self.p_change_correct)
+        # Built once per model: every belief decision and budget step asks for it (a hot path).
+        if "hidden_chains" not in self._cache:
+            self._cache["hidden_chains"] = (
+                self.mixture.hidden_chains()
+                if self.mixture is not None
+                else HiddenChains.single(self.p0, self.p_cw, self.p_wc, self.p_same_wrong, self.p_change_correct)
+            )
+        return self._cache["hidden_chains"]
 
     @property
     def n_transitions(self) -> int:

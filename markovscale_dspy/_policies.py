@@ -11,7 +11,7 @@ name with :func:`register_policy`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,6 +28,7 @@ __all__ = [
     "available_policies",
     "beliefs",
     "observations",
+    "observations_of",
     "register_policy",
     "resolve_policy",
 ]
@@ -81,11 +82,15 @@ class Policy(Protocol):
         ...
 
 
-def observations(context: RoundContext) -> list[bool | None]:
+def observations_of(keys: Sequence[Hashable], failed: Sequence[bool]) -> list[bool | None]:
     """Per refinement round: ``True`` if its answer equals the previous one, ``False`` if it changed, ``None`` if
     the round failed (it kept the previous answer, so the chain did not move)."""
-    keys, failed = context.answer_keys, context.failed
     return [None if failed[t] else keys[t] == keys[t - 1] for t in range(1, len(keys))]
+
+
+def observations(context: RoundContext) -> list[bool | None]:
+    """:func:`observations_of` the rounds in ``context``."""
+    return observations_of(context.answer_keys, context.failed)
 
 
 def beliefs(context: RoundContext) -> list[float]:

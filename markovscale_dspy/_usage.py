@@ -30,6 +30,12 @@ class Usage:
             self.completion_tokens + other.completion_tokens,
         )
 
+    @classmethod
+    def from_dict(cls, data: dict[str, int] | None) -> Usage:
+        """The inverse of :meth:`to_dict` (missing counts are 0; ``None`` is no usage)."""
+        data = data or {}
+        return cls(data.get("calls", 0), data.get("prompt_tokens", 0), data.get("completion_tokens", 0))
+
     def to_dict(self) -> dict[str, int]:
         return {
             "calls": self.calls,

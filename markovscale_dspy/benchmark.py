@@ -28,6 +28,7 @@ from markovscale_dspy._answers import normalize_answer
 from markovscale_dspy._calibrate import MarkovCalibrator
 from markovscale_dspy._model import TransitionModel
 from markovscale_dspy._refine import MarkovRefine
+from markovscale_dspy._usage import Usage
 from markovscale_dspy.evaluation import MethodResult, evaluate
 from markovscale_dspy.testing import ParameterOracle, SimulatedWorld
 
@@ -37,6 +38,7 @@ __all__ = [
     "SimulationResult",
     "baselines",
     "fixed_curve",
+    "fixed_family",
     "frontier_at",
     "run_simulation",
     "self_judge_reward",
@@ -129,35 +131,40 @@ def fixed_curve(
     examples: Sequence[dspy.Example],
     metric: Callable[..., Any],
     max_rounds: int,
-    seconds: float,
 ) -> list[MethodResult]:
     """Fixed-N results for N = 0..max_rounds, read off the trajectories of one fixed-``max_rounds`` run."""
     curve = []
     for n in range(max_rounds + 1):
-        labels, calls, prompt, completion = [], 0, 0, 0
+        labels, usage = [], Usage()
         for example, pred in zip(examples, predictions, strict=True):
             rounds = pred.trajectory[: n + 1]
             labels.append(bool(metric(example, dspy.Prediction(**rounds[-1]["outputs"]))))
-            for entry in rounds:
-                usage = entry.get("usage") or {}
-                calls += usage.get("calls", 0)
-                prompt += usage.get("prompt_tokens", 0)
-                completion += usage.get("completion_tokens", 0)
+            usage = sum((Usage.from_dict(entry.get("usage")) for entry in rounds), usage)
         curve.append(
             MethodResult(
                 name=f"fixed-{n}",
                 n=len(labels),
                 correct=sum(labels),
-                calls=calls,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                seconds=seconds * calls / max(run.calls, 1),
+                calls=usage.calls,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                seconds=run.seconds * usage.calls / max(run.calls, 1),
                 rounds=n * len(labels),
                 failures=0,
                 labels=labels,
             )
         )
     return curve
+
+
+def fixed_family(
+    run: MethodResult, examples: Sequence[dspy.Example], metric: Callable[..., Any], max_rounds: int
+) -> list[MethodResult]:
+    """The fixed-N curve and the hindsight oracle from one fixed-``max_rounds`` run kept with its predictions
+    (questions whose round 0 failed are left out)."""
+    kept = [(e, p) for e, p in zip(examples, run.predictions, strict=True) if p is not None]
+    examples, predictions = [e for e, _ in kept], [p for _, p in kept]
+    return [*fixed_curve(run, predictions, examples, metric, max_rounds), hindsight(predictions, examples, metric)]
 
 
 def hindsight(
@@ -239,8 +246,7 @@ def run_simulation(
             num_threads=num_threads,
             keep_predictions=True,
         )
-    results += fixed_curve(full, full.predictions, world.examples, world.metric, max_rounds, full.seconds)
-    results.append(hindsight(full.predictions, world.examples, world.metric))
+    results += fixed_family(full, world.examples, world.metric, max_rounds)
 
     methods: dict[str, dspy.Module] = {
         "closed_form": refine(policy="closed_form"),
@@ -353,10 +359,7 @@ def run_real(
             num_threads=num_threads,
             keep_predictions=True,
         )
-        done = [p for p in full.predictions if p is not None]
-        kept = [e for e, p in zip(test, full.predictions, strict=True) if p is not None]
-        results += fixed_curve(full, done, kept, task.metric, max_rounds, full.seconds)
-        results.append(hindsight(done, kept, task.metric))
+        results += fixed_family(full, test, task.metric, max_rounds)
         methods: dict[str, dspy.Module] = {
             "closed_form": refine(policy="closed_form"),
             "belief": refine(policy="belief"),

@@ -14,21 +14,12 @@ from typing import Any
 
 import dspy
 from dspy.utils.parallelizer import ParallelExecutor
-from scipy import stats
 
-from markovscale_dspy._calibrate import score_to_label
+from markovscale_dspy._calibrate import binomial_interval, score_to_label
 from markovscale_dspy._chain import describe as _describe
-from markovscale_dspy._usage import measure
+from markovscale_dspy._usage import Usage, measure
 
 __all__ = ["MethodResult", "binomial_interval", "compare", "evaluate"]
-
-
-def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Jeffreys interval of a binomial proportion ``k / n``."""
-    if n == 0:
-        return float("nan"), float("nan")
-    lo, hi = stats.beta(k + 0.5, n - k + 0.5).interval(level)
-    return float(0.0 if k == 0 else lo), float(1.0 if k == n else hi)
 
 
 @dataclass
@@ -118,16 +109,19 @@ def evaluate(
     results = executor.execute(run, list(examples))
     seconds = time.perf_counter() - started
     results = [
-        r if isinstance(r, dict) else {"label": False, "rounds": 0, "error": f"executor: {r!r}", "usage": {}}
+        r
+        if isinstance(r, dict)
+        else {"label": False, "rounds": 0, "error": f"executor: {r!r}", "usage": {}, "prediction": None}
         for r in results
     ]
+    usage = sum((Usage.from_dict(r["usage"]) for r in results), Usage())
     return MethodResult(
         name=name,
         n=len(results),
         correct=sum(r["label"] for r in results),
-        calls=sum(r["usage"].get("calls", 0) for r in results),
-        prompt_tokens=sum(r["usage"].get("prompt_tokens", 0) for r in results),
-        completion_tokens=sum(r["usage"].get("completion_tokens", 0) for r in results),
+        calls=usage.calls,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
         seconds=seconds,
         rounds=sum(r["rounds"] for r in results),
         failures=sum(r["error"] is not None for r in results),
