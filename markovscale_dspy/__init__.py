@@ -10,12 +10,20 @@ Example:
     >>> refine = MarkovRefine(dspy.ChainOfThought("question -> answer"), max_rounds=4)
     >>> calibrator = MarkovCalibrator(metric=lambda example, pred, trace=None: example.answer == pred.answer)
     >>> # calibrated = calibrator.compile(refine, trainset=trainset); calibrated(question="...")
+
+Layout (a path tells its layer; nothing imports from a layer above it):
+
+* ``core/`` -- the maths, no DSPy: theory, belief filter, TransitionModel, question types, policies, statistics;
+* ``refine/`` -- the MarkovRefine module and its refinement loop;
+* ``calibrate/`` -- the MarkovCalibrator teleprompter, its trace store and report;
+* ``reporting/`` -- evaluation, method comparison, text/Markdown reports, plots;
+* ``integrations/`` -- LMs (LiteLLM, Router), the embedded llama.cpp server, bundled datasets;
+* ``testing`` (the simulated world) and ``cli`` (the ``markovscale`` command).
 """
 
-from markovscale_dspy import belief, theory
-from markovscale_dspy._answers import default_answer_key, normalize_answer
-from markovscale_dspy._budget import BudgetResult
-from markovscale_dspy._calibrate import CalibrationReport, ChainRecord, MarkovCalibrator
+import importlib as _importlib
+import sys as _sys
+
 from markovscale_dspy._exceptions import (
     CalibrationError,
     ConfigurationError,
@@ -25,8 +33,14 @@ from markovscale_dspy._exceptions import (
     RoundZeroError,
     StateError,
 )
-from markovscale_dspy._model import TransitionModel
-from markovscale_dspy._policies import (
+from markovscale_dspy._version import __version__
+from markovscale_dspy.calibrate.calibrator import MarkovCalibrator
+from markovscale_dspy.calibrate.records import ChainRecord
+from markovscale_dspy.calibrate.report import CalibrationReport
+from markovscale_dspy.core import belief, theory
+from markovscale_dspy.core.answers import default_answer_key, normalize_answer
+from markovscale_dspy.core.model import TransitionModel
+from markovscale_dspy.core.policies import (
     BeliefPolicy,
     ClosedFormPolicy,
     Decision,
@@ -36,9 +50,9 @@ from markovscale_dspy._policies import (
     available_policies,
     register_policy,
 )
-from markovscale_dspy._refine import MarkovRefine
-from markovscale_dspy._usage import Usage, measure
-from markovscale_dspy._version import __version__
+from markovscale_dspy.refine.budget import BudgetResult
+from markovscale_dspy.refine.markov_refine import MarkovRefine
+from markovscale_dspy.refine.usage import Usage, measure
 
 __all__ = [
     "BeliefPolicy",
@@ -70,3 +84,17 @@ __all__ = [
     "register_policy",
     "theory",
 ]
+
+# The 0.1.0 module paths keep working: ``markovscale_dspy.lms`` is ``markovscale_dspy.integrations.lms``, etc.
+for _old, _new in {
+    "theory": "core.theory",
+    "belief": "core.belief",
+    "lms": "integrations.lms",
+    "local": "integrations.local",
+    "datasets": "integrations.datasets",
+    "evaluation": "reporting.evaluation",
+    "report": "reporting.report",
+    "plots": "reporting.plots",
+}.items():
+    globals()[_old] = _sys.modules[f"{__name__}.{_old}"] = _importlib.import_module(f"{__name__}.{_new}")
+del _old, _new

@@ -6,6 +6,7 @@
   bundled task -> state JSON + report.
 * ``markovscale report STATE`` -- what a saved state says: estimates, regime, bounds, rounds for given costs.
 * ``markovscale run STATE`` -- answer questions with a calibrated state.
+* ``markovscale bench`` -- every method side by side on your model and task (held-out questions, same samples).
 """
 
 from __future__ import annotations
@@ -26,22 +27,25 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch Lit
 
 import dspy
 
-from markovscale_dspy._calibrate import CalibrationReport, MarkovCalibrator
-from markovscale_dspy._exceptions import MarkovScaleError
-from markovscale_dspy._model import TransitionModel
-from markovscale_dspy._refine import MarkovRefine
-from markovscale_dspy._state import MarkovState
+from markovscale_dspy._exceptions import MarkovScaleError, StateError
 from markovscale_dspy._version import __version__
-from markovscale_dspy.datasets import available_tasks, load_task
-from markovscale_dspy.evaluation import compare
-from markovscale_dspy.lms import ROUTES, build_lm, redact
-from markovscale_dspy.report import (
+from markovscale_dspy.calibrate.calibrator import MarkovCalibrator
+from markovscale_dspy.calibrate.report import CalibrationReport
+from markovscale_dspy.core.model import TransitionModel
+from markovscale_dspy.core.theory import BOUND_KIND
+from markovscale_dspy.integrations.datasets import available_tasks, load_task
+from markovscale_dspy.integrations.lms import ROUTES, build_lm, redact
+from markovscale_dspy.refine.markov_refine import MarkovRefine
+from markovscale_dspy.refine.state import MarkovState, read_state_file
+from markovscale_dspy.reporting.evaluation import compare
+from markovscale_dspy.reporting.report import (
     calibration_markdown,
     comparison_markdown,
     difference_interval,
     format_calibration,
     format_comparison,
     format_model,
+    markdown_table,
     verdict,
 )
 
@@ -69,7 +73,7 @@ def _lm_from_args(args: argparse.Namespace) -> Iterator[tuple[dspy.LM, str]]:
         lm = build_lm(args.model, api_base=args.api_base, api_key=api_key, route=args.route, **common)
         yield lm, args.model
         return
-    from markovscale_dspy.local import LocalModel
+    from markovscale_dspy.integrations.local import LocalModel
 
     _say("Starting the embedded model (SmolLM2-135M-Instruct, llama.cpp server from xllamacpp) ...")
     started = time.perf_counter()
@@ -152,6 +156,40 @@ def _context(args: argparse.Namespace, model_name: str, task: Any, n_train: int,
     return context
 
 
+def _write_calibration(
+    program: MarkovRefine,
+    report: CalibrationReport,
+    args: argparse.Namespace,
+    *,
+    state_path: Path,
+    markdown_path: Path,
+    json_path: Path,
+    png_path: Path,
+    title: str,
+    figure_title: str,
+    context: dict[str, Any],
+    extra_markdown: str = "",
+    extra_json: dict[str, Any] | None = None,
+) -> None:
+    """Save the calibrated state and its report (Markdown, JSON sidecar, figure) -- what demo and calibrate write."""
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(state_path)
+    figure = _figure(report, png_path, figure_title)
+    markdown = calibration_markdown(
+        report,
+        title=title,
+        context=context,
+        round_cost=args.round_cost,
+        max_rounds=args.rounds,
+        figure=figure,
+        min_prob_improves=args.min_prob_improves,
+    )
+    markdown_path.write_text(markdown + extra_markdown)
+    json_path.write_text(
+        json.dumps({"context": context, "calibration": report.to_dict(), **(extra_json or {})}, indent=1)
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     task = load_task(args.task)
     train, test = task.split(args.train, args.test, seed=args.seed)
@@ -198,25 +236,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _say(held_out)
 
     state_path, report_path = out / "state.json", out / "report.md"
-    program.save(state_path)
-    context = _context(args, model_name, task, len(train), len(test))
-    figure = _figure(report, out / "report.png", f"SmolLM2-135M on {task.name}: accuracy by refinement round")
-    markdown = calibration_markdown(
+    _write_calibration(
+        program,
         report,
+        args,
+        state_path=state_path,
+        markdown_path=report_path,
+        json_path=out / "report.json",
+        png_path=out / "report.png",
         title=f"markovscale demo: {task.name}",
-        context=context,
-        round_cost=args.round_cost,
-        max_rounds=args.rounds,
-        figure=figure,
-        min_prob_improves=args.min_prob_improves,
-    )
-    markdown += "\n## Held-out evaluation\n\n" + comparison_markdown(results) + "\n\n" + held_out + "\n"
-    report_path.write_text(markdown)
-    (out / "report.json").write_text(
-        json.dumps(
-            {"context": context, "calibration": report.to_dict(), "evaluation": [r.to_dict() for r in results]},
-            indent=1,
-        )
+        figure_title=f"SmolLM2-135M on {task.name}: accuracy by refinement round",
+        context=_context(args, model_name, task, len(train), len(test)),
+        extra_markdown="\n## Held-out evaluation\n\n" + comparison_markdown(results) + "\n\n" + held_out + "\n",
+        extra_json={"evaluation": [r.to_dict() for r in results]},
     )
     _say(
         f"\nSaved the calibrated state to {state_path} and the report to {report_path} "
@@ -234,51 +266,38 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         program, calibrator = _calibrate(args.task, lm, args, train)
     report = calibrator.report
     _say(format_calibration(report, args.round_cost, args.rounds, args.min_prob_improves))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    program.save(out)
-    context = _context(args, model_name, task, len(train), None)
     report_md = out.with_suffix(".report.md")
-    figure = _figure(report, out.with_suffix(".report.png"), f"{model_name} on {task.name}")
-    report_md.write_text(
-        calibration_markdown(
-            report,
-            title=f"Calibration: {task.name}",
-            context=context,
-            round_cost=args.round_cost,
-            max_rounds=args.rounds,
-            figure=figure,
-            min_prob_improves=args.min_prob_improves,
-        )
-    )
-    out.with_suffix(".report.json").write_text(
-        json.dumps({"context": context, "calibration": report.to_dict()}, indent=1)
+    _write_calibration(
+        program,
+        report,
+        args,
+        state_path=out,
+        markdown_path=report_md,
+        json_path=out.with_suffix(".report.json"),
+        png_path=out.with_suffix(".report.png"),
+        title=f"Calibration: {task.name}",
+        figure_title=f"{model_name} on {task.name}",
+        context=_context(args, model_name, task, len(train), None),
     )
     _say(f"Saved the state to {out} and the report to {report_md}.")
     return 0
 
 
 def _read_state(path: str) -> tuple[dict[str, Any], TransitionModel]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise MarkovScaleError(f"no state file at {path}") from None
-    except json.JSONDecodeError as exc:
-        raise MarkovScaleError(f"{path} is not valid JSON ({exc}); is it a markovscale state file?") from None
-    entries = [v for k, v in data.items() if k == "markov" or k.endswith(".markov")] if isinstance(data, dict) else []
-    if not entries:
-        raise MarkovScaleError(f"{path} holds no MarkovRefine state (no 'markov' entry); save one with refine.save()")
-    state = entries[0]
-    program = state.get("program") or {}
+    """The MarkovRefine state in a state file and its model (the same checks as ``MarkovRefine.load``)."""
+    state = read_state_file(path)["markov"]
+    program = state.get("program") if isinstance(state, dict) else None
+    program = program if isinstance(program, dict) else {}
     model = MarkovState.parse(state, program.get("inputs"), program.get("answers"))
     if model is None:
-        raise MarkovScaleError(f"{path} holds an uncalibrated MarkovRefine: calibrate it first")
+        raise StateError(f"{path} holds an uncalibrated MarkovRefine: calibrate it first")
     return state, model
 
 
 def _figure(report: CalibrationReport, path: Path, title: str) -> str | None:
     """Draw the calibration figure; without matplotlib the report simply has no figure."""
     try:
-        from markovscale_dspy.plots import calibration_figure
+        from markovscale_dspy.reporting.plots import calibration_figure
 
         return calibration_figure(report, path, title=title).name
     except MarkovScaleError as exc:
@@ -317,13 +336,17 @@ def cmd_report(args: argparse.Namespace) -> int:
             figure=figure,
         )
         rows = [
-            f"| {c:g} | {model.optimal_rounds(c, args.max_rounds)} | "
-            f"{model.accuracy_at(model.optimal_rounds(c, args.max_rounds)):.3f} |"
+            [
+                f"{c:g}",
+                model.optimal_rounds(c, args.max_rounds),
+                f"{model.accuracy_at(model.optimal_rounds(c, args.max_rounds)):.3f}",
+            ]
             for c in args.cost
         ]
         markdown += (
-            "\n## Rounds for the requested costs\n\n| cost per round | rounds | expected accuracy |\n"
-            "|---|---|---|\n" + "\n".join(rows) + "\n"
+            "\n## Rounds for the requested costs\n\n"
+            + markdown_table(["cost per round", "rounds", "expected accuracy"], rows)
+            + "\n"
         )
         md_path.parent.mkdir(parents=True, exist_ok=True)
         md_path.write_text(markdown)
@@ -337,7 +360,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     for line in format_model(model):
         _say(line)
     bound = model.stationary_accuracy()
-    kind = {"improving": "upper", "degrading": "lower"}.get(model.regime(), "neutral")
+    kind = BOUND_KIND[model.regime()]
     _say(f"  regime: {model.regime()}; {kind} bound {bound:.3f}; convergence rate {model.convergence_rate():.3f}")
     _say(f"  P(refinement helps | data) = {model.prob_improves():.3f}")
     for cost in args.cost:
@@ -385,6 +408,53 @@ def cmd_run(args: argparse.Namespace) -> int:
             _say(line)
     if graded:
         _say(f"{correct}/{graded} correct")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from markovscale_dspy.reporting.compare import compare_methods
+
+    task = load_task(args.task)
+    train, test = task.split(args.train, args.test, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _say(f"markovscale bench: every method on {task.name}, {len(train)} calibration + {len(test)} held-out questions")
+    with _lm_from_args(args) as (lm, model_name), dspy.context(lm=lm, adapter=_adapter(args.adapter)):
+        result = compare_methods(
+            lambda: task.program(reasoning=args.reasoning),
+            train,
+            test,
+            task.metric,
+            name=task.name,
+            max_rounds=args.rounds,
+            round_cost=args.round_cost,
+            num_threads=args.threads,
+            include_baselines=not args.no_baselines,
+            baseline_n=args.baseline_n,
+            resume=not args.fresh,
+            description={"task": task.description, "source": task.source},
+        )
+    _say("\n" + format_comparison(result.results))
+    _say("\nVerdict: " + verdict(result.model, args.round_cost, args.rounds, args.min_prob_improves))
+    context = _context(args, model_name, task, len(train), len(test))
+    markdown = [f"# markovscale bench: {task.name}", "", *(f"- **{k}**: {v}" for k, v in context.items()), ""]
+    markdown += ["## Verdict", "", verdict(result.model, args.round_cost, args.rounds, args.min_prob_improves), ""]
+    markdown += ["## Methods on the same held-out questions", "", comparison_markdown(result.results), ""]
+    try:
+        from markovscale_dspy.reporting.plots import frontier_figure
+
+        png = frontier_figure(result.results, out / "bench.png", title=f"{model_name} on {task.name}")
+        markdown += [f"![accuracy vs LM calls]({png.name})", ""]
+    except MarkovScaleError as exc:
+        _say(f"  (no figure: {exc})")
+    (out / "bench.md").write_text("\n".join(markdown))
+    (out / "bench.json").write_text(
+        json.dumps(
+            {"context": context, "model": result.model.to_dict(), "results": [r.to_dict() for r in result.results]},
+            indent=1,
+        )
+    )
+    _say(f"\nWrote {out / 'bench.md'} and {out / 'bench.json'}.")
     return 0
 
 
@@ -469,9 +539,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lm_options(run)
     run.set_defaults(func=cmd_run)
 
-    from markovscale_dspy._bench_cli import add_bench_parser
-
-    add_bench_parser(sub)
+    bench = sub.add_parser(
+        "bench", help="every method side by side on your model and task: calibrate, then compare on held-out questions"
+    )
+    task_options(bench, DEMO_TASK)
+    bench.add_argument("--train", type=int, default=60, help="calibration questions (default 60)")
+    bench.add_argument("--test", type=int, default=40, help="held-out questions (default 40)")
+    bench.add_argument("--rounds", type=int, default=3, help="refinement rounds (default 3)")
+    bench.add_argument("--baseline-n", type=int, default=3, help="attempts of BestOfN, Refine, self-consistency")
+    bench.add_argument("--no-baselines", action="store_true", help="only no refinement, fixed-N and MarkovRefine")
+    bench.add_argument("--out", default="markovscale-bench", help="output folder (default markovscale-bench)")
+    trace_options(bench, fresh=True)
+    _add_lm_options(bench)
+    bench.set_defaults(func=cmd_bench, no_cache=True)
     return parser
 
 

@@ -36,16 +36,12 @@ from typing import Any
 import dspy
 from dspy.lm15 import Message, Response, TextPart, Usage
 
-from markovscale_dspy import theory
-from markovscale_dspy._answers import normalize_answer
 from markovscale_dspy._exceptions import ConfigurationError
-from markovscale_dspy._policies import Decision, RoundContext
+from markovscale_dspy.core.answers import normalize_answer
 
 __all__ = [
     "FAULT_KINDS",
     "JUDGE_FIELD",
-    "PRESETS",
-    "ParameterOracle",
     "SimQuestion",
     "SimulatedEngine",
     "SimulatedWorld",
@@ -125,24 +121,6 @@ def _system_text(request: Any) -> str:
     if isinstance(system, str):
         return system
     return "".join(getattr(part, "text", "") for part in system or ())
-
-
-#: Named worlds: (weight, per-question parameters) components. ``p_same_wrong`` is how often a wrong answer that
-#: stays wrong is repeated verbatim.
-PRESETS: dict[str, list[tuple[float, dict[str, Any]]]] = {
-    # Refinement helps every question alike.
-    "helps": [(1.0, {"p0": 0.4, "p_cw": 0.1, "p_wc": 0.3, "p_same_wrong": 0.5, "kind": "helps"})],
-    # Refinement hurts every question alike.
-    "hurts": [(1.0, {"p0": 0.7, "p_cw": 0.3, "p_wc": 0.1, "p_same_wrong": 0.5, "kind": "hurts"})],
-    # Questions differ: some get fixed, some never move, some get broken.
-    "heterogeneous": [
-        (0.4, {"p0": 0.3, "p_cw": 0.05, "p_wc": 0.5, "p_same_wrong": 0.2, "kind": "fixable"}),
-        (0.3, {"p0": 0.8, "p_cw": 0.0, "p_wc": 0.0, "p_same_wrong": 1.0, "kind": "stable"}),
-        (0.3, {"p0": 0.6, "p_cw": 0.4, "p_wc": 0.05, "p_same_wrong": 0.8, "kind": "fragile"}),
-    ],
-    # p_cw + p_wc > 1: accuracy overshoots at round 1 and oscillates around the bound.
-    "oscillating": [(1.0, {"p0": 0.3, "p_cw": 0.6, "p_wc": 0.8, "p_same_wrong": 0.5, "kind": "oscillating"})],
-}
 
 
 class SimulatedEngine:
@@ -363,13 +341,6 @@ class SimulatedWorld:
             )
         return cls(questions, seed=seed, **kwargs)
 
-    @classmethod
-    def preset(cls, name: str, n: int, *, seed: int = 0, **kwargs: Any) -> SimulatedWorld:
-        """A named world from :data:`PRESETS` (``helps``, ``hurts``, ``heterogeneous``, ``oscillating``)."""
-        if name not in PRESETS:
-            raise ConfigurationError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-        return cls.mixture(n, PRESETS[name], seed=seed, **kwargs)
-
     def fresh(self) -> SimulatedWorld:
         """The same questions and seed with a new engine: replays exactly the same answers to the same prompts."""
         return SimulatedWorld(
@@ -464,24 +435,3 @@ class SimulatedWorld:
         if rng.random() < q.p_same_wrong:
             return previous
         return self._wrong(q, rng, avoid=normalize_answer(previous))
-
-
-@dataclass(frozen=True)
-class ParameterOracle:
-    """Policy that knows each simulated question's true chain and runs its ``optimal_rounds``.
-
-    The paper's rule with perfect per-question parameters: the best a per-question *number of rounds* can do
-    without seeing labels. A benchmark reference, not a usable policy. Policies that watch how the answers move
-    (``belief``) can beat it on questions whose chains are alike but whose answers behave differently.
-    """
-
-    world: SimulatedWorld
-    requires_model: bool = False
-    min_prob_improves: float = 0.0
-
-    def decide(self, context: RoundContext) -> Decision:
-        q = self.world.truth(context.inputs.get(self.world.question_field, ""))
-        planned = theory.optimal_rounds(q.p0, q.p_cw, q.p_wc, context.round_cost, context.max_rounds)
-        if context.rounds_done < planned:
-            return Decision(True, "oracle", {"planned_rounds": planned})
-        return Decision(False, "oracle", {"planned_rounds": planned})

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from markovscale_dspy import belief
+from markovscale_dspy.core import belief
 
 CHAIN = {"p_cw": 0.15, "p_wc": 0.35, "p_same_wrong": 0.4, "p_change_correct": 0.05}
 

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from helpers import IMPROVING, model_from_rates, refine, world
 
+from benchmarks.harness import run_simulation
+from benchmarks.worlds import preset_world
 from markovscale_dspy import MarkovCalibrator, NotCalibratedError, TransitionModel
-from markovscale_dspy._mixture import chain_statistics, fit_mixture, select_mixture
-from markovscale_dspy.benchmark import frontier_at, run_simulation
+from markovscale_dspy.core.mixture import chain_statistics, fit_mixture, select_mixture
+from markovscale_dspy.reporting.compare import frontier_at
 from markovscale_dspy.testing import SimulatedWorld
 
 
@@ -147,13 +149,13 @@ def test_explicit_gate_applies_to_closed_form_too():
 
 @pytest.fixture(scope="module")
 def hetero_model():
-    return calibrated(SimulatedWorld.preset("heterogeneous", 400, seed=10), rounds=5)
+    return calibrated(preset_world("heterogeneous", 400, seed=10), rounds=5)
 
 
 def test_belief_is_exposed_per_round_and_on_the_prediction(hetero_model):
     module = refine(policy="belief", max_rounds=5)
     module.model = hetero_model
-    w = SimulatedWorld.preset("heterogeneous", 20, seed=11)
+    w = preset_world("heterogeneous", 20, seed=11)
     with dspy.context(lm=w.lm()):
         pred = module(**w.examples[0].inputs())
     beliefs = [entry["belief"] for entry in pred.trajectory]
@@ -163,7 +165,7 @@ def test_belief_is_exposed_per_round_and_on_the_prediction(hetero_model):
 def test_select_best_returns_the_round_with_the_highest_smoothed_posterior(hetero_model):
     module = refine(policy="fixed", max_rounds=4, select="best")
     module.model = hetero_model
-    w = SimulatedWorld.preset("heterogeneous", 40, seed=12)
+    w = preset_world("heterogeneous", 40, seed=12)
     with dspy.context(lm=w.lm()):
         preds = [module(**e.inputs()) for e in w.examples]
     for pred in preds:
@@ -184,7 +186,7 @@ def test_select_best_needs_a_calibrated_model():
 def test_budget_is_never_exceeded_and_goes_to_the_highest_gains(hetero_model, threads):
     module = refine(max_rounds=5)
     module.model = hetero_model
-    w = SimulatedWorld.preset("heterogeneous", 60, seed=13)
+    w = preset_world("heterogeneous", 60, seed=13)
     with dspy.context(lm=w.lm()):
         result = module.answer_with_budget(w.examples, budget=50, num_threads=threads)
     assert result.spent <= 50 and sum(p.rounds for p in result.predictions) == result.spent
@@ -196,7 +198,7 @@ def test_budget_is_never_exceeded_and_goes_to_the_highest_gains(hetero_model, th
 def test_budget_prefers_questions_whose_answers_keep_changing(hetero_model):
     module = refine(max_rounds=5)
     module.model = hetero_model
-    w = SimulatedWorld.preset("heterogeneous", 90, seed=14)
+    w = preset_world("heterogeneous", 90, seed=14)
     with dspy.context(lm=w.lm()):
         result = module.answer_with_budget(w.examples, budget=60, num_threads=1)
     rounds_by_kind = {}
@@ -244,10 +246,10 @@ def test_belief_policy_dominates_the_fixed_frontier_on_a_heterogeneous_world():
 @pytest.mark.slow
 def test_belief_is_calibrated():
     """Among questions whose belief falls in a bin, the share actually correct matches the bin."""
-    model = calibrated(SimulatedWorld.preset("heterogeneous", 600, seed=20), rounds=5)
+    model = calibrated(preset_world("heterogeneous", 600, seed=20), rounds=5)
     module = refine(policy="fixed", max_rounds=5)
     module.model = model
-    w = SimulatedWorld.preset("heterogeneous", 3000, seed=21)
+    w = preset_world("heterogeneous", 3000, seed=21)
     chains = model.hidden_chains()
     rng = np.random.default_rng(0)
     beliefs, labels = [], []
@@ -279,20 +281,20 @@ def test_belief_is_calibrated():
 
 
 def test_belief_policy_on_a_degrading_task_costs_one_call():
-    model = calibrated(SimulatedWorld.preset("hurts", 300, seed=30))
+    model = calibrated(preset_world("hurts", 300, seed=30))
     module = refine(policy="belief", max_rounds=4)
     module.model = model
-    w = SimulatedWorld.preset("hurts", 100, seed=31)
+    w = preset_world("hurts", 100, seed=31)
     with dspy.context(lm=w.lm()):
         reasons = {module(**e.inputs()).stop_reason for e in w.examples}
     assert w.calls == 100 and reasons == {"degrading"}
 
 
 def test_belief_policy_stops_a_stable_answer_early():
-    model = calibrated(SimulatedWorld.preset("heterogeneous", 400, seed=32), rounds=5)
+    model = calibrated(preset_world("heterogeneous", 400, seed=32), rounds=5)
     module = refine(policy="belief", max_rounds=5)
     module.model = model
-    w = SimulatedWorld.preset("heterogeneous", 200, seed=33)
+    w = preset_world("heterogeneous", 200, seed=33)
     with dspy.context(lm=w.lm()):
         preds = [module(**e.inputs()) for e in w.examples]
     stable = [p.rounds for e, p in zip(w.examples, preds, strict=True) if w.truth(e).kind == "stable"]

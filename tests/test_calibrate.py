@@ -12,7 +12,7 @@ from markovscale_dspy import (
     MarkovRefine,
     TransitionModel,
 )
-from markovscale_dspy._calibrate import score_to_label
+from markovscale_dspy.core.statistics import score_to_label
 
 
 def calibrate(w, metric=None, student=None, **kwargs):
@@ -142,7 +142,7 @@ def test_student_must_be_a_markov_refine():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"rounds": 0}, "rounds must be an integer in \\[1, 999\\], got 0"),
+        ({"rounds": 0}, "rounds must be an integer in \\[1, 999\\] or None, got 0"),
         ({"num_threads": 0}, "num_threads must be a positive integer or None, got 0"),
         ({"prior": (0, 1)}, "prior must be a pair"),
         ({"threshold": "high"}, "threshold must be a number"),

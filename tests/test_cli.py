@@ -76,27 +76,3 @@ def test_report_uses_the_calibration_sidecar_when_present(tmp_path, capsys):
     assert main(["report", str(tmp_path / "s.json")]) == 0
     markdown = (tmp_path / "s.report.md").read_text()
     assert "| 0 | " in markdown and "(n=" not in markdown and "| 60 |" in markdown  # observed rows, n = 60
-
-
-def test_bench_runs_every_method_on_a_simulated_world(tmp_path, capsys):
-    out = tmp_path / "bench"
-    assert (
-        main(
-            ["bench", "--skip-real", "--skip-micro", "--presets", "heterogeneous", "--scale", "0.05", "--out", str(out)]
-        )
-        == 0
-    )
-    text = (out / "results.md").read_text()
-    for method in (
-        "fixed-0",
-        "closed_form",
-        "belief",
-        "parameter oracle",
-        "hindsight oracle",
-        "dspy.BestOfN",
-        "dspy.Refine",
-        "self-consistency",
-        "Targets:",
-    ):
-        assert method in text
-    assert (out / "sim-heterogeneous.png").read_bytes()[:4] == b"\x89PNG"

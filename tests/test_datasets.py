@@ -4,7 +4,7 @@ import dspy
 import pytest
 
 from markovscale_dspy import ConfigurationError, DataError
-from markovscale_dspy.datasets import available_tasks, extract_choice, extract_number, load_task
+from markovscale_dspy.integrations.datasets import available_tasks, extract_choice, extract_number, load_task
 
 
 @pytest.mark.parametrize("name,size", [("arc_easy", 2376), ("gsm8k", 1319), ("csqa", 1221), ("winogrande", 1267)])

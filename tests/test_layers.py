@@ -1,79 +1,106 @@
-"""The file layout shows the data flow: no module imports from a layer above its own."""
+"""The file layout is the architecture: a module's path names its layer, and no module imports from a layer above.
+
+theory -> estimation -> policy (``core/``) -> module (``refine/``) -> calibrator (``calibrate/``) -> reporting
+(``reporting/``) -> CLI, with integrations (LMs, local server, datasets) beside the module layer.
+"""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "markovscale_dspy"
 
-# theory -> estimation -> policy -> module -> calibrator -> evaluation -> report/CLI
-LAYERS = {
-    "_exceptions": 0,
-    "_version": 0,
+# Inside core/ the order still matters (the model is estimated from the theory, policies read the model).
+CORE = {
+    "validation": 0,
     "theory": 0,
-    "belief": 0,
-    "_answers": 0,
-    "_mixture": 1,
-    "_model": 1,
-    "_policies": 2,
-    "_signatures": 3,
-    "_state": 3,
-    "_usage": 3,
-    "_chain": 3,
-    "_budget": 3,
-    "_refine": 3,
-    "lms": 3,
-    "local": 3,
-    "_traces": 4,
-    "_calibrate": 4,
-    "testing": 5,
-    "datasets": 5,
-    "evaluation": 5,
-    "benchmark": 5,
-    "report": 6,
-    "plots": 6,
-    "_bench_cli": 7,
-    "cli": 7,
-    "__init__": 7,
+    "statistics": 0,
+    "answers": 0,
+    "belief": 1,
+    "mixture": 2,
+    "model": 3,
+    "policies": 4,
+}
+FOLDERS = {"core": None, "refine": 5, "integrations": 5, "calibrate": 6, "reporting": 7}
+TOP = {"_exceptions": -1, "_version": -1, "testing": 7, "cli": 8, "__init__": 9}
+# Where a layer is shared by several modules of one folder, their order inside it.
+WITHIN = {
+    "integrations/datasets": 0.5,  # builds DSPy programs: above lms
+    "reporting/report": 0.5,
+    "reporting/plots": 0.5,
+    "reporting/compare": 0.25,
 }
 
 
-def imported_modules(path):
+def layer_of(path: Path) -> float:
+    relative = path.relative_to(PACKAGE).with_suffix("")
+    parts = relative.parts
+    if len(parts) == 1:
+        return TOP[parts[0]]
+    folder, name = parts[0], parts[-1]
+    if folder == "core":
+        return -0.5 if name == "__init__" else CORE[name]
+    base = FOLDERS[folder]
+    return base - 0.5 if name == "__init__" else base + WITHIN.get(f"{folder}/{name}", 0)
+
+
+def imported_paths(path: Path):
+    """Files of the package that ``path`` imports (``markovscale_dspy.x.y`` -> ``x/y.py`` or ``x/y/__init__.py``)."""
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
+        names = []
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("markovscale_dspy"):
-            parts = node.module.split(".")
-            if len(parts) > 1:
-                yield parts[1]
-            else:
-                yield from (alias.name for alias in node.names)
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         elif isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.startswith("markovscale_dspy."):
-                    yield alias.name.split(".")[1]
+            names = [alias.name for alias in node.names if alias.name.startswith("markovscale_dspy")]
+        for name in names:
+            parts = name.split(".")[1:]
+            for candidate in (PACKAGE.joinpath(*parts).with_suffix(".py"), PACKAGE.joinpath(*parts, "__init__.py")):
+                if parts and candidate.exists():
+                    yield candidate
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
 
 
 def test_every_module_has_a_layer():
-    assert {p.stem for p in PACKAGE.glob("*.py")} == set(LAYERS)
+    for path in MODULES:
+        layer_of(path)  # KeyError names a module nobody placed
 
 
-@pytest.mark.parametrize("module", sorted(LAYERS))
-def test_no_module_imports_from_a_layer_above(module):
-    above = [name for name in imported_modules(PACKAGE / f"{module}.py") if LAYERS.get(name, -1) > LAYERS[module]]
-    assert above == [], f"{module} (layer {LAYERS[module]}) imports {above} from a higher layer"
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_imports_from_a_layer_above(path):
+    if path.name == "__init__.py" and path.parent == PACKAGE:
+        return  # the package root re-exports everything
+    own = layer_of(path)
+    above = [str(p.relative_to(PACKAGE)) for p in imported_paths(path) if layer_of(p) > own]
+    assert above == [], f"{path.relative_to(PACKAGE)} (layer {own}) imports {above} from a higher layer"
 
 
-def test_theory_does_not_import_dspy():
-    for module in ("theory", "belief", "_model", "_mixture"):
-        names = {
-            n.names[0].name
-            for n in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text()))
-            if isinstance(n, ast.Import)
-        }
-        modules = {
-            n.module
-            for n in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text()))
-            if isinstance(n, ast.ImportFrom)
-        }
-        assert "dspy" not in names and not any(m and m.startswith("dspy") for m in modules), module
+def test_core_does_not_import_dspy():
+    for path in (PACKAGE / "core").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not any(m == "dspy" or m.startswith("dspy.") for m in imported), path.name
+
+
+def test_the_wheel_ships_no_benchmark_code():
+    """The project's presets, oracles and targets live in benchmarks/, outside the package."""
+    for path in MODULES:
+        text = path.read_text()
+        for marker in ("ParameterOracle", "PRESETS", "Target ≤", "Target ≥", "benchmarks."):
+            assert marker not in text, f"{path.relative_to(PACKAGE)} mentions {marker!r}"
+
+
+def test_cli_help_does_not_import_the_comparison_harness():
+    code = (
+        "import sys; from markovscale_dspy.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in sys.modules if m.startswith(('markovscale_dspy.reporting.compare', 'benchmarks', "
+        "'matplotlib'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -4,7 +4,7 @@ import dspy
 import pytest
 
 from markovscale_dspy import ConfigurationError
-from markovscale_dspy.lms import build_lm, redact
+from markovscale_dspy.integrations.lms import build_lm, redact
 
 
 def test_litellm_route_is_the_default():

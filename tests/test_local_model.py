@@ -12,8 +12,8 @@ import pytest
 
 from markovscale_dspy import MarkovCalibrator, MarkovRefine
 from markovscale_dspy.cli import main
-from markovscale_dspy.datasets import load_task
-from markovscale_dspy.local import LocalModel
+from markovscale_dspy.integrations.datasets import load_task
+from markovscale_dspy.integrations.local import LocalModel
 
 pytestmark = pytest.mark.llm
 

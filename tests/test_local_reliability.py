@@ -9,10 +9,10 @@ import dspy
 import pytest
 
 from markovscale_dspy import CalibrationError, MarkovCalibrator, MarkovRefine
-from markovscale_dspy._traces import TraceStore
+from markovscale_dspy.calibrate.traces import TraceStore
 from markovscale_dspy.cli import main
-from markovscale_dspy.datasets import load_task
-from markovscale_dspy.local import LocalModel
+from markovscale_dspy.integrations.datasets import load_task
+from markovscale_dspy.integrations.local import LocalModel
 
 pytestmark = pytest.mark.llm
 

@@ -72,7 +72,7 @@ def test_prob_improves_matches_brute_monte_carlo():
 
 def test_convenience_methods_delegate_to_theory():
     model = TransitionModel.fit(CHAINS * 10)
-    from markovscale_dspy import theory
+    from markovscale_dspy.core import theory
 
     assert model.accuracy_at(3) == theory.accuracy_at(3, model.p0, model.p_cw, model.p_wc)
     assert model.optimal_rounds(0.01, 6) == theory.optimal_rounds(model.p0, model.p_cw, model.p_wc, 0.01, 6)
@@ -108,7 +108,7 @@ def test_from_dict_rejects_negative_counts():
     data = TransitionModel.fit(CHAINS).to_dict()
     data["counts"]["n_cc"] = -1
     del data["estimates"]
-    with pytest.raises(StateError, match="n_cc must be a non-negative integer count, got -1"):
+    with pytest.raises(StateError, match="n_cc must be a non-negative integer, got -1"):
         TransitionModel.from_dict(data)
 
 

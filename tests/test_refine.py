@@ -71,11 +71,11 @@ def test_explicit_signature_is_used():
         ({"max_rounds": -1}, "max_rounds must be an integer in \\[0, 999\\], got -1"),
         ({"max_rounds": 2.5}, "max_rounds must be an integer"),
         ({"round_cost": -0.01}, "round_cost must be a number in \\[0, 1\\)"),
-        ({"temperature": 0}, "temperature must be > 0"),
+        ({"temperature": 0}, "temperature must be a number > 0 \\(refinement rounds must be fresh samples\\), got 0"),
         ({"policy": "greedy"}, "unknown policy 'greedy'; expected one of"),
         ({"policy": 42}, "policy must be a name"),
         ({"answer_key": "answer"}, "answer_key must be callable"),
-        ({"rollout_seed": -3}, "rollout_seed must be an integer >= 0"),
+        ({"rollout_seed": -3}, "rollout_seed must be a non-negative integer"),
     ],
 )
 def test_invalid_constructor_arguments_are_named(kwargs, message):

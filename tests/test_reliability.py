@@ -18,7 +18,7 @@ from markovscale_dspy import (
     RoundZeroError,
     StateError,
 )
-from markovscale_dspy.lms import build_lm
+from markovscale_dspy.integrations.lms import build_lm
 from markovscale_dspy.testing import FAULT_KINDS, SimulatedEngine, SimulatedWorld
 
 ALL_FAULTS = {kind: 0.07 for kind in FAULT_KINDS}  # 49% of calls fail, every kind
@@ -220,7 +220,7 @@ def test_chains_lost_to_lm_errors_are_not_stored(tmp_path):
     with dspy.context(lm=w.lm()):
         calibrator.compile(student, trainset=w.examples)
     clean = sum(1 for c in calibrator.report.chains if not any(c["errors"]))
-    from markovscale_dspy._traces import TraceStore
+    from markovscale_dspy.calibrate.traces import TraceStore
 
     assert len(TraceStore(tmp_path / "t")) == clean < 20
 
@@ -274,7 +274,7 @@ def test_api_key_and_endpoint_never_reach_state_or_report(tmp_path, caplog):
     with caplog.at_level(logging.DEBUG):
         module.save(tmp_path / "state.json")
         text = (tmp_path / "state.json").read_text()
-        from markovscale_dspy._traces import chain_key
+        from markovscale_dspy.calibrate.traces import chain_key
 
         key = chain_key(module, 3, world(1).examples[0])
     assert secret_key not in text and secret_host not in text and "qwen" in text

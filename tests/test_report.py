@@ -5,8 +5,9 @@ import pytest
 from helpers import DEGRADING, IMPROVING, model_from_rates, refine, world
 
 from markovscale_dspy import MarkovCalibrator
-from markovscale_dspy.evaluation import binomial_interval, compare, evaluate
-from markovscale_dspy.report import (
+from markovscale_dspy.core.statistics import binomial_interval
+from markovscale_dspy.reporting.evaluation import compare, evaluate
+from markovscale_dspy.reporting.report import (
     calibration_markdown,
     difference_interval,
     format_calibration,
@@ -100,14 +101,14 @@ def test_difference_interval_is_centred_on_the_difference():
 
 
 def test_calibration_figure_is_a_png(calibrated, tmp_path):
-    from markovscale_dspy.plots import calibration_figure
+    from markovscale_dspy.reporting.plots import calibration_figure
 
     path = calibration_figure(calibrated[1], tmp_path / "c.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_frontier_figure_is_a_png(tmp_path):
-    from markovscale_dspy.plots import frontier_figure
+    from markovscale_dspy.reporting.plots import frontier_figure
 
     w = world(20)
     with dspy.context(lm=w.lm()):
@@ -118,7 +119,7 @@ def test_frontier_figure_is_a_png(tmp_path):
 
 
 def test_drift_check_flags_rates_that_change_with_the_round(calibrated):
-    from markovscale_dspy.report import drift_words
+    from markovscale_dspy.reporting.report import drift_words
 
     _, report = calibrated
     report.drift = {"p_cw": {"p_value": 0.0001}, "p_wc": {"p_value": 0.6}}
@@ -126,7 +127,7 @@ def test_drift_check_flags_rates_that_change_with_the_round(calibrated):
 
 
 def test_drift_test_detects_changing_rates_and_not_constant_ones():
-    from markovscale_dspy._calibrate import _drift
+    from markovscale_dspy.calibrate.report import _drift
 
     changing = [
         {"round": 1, "cc": 90, "cw": 10, "wc": 30, "ww": 70},

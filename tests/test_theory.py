@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from markovscale_dspy import theory
+from markovscale_dspy.core import theory
 
 # (p0, p_cw, p_wc): improving, degrading, neutral, frozen, oscillating, re-sampling (lam = 0), absorbing.
 GRID = [

@@ -13,10 +13,10 @@ from typing import Any
 
 import dspy
 
-from markovscale_dspy._answers import default_answer_key, is_empty_answer
 from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError, RoundZeroError
-from markovscale_dspy._model import TransitionModel
-from markovscale_dspy._policies import Decision, Policy, RoundContext, observations_of
+from markovscale_dspy.core.answers import default_answer_key, is_empty_answer
+from markovscale_dspy.core.model import TransitionModel
+from markovscale_dspy.core.policies import Decision, Policy, RoundContext, observations_of
 
 __all__ = ["SELECT_MODES", "Call", "ChainState", "Outcome", "describe", "run_chain"]
 

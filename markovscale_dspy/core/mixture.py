@@ -17,7 +17,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from markovscale_dspy._exceptions import DataError, StateError
-from markovscale_dspy.belief import HiddenChains
+from markovscale_dspy.core.belief import HiddenChains
 
 __all__ = ["STATISTICS", "ChainMixture", "chain_statistics", "fit_mixture", "select_mixture"]
 

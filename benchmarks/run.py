@@ -1,4 +1,11 @@
-"""``markovscale bench``: every method side by side on simulated worlds and the embedded model, in one run."""
+"""The project's benchmark run behind BENCHMARKS.md: every method side by side on the simulated presets and the
+embedded model, with our own targets checked, in one run.
+
+    python -m benchmarks.run                 # everything (~17 min on 2 cores)
+    python -m benchmarks.run --skip-real     # simulated worlds only
+
+Users compare methods on *their* model and task with ``markovscale bench`` instead.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +13,26 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import dspy
 
-from markovscale_dspy.benchmark import (
+from benchmarks.harness import (
     SimulationResult,
     cost_curve,
     decision_seconds,
     fit_seconds,
-    frontier_at,
     run_real,
     run_simulation,
     throughput,
 )
-from markovscale_dspy.evaluation import MethodResult
-from markovscale_dspy.report import difference_interval
-from markovscale_dspy.testing import PRESETS
-
-__all__ = ["add_bench_parser"]
+from benchmarks.worlds import PRESETS
+from markovscale_dspy.reporting.compare import frontier_at
+from markovscale_dspy.reporting.evaluation import MethodResult
+from markovscale_dspy.reporting.report import difference_interval
 
 
 def _say(text: str = "") -> None:
@@ -124,7 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"# markovscale bench — {stamp}",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
-        f"Command: `markovscale bench {' '.join(args.argv)}`",
+        f"Command: `python -m benchmarks.run {' '.join(args.argv)}`",
         "",
     ]
     data: dict[str, Any] = {"date": stamp, "simulated": {}, "real": {}, "micro": {}}
@@ -247,7 +253,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _report_from(result: SimulationResult) -> Any:
-    from markovscale_dspy._calibrate import CalibrationReport
+    from markovscale_dspy.calibrate.report import CalibrationReport
 
     data = dict(result.settings["calibration"])
     return CalibrationReport(**data)
@@ -290,8 +296,8 @@ def _micro_markdown(micro: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def add_bench_parser(sub: Any) -> None:
-    bench = sub.add_parser("bench", help="every method side by side: simulated worlds and the embedded model")
+def main(argv: list[str] | None = None) -> int:
+    bench = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     bench.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     bench.add_argument("--tasks", nargs="+", default=["winogrande", "arc_easy"], help="real tasks (embedded model)")
     bench.add_argument("--scale", type=float, default=1.0, help="multiply every sample size (default 1)")
@@ -304,4 +310,11 @@ def add_bench_parser(sub: Any) -> None:
     bench.add_argument("--skip-sim", action="store_true")
     bench.add_argument("--skip-real", action="store_true")
     bench.add_argument("--skip-micro", action="store_true")
-    bench.set_defaults(func=cmd_bench)
+    args = bench.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return cmd_bench(args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    sys.exit(main())

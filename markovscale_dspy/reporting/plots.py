@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from markovscale_dspy._calibrate import CalibrationReport
 from markovscale_dspy._exceptions import ConfigurationError
-from markovscale_dspy.evaluation import MethodResult
+from markovscale_dspy.calibrate.report import CalibrationReport
+from markovscale_dspy.core.theory import BOUND_KIND
+from markovscale_dspy.reporting.evaluation import MethodResult
 
 __all__ = ["calibration_figure", "frontier_figure"]
 
@@ -48,7 +49,7 @@ def calibration_figure(
         err = np.array([[r["accuracy"] - r["lo"] for r in observed], [r["hi"] - r["accuracy"] for r in observed]])
         ax.errorbar(x, y, yerr=err, fmt="o", color="#d62728", capsize=4, label="observed in calibration (95% CI)")
     if report.stationary_accuracy is not None:
-        kind = {"improving": "upper", "degrading": "lower"}.get(report.regime, "neutral")
+        kind = BOUND_KIND[report.regime]
         ax.axhline(
             report.stationary_accuracy,
             ls="--",

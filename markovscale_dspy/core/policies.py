@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError
-from markovscale_dspy._model import TransitionModel
+from markovscale_dspy.core.model import TransitionModel
 
 __all__ = [
     "BeliefPolicy",
@@ -26,7 +26,6 @@ __all__ = [
     "Policy",
     "RoundContext",
     "available_policies",
-    "beliefs",
     "observations",
     "observations_of",
     "register_policy",
@@ -93,12 +92,6 @@ def observations(context: RoundContext) -> list[bool | None]:
     return observations_of(context.answer_keys, context.failed)
 
 
-def beliefs(context: RoundContext) -> list[float]:
-    """Filtered belief that each round's answer is correct (needs a model with emission rates)."""
-    chains = _emission_model(context.model, "the belief filter").hidden_chains()
-    return [chains.correct(b) for b in chains.filter(observations(context))]
-
-
 def _emission_model(model: TransitionModel | None, what: str) -> TransitionModel:
     if model is None or not model.has_emissions:
         raise NotCalibratedError(
@@ -113,7 +106,6 @@ class FixedPolicy:
     """Always run ``max_rounds`` refinement rounds: the paper's sequential baseline (no model needed)."""
 
     requires_model: bool = field(default=False, init=False)
-    min_prob_improves: float = field(default=0.0, init=False)
 
     def decide(self, context: RoundContext) -> Decision:
         if context.rounds_done < context.max_rounds:
@@ -156,7 +148,7 @@ class BeliefPolicy:
     When the calibration found several question types (``model.mixture``), the filter runs over type and
     correctness jointly, so what a question's answers do also tells which kind of question it is. The belief
     starts at ``p0`` and is updated after every round by whether the answer stayed the same or changed
-    (:mod:`markovscale_dspy.belief`). Before each round an exact expectimax over the remaining rounds decides
+    (:mod:`markovscale_dspy.core.belief`). Before each round an exact expectimax over the remaining rounds decides
     whether another round is worth ``round_cost``: a question whose answer has stabilised stops early, one whose
     answer keeps changing is refined while that is expected to pay, and a degrading task costs one call.
 

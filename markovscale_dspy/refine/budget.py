@@ -14,12 +14,12 @@ from typing import Any
 import dspy
 from dspy.utils.parallelizer import ParallelExecutor
 
-from markovscale_dspy import belief
-from markovscale_dspy._chain import Call, ChainState, Outcome
 from markovscale_dspy._exceptions import RoundZeroError
-from markovscale_dspy._model import TransitionModel
-from markovscale_dspy._policies import Decision
-from markovscale_dspy.theory import TIE_TOLERANCE
+from markovscale_dspy.core import belief
+from markovscale_dspy.core.model import TransitionModel
+from markovscale_dspy.core.policies import Decision
+from markovscale_dspy.core.theory import TIE_TOLERANCE
+from markovscale_dspy.refine.loop import Call, ChainState, Outcome
 
 __all__ = ["BudgetResult", "allocate"]
 

@@ -5,11 +5,11 @@ Everything comes from PyPI: the server from the prebuilt ``xllamacpp`` wheel, th
 file is located with importlib, without importing the package). Nothing is downloaded at run time.
 
 By default the server runs in-process. ``out_of_process=True`` runs it in a child Python process instead
-(``python -m markovscale_dspy.local``), which a crash cannot take down with it and which :meth:`LocalModel.kill`
-can kill like a failing server.
+(running :func:`_serve`), which a crash cannot take down with it and which
+:meth:`LocalModel.kill` can kill like a failing server.
 
 Example:
-    >>> from markovscale_dspy.local import LocalModel
+    >>> from markovscale_dspy.integrations.local import LocalModel
     >>> with LocalModel() as server:  # doctest: +SKIP
     ...     lm = server.lm(temperature=0.7)
     ...     print(lm("Say hi")[0])
@@ -36,7 +36,7 @@ from typing import Any
 import dspy
 
 from markovscale_dspy._exceptions import ConfigurationError, MarkovScaleError
-from markovscale_dspy.lms import build_lm
+from markovscale_dspy.integrations.lms import build_lm
 
 __all__ = ["DEFAULT_ALIAS", "LocalModel", "LocalModelError", "find_model_file"]
 
@@ -135,8 +135,9 @@ class LocalModel:
             self._process = subprocess.Popen(
                 [
                     sys.executable,
-                    "-m",
-                    "markovscale_dspy.local",
+                    "-c",
+                    # Not ``-m``: the package imports this module at start-up, and runpy would warn about it.
+                    "import sys; from markovscale_dspy.integrations.local import _serve; _serve(sys.argv[1:])",
                     "--port",
                     str(self.port),
                     "--model-path",
@@ -213,7 +214,7 @@ class LocalModel:
             return False
 
     def lm(self, *, route: str = "litellm", **kwargs: Any) -> dspy.LM:
-        """A ``dspy.LM`` for the running server (see :func:`markovscale_dspy.lms.build_lm` for routes)."""
+        """A ``dspy.LM`` for the running server (see :func:`markovscale_dspy.integrations.lms.build_lm` for routes)."""
         kwargs.setdefault("max_tokens", 256)
         return build_lm(self.model, api_base=self.api_base, route=route, structured=True, **kwargs)
 

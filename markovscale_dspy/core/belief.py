@@ -14,11 +14,11 @@ wrong -> correct   0
 wrong -> wrong     ``s``
 =================  ==============
 
-Pure functions of floats (numpy only, no DSPy), like :mod:`markovscale_dspy.theory`. An observation is ``True``
+Pure functions of floats (numpy only, no DSPy), like :mod:`markovscale_dspy.core.theory`. An observation is ``True``
 (same answer), ``False`` (changed) or ``None`` (the round failed and kept the previous answer: no step happened).
 
 Example:
-    >>> from markovscale_dspy import belief
+    >>> from markovscale_dspy.core import belief
     >>> chain = dict(p_cw=0.1, p_wc=0.4, p_same_wrong=0.3, p_change_correct=0.0)
     >>> q = belief.update(0.5, True, **chain)  # the answer survived a round unchanged
     >>> round(q, 3)
@@ -37,7 +37,8 @@ from functools import cached_property
 
 import numpy as np
 
-from markovscale_dspy.theory import TIE_TOLERANCE, _check_probability
+from markovscale_dspy.core.theory import TIE_TOLERANCE
+from markovscale_dspy.core.validation import check_probability
 
 __all__ = [
     "MAX_LOOKAHEAD",
@@ -58,10 +59,10 @@ MAX_LOOKAHEAD = 12
 
 def _params(p_cw: float, p_wc: float, p_same_wrong: float, p_change_correct: float) -> tuple[float, ...]:
     return (
-        _check_probability("p_cw", p_cw),
-        _check_probability("p_wc", p_wc),
-        _check_probability("p_same_wrong", p_same_wrong),
-        _check_probability("p_change_correct", p_change_correct),
+        check_probability("p_cw", p_cw),
+        check_probability("p_wc", p_wc),
+        check_probability("p_same_wrong", p_same_wrong),
+        check_probability("p_change_correct", p_change_correct),
     )
 
 
@@ -83,7 +84,7 @@ class HiddenChains:
 
     @classmethod
     def single(cls, p0: float, p_cw: float, p_wc: float, p_same_wrong: float, p_change_correct: float) -> HiddenChains:
-        p0 = _check_probability("p0", p0)
+        p0 = check_probability("p0", p0)
         p_cw, p_wc, s, e = _params(p_cw, p_wc, p_same_wrong, p_change_correct)
         return cls(*(np.array([x]) for x in (1.0, p0, p_cw, p_wc, s, e)))
 
@@ -181,7 +182,7 @@ def observation_probability(
 
 
 def _belief(q: float) -> np.ndarray:
-    q = _check_probability("q", q)
+    q = check_probability("q", q)
     return np.array([[1 - q, q]])
 
 

@@ -1,22 +1,63 @@
 """The calibration state MarkovRefine saves and loads through DSPy's own ``save``/``load`` (JSON, never pickle).
 
-It is a ``dspy`` Parameter, so ``module.save("x.json")`` writes it under the key of the attribute holding it, even
-when MarkovRefine is nested in a larger program, while prompt optimizers (which only touch ``Predict``) ignore it.
+It is a ``dspy`` Parameter, so ``module.save("x.json")`` writes it under the key of the attribute holding it
+(``"markov"``), while prompt optimizers (which only touch ``Predict``) ignore it. Saved LM settings are scrubbed of
+endpoints and credentials (:data:`ENDPOINT_KEYS`) wherever they appear in a state.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from dspy.predict.parameter import Parameter
 
 from markovscale_dspy._exceptions import StateError
-from markovscale_dspy._model import TransitionModel
 from markovscale_dspy._version import __version__
+from markovscale_dspy.core.model import TransitionModel
 
-__all__ = ["STATE_FORMAT", "MarkovState"]
+__all__ = ["ENDPOINT_KEYS", "STATE_FORMAT", "MarkovState", "read_state_file", "scrub_lm_state"]
 
 STATE_FORMAT = "markovscale.state/1"
+
+#: LM settings that locate an endpoint or carry credentials: never written to a state, a trace key or a report.
+ENDPOINT_KEYS = frozenset({"api_key", "api_base", "base_url", "extra_headers", "headers", "model_list"})
+
+
+def scrub_lm_state(state: Any) -> Any:
+    """A copy of a dumped DSPy state with :data:`ENDPOINT_KEYS` removed from every saved LM (``"lm"`` entries)."""
+    if isinstance(state, dict):
+        return {
+            k: (
+                {n: v for n, v in value.items() if n not in ENDPOINT_KEYS}
+                if k == "lm" and isinstance(value, dict)
+                else scrub_lm_state(value)
+            )
+            for k, value in state.items()
+        }
+    if isinstance(state, list):
+        return [scrub_lm_state(v) for v in state]
+    return state
+
+
+def read_state_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in a state file that holds a MarkovRefine state (a ``"markov"`` entry), or StateError."""
+    path = Path(path)
+    if path.suffix != ".json":
+        raise StateError(f"MarkovRefine loads JSON state only, never pickles: {path.name!r} is not a .json file")
+    try:
+        state = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise StateError(f"no state file at {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StateError(f"{path} is not valid JSON ({exc}); the file is corrupt: restore it or recalibrate") from None
+    if not isinstance(state, dict) or "markov" not in state:
+        raise StateError(
+            f"{path} holds no MarkovRefine state (no 'markov' entry): was it saved from another kind of program?"
+        )
+    return state
 
 
 class MarkovState(Parameter):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Generator, Sequence
@@ -13,15 +12,16 @@ import dspy
 import orjson
 from dspy.utils.saving import get_dependency_versions
 
-from markovscale_dspy._answers import AnswerKey, default_answer_key
-from markovscale_dspy._budget import BudgetResult, allocate
-from markovscale_dspy._chain import SELECT_MODES, Call, ChainState, Outcome, run_chain
 from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError, StateError
-from markovscale_dspy._model import TransitionModel
-from markovscale_dspy._policies import Abstain, FixedPolicy, Policy, resolve_policy
-from markovscale_dspy._signatures import answer_fields, infer_signature, refinement_signature, uses_reasoning
-from markovscale_dspy._state import MarkovState
-from markovscale_dspy._usage import measure
+from markovscale_dspy.core.answers import AnswerKey, default_answer_key
+from markovscale_dspy.core.model import TransitionModel
+from markovscale_dspy.core.policies import Abstain, FixedPolicy, Policy, resolve_policy
+from markovscale_dspy.core.validation import check_callable, check_int, check_number
+from markovscale_dspy.refine.budget import BudgetResult, allocate
+from markovscale_dspy.refine.loop import SELECT_MODES, Call, ChainState, Outcome, run_chain
+from markovscale_dspy.refine.signatures import answer_fields, infer_signature, refinement_signature, uses_reasoning
+from markovscale_dspy.refine.state import MarkovState, read_state_file, scrub_lm_state
+from markovscale_dspy.refine.usage import measure
 
 __all__ = ["MarkovRefine"]
 
@@ -98,22 +98,13 @@ class MarkovRefine(dspy.Module):
     ):
         super().__init__()
         task = infer_signature(program, signature)
-        _check_int("max_rounds", max_rounds, 0, MAX_ROUNDS_LIMIT)
-        _check_int("rollout_seed", rollout_seed, 0, None)
-        if isinstance(round_cost, bool) or not isinstance(round_cost, (int, float)) or not 0 <= round_cost < 1:
-            raise ConfigurationError(f"round_cost must be a number in [0, 1) (accuracy per round), got {round_cost!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ConfigurationError(
-                f"temperature must be > 0 so refinement rounds are fresh samples, got {temperature!r}"
-            )
-        if answer_key is not None and not callable(answer_key):
-            raise ConfigurationError(f"answer_key must be callable (outputs dict -> hashable), got {answer_key!r}")
-        if min_prob_improves is not None and (
-            isinstance(min_prob_improves, bool)
-            or not isinstance(min_prob_improves, (int, float))
-            or not 0 <= min_prob_improves <= 1
-        ):
-            raise ConfigurationError(f"min_prob_improves must be in [0, 1] or None, got {min_prob_improves!r}")
+        check_int("max_rounds", max_rounds, 0, MAX_ROUNDS_LIMIT)
+        check_int("rollout_seed", rollout_seed, 0)
+        check_number("round_cost", round_cost, 0, 1, hi_open=True, unit="accuracy per round")
+        check_number("temperature", temperature, 0, lo_open=True, unit="refinement rounds must be fresh samples")
+        if answer_key is not None:
+            check_callable("answer_key", answer_key, "answer_key(outputs dict) -> hashable")
+        check_number("min_prob_improves", min_prob_improves, 0, 1, none_ok=True)
         if select not in SELECT_MODES:
             raise ConfigurationError(f"select must be one of {SELECT_MODES}, got {select!r}")
         resolve_policy(policy)  # fail now on an unknown policy, not at the first call
@@ -151,7 +142,7 @@ class MarkovRefine(dspy.Module):
 
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
         """DSPy state of the module, with endpoints and headers of pinned LMs removed (they may hold secrets)."""
-        return _scrub(super().dump_state(json_mode=json_mode))
+        return scrub_lm_state(super().dump_state(json_mode=json_mode))
 
     def save(self, path: str | os.PathLike, save_program: bool = False, modules_to_serialize: Any = None) -> None:
         """Write the state to a ``.json`` file (atomically: a crash mid-write never leaves a half file).
@@ -179,21 +170,7 @@ class MarkovRefine(dspy.Module):
         Raises:
             StateError: the file is missing, not JSON, corrupt, from another program or an incompatible version.
         """
-        path = Path(path)
-        if path.suffix != ".json":
-            raise StateError(f"MarkovRefine loads JSON state only, never pickles: {path.name!r} is not a .json file")
-        try:
-            state = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            raise StateError(f"no state file at {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise StateError(
-                f"{path} is not valid JSON ({exc}); the file is corrupt: restore it or recalibrate"
-            ) from None
-        if not isinstance(state, dict) or "markov" not in state:
-            raise StateError(
-                f"{path} holds no MarkovRefine state (no 'markov' entry): was it saved from another kind of program?"
-            )
+        state = read_state_file(path)
         MarkovState.parse(state["markov"], self.markov.input_fields, self.markov.answer_fields)  # fail early
         state.setdefault("metadata", {"dependency_versions": {}})
         try:
@@ -202,7 +179,7 @@ class MarkovRefine(dspy.Module):
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StateError(
-                f"{path} does not fit this MarkovRefine ({type(exc).__name__}: {exc}); build the module with the "
+                f"{Path(path)} does not fit this MarkovRefine ({type(exc).__name__}: {exc}); build the module with the "
                 "same program and signature as the one that was saved"
             ) from None
         return self
@@ -232,12 +209,12 @@ class MarkovRefine(dspy.Module):
 
     def run_chain(self, rounds: int, **inputs: Any) -> dspy.Prediction:
         """Run round 0 and exactly ``rounds`` refinement rounds, with no early stopping (used for calibration)."""
-        _check_int("rounds", rounds, 0, MAX_ROUNDS_LIMIT)
+        check_int("rounds", rounds, 0, MAX_ROUNDS_LIMIT)
         return _drive(self._chain(inputs, FixedPolicy(), rounds, select="last"), self._call)
 
     async def arun_chain(self, rounds: int, **inputs: Any) -> dspy.Prediction:
         """Async twin of :meth:`run_chain`."""
-        _check_int("rounds", rounds, 0, MAX_ROUNDS_LIMIT)
+        check_int("rounds", rounds, 0, MAX_ROUNDS_LIMIT)
         return await _adrive(self._chain(inputs, FixedPolicy(), rounds, select="last"), self._acall)
 
     def answer_with_budget(
@@ -261,7 +238,7 @@ class MarkovRefine(dspy.Module):
             A :class:`BudgetResult` with one prediction per example (in order), the rounds spent and the allocation
             log.
         """
-        _check_int("budget", budget, 0, None)
+        check_int("budget", budget, 0)
         model = self._require_model("budget allocation")
         states = [
             ChainState(_inputs_of(e), self.answer_fields, self.answer_key or default_answer_key) for e in examples
@@ -359,30 +336,6 @@ class MarkovRefine(dspy.Module):
             except Exception as exc:
                 prediction, error = None, exc
         return Outcome(prediction, error, usage.to_dict())
-
-
-_ENDPOINT_KEYS = ("api_key", "api_base", "base_url", "extra_headers", "headers", "model_list")
-
-
-def _scrub(state: Any) -> Any:
-    """Drop endpoint settings of every saved LM: they may embed credentials and do not belong in a shared file."""
-    if isinstance(state, dict):
-        return {k: (_scrub_lm(v) if k == "lm" else _scrub(v)) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_scrub(v) for v in state]
-    return state
-
-
-def _scrub_lm(lm_state: Any) -> Any:
-    if isinstance(lm_state, dict):
-        return {k: v for k, v in lm_state.items() if k not in _ENDPOINT_KEYS}
-    return lm_state
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ConfigurationError(f"{name} must be an integer {bound}, got {value!r}")
 
 
 def _inputs_of(example: Any) -> dict[str, Any]:

@@ -15,11 +15,11 @@ from typing import Any
 import dspy
 from dspy.utils.parallelizer import ParallelExecutor
 
-from markovscale_dspy._calibrate import binomial_interval, score_to_label
-from markovscale_dspy._chain import describe as _describe
-from markovscale_dspy._usage import Usage, measure
+from markovscale_dspy.core.statistics import binomial_interval, score_to_label
+from markovscale_dspy.refine.loop import describe as _describe
+from markovscale_dspy.refine.usage import Usage, measure
 
-__all__ = ["MethodResult", "binomial_interval", "compare", "evaluate"]
+__all__ = ["MethodResult", "compare", "evaluate"]
 
 
 @dataclass

@@ -13,7 +13,7 @@ Everything here is a pure function of floats (numpy only, no DSPy), so the maths
 without a language model. See ``THEORY.md`` in the project notes for the derivations.
 
 Example:
-    >>> from markovscale_dspy import theory
+    >>> from markovscale_dspy.core import theory
     >>> theory.regime(0.4, 0.1, 0.3)
     'improving'
     >>> round(theory.stationary_accuracy(0.1, 0.3), 3)
@@ -30,8 +30,10 @@ from typing import overload
 import numpy as np
 
 from markovscale_dspy._exceptions import ConfigurationError
+from markovscale_dspy.core.validation import check_int, check_probability
 
 __all__ = [
+    "BOUND_KIND",
     "TIE_TOLERANCE",
     "accuracy_at",
     "convergence_rate",
@@ -43,28 +45,15 @@ __all__ = [
     "stationary_accuracy",
 ]
 
+#: What the stationary accuracy is to the refinement curve, by regime: the bound it rises to or falls to.
+BOUND_KIND = {"improving": "upper", "degrading": "lower", "neutral": "neutral"}
+
 #: Two objective values closer than this are a tie (ties go to fewer rounds).
 TIE_TOLERANCE = 1e-12
 
 
-def _check_probability(name: str, value: float) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"{name} must be a probability in [0, 1], got {value!r}") from None
-    if math.isnan(x) or not 0.0 <= x <= 1.0:
-        raise ConfigurationError(f"{name} must be a probability in [0, 1], got {value!r}")
-    return x
-
-
 def _check_chain(p_cw: float, p_wc: float) -> tuple[float, float]:
-    return _check_probability("p_cw", p_cw), _check_probability("p_wc", p_wc)
-
-
-def _check_nonnegative_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ConfigurationError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
+    return check_probability("p_cw", p_cw), check_probability("p_wc", p_wc)
 
 
 def _is_frozen(p_cw: float, p_wc: float) -> bool:
@@ -99,7 +88,7 @@ def convergence_rate(p_cw: float, p_wc: float) -> float:
 
 def one_step_gain(p0: float, p_cw: float, p_wc: float) -> float:
     """Expected accuracy change of one refinement round from accuracy ``p0``: ``p_wc (1 - p0) - p_cw p0``."""
-    p0 = _check_probability("p0", p0)
+    p0 = check_probability("p0", p0)
     p_cw, p_wc = _check_chain(p_cw, p_wc)
     return p_wc * (1.0 - p0) - p_cw * p0
 
@@ -138,7 +127,7 @@ def accuracy_at(t, p0, p_cw, p_wc):
     Returns:
         A float for scalar ``t``, a float array otherwise.
     """
-    p0 = _check_probability("p0", p0)
+    p0 = check_probability("p0", p0)
     p_cw, p_wc = _check_chain(p_cw, p_wc)
     t_arr = np.asarray(t)
     if t_arr.dtype == bool or not np.issubdtype(t_arr.dtype, np.number):
@@ -181,9 +170,9 @@ def optimal_rounds(p0: float, p_cw: float, p_wc: float, round_cost: float = 0.0,
         ValueError: a probability is invalid, ``round_cost`` is negative or not finite, or ``max_rounds`` is not a
             non-negative integer.
     """
-    p0 = _check_probability("p0", p0)
+    p0 = check_probability("p0", p0)
     p_cw, p_wc = _check_chain(p_cw, p_wc)
-    max_rounds = _check_nonnegative_int("max_rounds", max_rounds)
+    max_rounds = check_int("max_rounds", max_rounds, 0)
     c = float(round_cost)
     if math.isnan(c) or math.isinf(c) or c < 0:
         raise ConfigurationError(f"round_cost must be a finite number >= 0, got {round_cost!r}")
@@ -234,11 +223,11 @@ def rounds_to_target(p0: float, p_cw: float, p_wc: float, target: float, max_rou
         target: Accuracy to reach, in [0, 1].
         max_rounds: If given, rounds beyond it do not count (``None`` is returned instead).
     """
-    p0 = _check_probability("p0", p0)
+    p0 = check_probability("p0", p0)
     p_cw, p_wc = _check_chain(p_cw, p_wc)
-    target = _check_probability("target", target)
+    target = check_probability("target", target)
     if max_rounds is not None:
-        max_rounds = _check_nonnegative_int("max_rounds", max_rounds)
+        max_rounds = check_int("max_rounds", max_rounds, 0)
 
     def within(t: int | None) -> int | None:
         return t if t is not None and (max_rounds is None or t <= max_rounds) else None

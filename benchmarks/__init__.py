@@ -1,0 +1,1 @@
+"""The project's own benchmarks (not shipped in the wheel): ``python -m benchmarks.run --help``."""

@@ -1,0 +1,273 @@
+"""The project's benchmark harness: simulated presets, the parameter oracle, real-model runs and micro-benchmarks.
+
+Not part of the library: these are our own acceptance measurements (BENCHMARKS.md). Run them with
+``python -m benchmarks.run`` (see ``--help``).
+
+On a simulated world every method gets a fresh copy of the same world, so the same prompt gets the same answer in
+every method (common random numbers): differences between methods are differences of policy, not of luck.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dspy
+import numpy as np
+
+from benchmarks.worlds import ParameterOracle, preset_world
+from markovscale_dspy import MarkovCalibrator, MarkovRefine, TransitionModel
+from markovscale_dspy.reporting.compare import ComparisonResult, baselines, compare_methods, fixed_family
+from markovscale_dspy.reporting.evaluation import MethodResult, evaluate
+
+SimulationResult = ComparisonResult
+
+
+def run_simulation(
+    preset: str = "heterogeneous",
+    *,
+    n_train: int = 600,
+    n_test: int = 2000,
+    max_rounds: int = 6,
+    round_cost: float = 0.0,
+    seed: int = 0,
+    num_threads: int = 1,
+    program: Callable[[], dspy.Module] | None = None,
+    extra: dict[str, Callable[[TransitionModel], dspy.Module]] | None = None,
+    include_baselines: bool = False,
+    baseline_n: int = 3,
+) -> ComparisonResult:
+    """Calibrate on one world of ``preset``, then run every policy on a disjoint world of the same make-up.
+
+    Methods: fixed-N for N = 0..max_rounds, MarkovRefine ``closed_form``, ``belief`` and ``belief`` with
+    ``select="best"``, the parameter oracle and the hindsight oracle, plus any ``extra`` builders.
+    """
+    make = program or (lambda: dspy.Predict("question -> answer"))
+    train = preset_world(preset, n_train, seed=seed)
+    test = preset_world(preset, n_test, seed=seed + 1)
+    calibrator = MarkovCalibrator(train.metric, rounds=max_rounds, num_threads=num_threads)
+    with dspy.context(lm=train.lm()):
+        calibrated = calibrator.compile(
+            MarkovRefine(make(), max_rounds=max_rounds, round_cost=round_cost), trainset=train.examples
+        )
+    model = calibrated.model
+
+    def refine(**kwargs: Any) -> MarkovRefine:
+        module = MarkovRefine(make(), max_rounds=max_rounds, round_cost=round_cost, **kwargs)
+        module.model = model
+        return module
+
+    results: list[MethodResult] = []
+
+    # One fixed-max run gives the whole fixed-N frontier and the hindsight oracle.
+    world = test.fresh()
+    with dspy.context(lm=world.lm()):
+        full = evaluate(
+            refine(policy="fixed"),
+            world.examples,
+            world.metric,
+            name=f"fixed-{max_rounds}",
+            num_threads=num_threads,
+            keep_predictions=True,
+        )
+    results += fixed_family(full, world.examples, world.metric, max_rounds)
+
+    methods: dict[str, dspy.Module] = {
+        "closed_form": refine(policy="closed_form"),
+        "belief": refine(policy="belief"),
+        "belief + select best": refine(policy="belief", select="best"),
+        "parameter oracle": refine(policy=ParameterOracle(test)),
+    }
+    if include_baselines:
+        methods.update(baselines(make, n=baseline_n))
+    for name, builder in (extra or {}).items():
+        methods[name] = builder(model)
+    for name, module in methods.items():
+        world = test.fresh()
+        with dspy.context(lm=world.lm()):
+            results.append(evaluate(module, world.examples, world.metric, name=name, num_threads=num_threads))
+    return ComparisonResult(
+        preset=preset,
+        model=model,
+        results=results,
+        world=test.summary(),
+        settings={
+            "n_train": n_train,
+            "n_test": n_test,
+            "max_rounds": max_rounds,
+            "round_cost": round_cost,
+            "seed": seed,
+        },
+    )
+
+
+# Oracle at several costs: its accuracy-vs-calls curve, for comparisons at equal calls ---------------------------------
+
+
+COSTS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+
+
+def cost_curve(
+    preset: str,
+    model: TransitionModel,
+    policy: str,
+    *,
+    n_test: int,
+    max_rounds: int,
+    seed: int,
+    costs: Sequence[float] = COSTS,
+    num_threads: int = 1,
+    make: Callable[[], dspy.Module] | None = None,
+) -> list[MethodResult]:
+    """A policy run at several round costs on the test world: its accuracy-vs-calls curve.
+
+    ``policy`` is a policy name, or ``"oracle"`` for the parameter oracle. The round cost is the user's knob for
+    trading accuracy against calls, so policies are compared along these curves, at equal calls.
+    """
+    make = make or (lambda: dspy.Predict("question -> answer"))
+    test = preset_world(preset, n_test, seed=seed + 1)
+    curve = []
+    for cost in costs:
+        chosen = ParameterOracle(test) if policy == "oracle" else policy
+        module = MarkovRefine(make(), max_rounds=max_rounds, round_cost=cost, policy=chosen)
+        module.model = model
+        world = test.fresh()
+        with dspy.context(lm=world.lm()):
+            curve.append(
+                evaluate(module, world.examples, world.metric, name=f"{policy}@{cost:g}", num_threads=num_threads)
+            )
+    return curve
+
+
+def run_real(
+    task_name: str,
+    lm: dspy.LM,
+    *,
+    n_train: int = 60,
+    n_test: int = 40,
+    seed: int = 0,
+    adapter: dspy.Adapter | None = None,
+    **kwargs: Any,
+) -> ComparisonResult:
+    """Every method on a bundled task with a real LM: calibration on ``n_train`` questions, disjoint ``n_test``."""
+    from markovscale_dspy.datasets import load_task
+
+    task = load_task(task_name)
+    train, test = task.split(n_train, n_test, seed=seed)
+    with dspy.context(lm=lm, adapter=adapter or dspy.JSONAdapter(), warn_on_type_mismatch=False):
+        result = compare_methods(
+            task.program,
+            train,
+            test,
+            task.metric,
+            name=task_name,
+            description={"task": task.description, "source": task.source},
+            **kwargs,
+        )
+    result.settings["seed"] = seed
+    return result
+
+
+# Overheads and throughput --------------------------------------------------------------------------------------------
+
+
+def decision_seconds(model: TransitionModel, *, max_rounds: int = 6, repeats: int = 300) -> dict[str, float]:
+    """Median seconds of one stop decision, per policy (a mid-chain decision with an observed history)."""
+    import statistics
+
+    from markovscale_dspy.core.policies import RoundContext, resolve_policy
+
+    context = RoundContext(model, 2, max_rounds, 0.01, answer_keys=("a", "b", "b"), failed=(False, False, False))
+    out = {}
+    for name in ("closed_form", "belief"):
+        if name == "belief" and not model.has_emissions:
+            continue
+        policy = resolve_policy(name)
+        policy.decide(context)  # warm caches (prob_improves, hidden chains)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            policy.decide(context)
+            times.append(time.perf_counter() - started)
+        out[name] = statistics.median(times)
+    return out
+
+
+def fit_seconds(n_chains: int = 10_000, rounds: int = 4, seed: int = 0) -> dict[str, float]:
+    """Seconds to fit ``n_chains`` simulated chains: the chain itself, and question types by held-out likelihood."""
+    from markovscale_dspy.core.mixture import chain_statistics, select_mixture
+
+    rng = np.random.default_rng(seed)
+    labels, answers = [], []
+    for _ in range(n_chains):
+        x = bool(rng.random() < 0.4)
+        chain, keys = [x], [0]
+        for _ in range(rounds):
+            nxt = bool(rng.random() >= 0.1) if x else bool(rng.random() < 0.3)
+            keys.append(keys[-1] + (nxt != x or (not x and rng.random() < 0.5)))
+            chain.append(nxt)
+            x = nxt
+        labels.append(chain)
+        answers.append(keys)
+    started = time.perf_counter()
+    TransitionModel.fit(labels, answers=answers)
+    chain_time = time.perf_counter() - started
+    started = time.perf_counter()
+    select_mixture(chain_statistics(labels, answers))
+    return {"chain": chain_time, "question_types": time.perf_counter() - started}
+
+
+def throughput(
+    lm: dspy.LM,
+    task_name: str = "winogrande",
+    *,
+    n: int = 16,
+    rounds: int = 2,
+    threads: Sequence[int] = (2, 4),
+    adapter: dspy.Adapter | None = None,
+) -> dict[str, dict[str, float]]:
+    """Calibration throughput (LM calls per second): sequential, threaded and async, in one run.
+
+    Every configuration gets its own ``n`` questions (the server's prompt cache must not favour a later run) and
+    sequential runs both first and last, so drift during the run shows up as a difference between the two.
+    """
+    import asyncio
+
+    from markovscale_dspy.datasets import load_task
+
+    task = load_task(task_name)
+    plan = ["sequential", *(f"{k} threads" for k in threads), f"async ({max(threads)} concurrent)", "sequential again"]
+    pool, _ = task.split(n * len(plan), 0, seed=7)
+    adapter = adapter or dspy.JSONAdapter()
+    out: dict[str, dict[str, float]] = {}
+    with dspy.context(lm=lm, adapter=adapter):
+        for i, name in enumerate(plan):
+            examples = pool[i * n : (i + 1) * n]
+            started = time.perf_counter()
+            if name.startswith("async"):
+                calls = asyncio.run(_async_chains(task, examples, rounds, max(threads)))
+            else:
+                k = 1 if name.startswith("sequential") else int(name.split()[0])
+                calibrator = MarkovCalibrator(
+                    task.metric, rounds=rounds, num_threads=k, store_traces=False, question_types=1
+                )
+                calibrator.compile(MarkovRefine(task.program(), max_rounds=rounds), trainset=examples)
+                calls = calibrator.report.usage["calls"]
+            seconds = time.perf_counter() - started
+            out[name] = {"calls": calls, "seconds": seconds, "calls_per_s": calls / seconds}
+    return out
+
+
+async def _async_chains(task: Any, examples: Sequence[dspy.Example], rounds: int, limit: int) -> int:
+    import asyncio
+
+    module = MarkovRefine(task.program(), max_rounds=rounds)
+    gate = asyncio.Semaphore(limit)
+
+    async def one(example: dspy.Example) -> int:
+        async with gate:
+            pred = await module.arun_chain(rounds, **example.inputs())
+        return sum((e.get("usage") or {}).get("calls", 0) for e in pred.trajectory)
+
+    return sum(await asyncio.gather(*(one(e) for e in examples)))

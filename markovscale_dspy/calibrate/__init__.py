@@ -1,0 +1,1 @@
+"""Calibrator layer: MarkovCalibrator (a DSPy teleprompter), its resumable trace store and its report."""

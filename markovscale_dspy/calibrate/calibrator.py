@@ -1,0 +1,327 @@
+"""MarkovCalibrator: a DSPy optimizer that learns p0, p_cw and p_wc of a MarkovRefine from labelled chains."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dspy
+from dspy.teleprompt import Teleprompter
+from dspy.utils.parallelizer import ParallelExecutor
+
+from markovscale_dspy._exceptions import CalibrationError, ConfigurationError, DataError
+from markovscale_dspy.calibrate.records import ChainRecord, jsonable
+from markovscale_dspy.calibrate.report import CalibrationReport, build_report
+from markovscale_dspy.calibrate.traces import TraceStore, chain_key
+from markovscale_dspy.core.mixture import ChainMixture, chain_statistics, fit_mixture, select_mixture
+from markovscale_dspy.core.model import TransitionModel
+from markovscale_dspy.core.statistics import binomial_interval, score_to_label
+from markovscale_dspy.core.validation import check_callable, check_int, check_number, check_prior
+from markovscale_dspy.refine.loop import describe
+from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine
+from markovscale_dspy.refine.usage import Usage, measure
+
+__all__ = ["MarkovCalibrator"]
+
+logger = logging.getLogger(__name__)
+
+#: Fewer labelled examples than this cannot inform the chain at all.
+MIN_TRAINSET = 2
+
+#: ``question_types="auto"`` looks for latent types only with at least this many calibration chains.
+MIN_CHAINS_FOR_TYPES = 100
+
+
+class MarkovCalibrator(Teleprompter):
+    """Learn when refinement pays: run full refinement chains on a labelled trainset and fit the Markov chain.
+
+    ``compile(student, trainset=...)`` runs round 0 plus ``rounds`` refinements on every example (no early
+    stopping, so every transition is observed), labels each round with ``metric(example, prediction)``, fits a
+    :class:`TransitionModel` and returns a calibrated copy of the student (the student is left untouched). The
+    calibrator keeps a :class:`CalibrationReport` in ``self.report``.
+
+    Calibrate with the LM, temperature and adapter you will use at inference: the transition rates belong to that
+    decoding setup. Run prompt optimizers (which reset parameters) before calibrating, not after.
+
+    Args:
+        metric: ``metric(example, prediction, trace=None)`` returning a bool, a number (compared with
+            ``threshold``) or a Prediction with ``.score``.
+        rounds: Refinement rounds per calibration chain; ``None`` (default) uses the student's ``max_rounds``.
+            A different number warns: rates fitted on fewer rounds than the module runs are extrapolated.
+        num_threads: Threads for DSPy's parallel executor (defaults to ``dspy.settings.num_threads``).
+        prior: ``(alpha, beta)`` of the Beta prior on each parameter.
+        threshold: A numeric score counts as correct when it is at least this.
+        question_types: Latent question types to fit (a mixture of chains, by EM) for the belief policy:
+            ``"auto"`` chooses 1-4 by 5-fold held-out likelihood (with at least 100 chains), an integer forces it,
+            1 turns it off.
+        resume: Reuse finished chains from the trace store (``False``: recompute every chain, like ``--fresh``).
+        trace_dir: Where finished chains are stored (default ``$MARKOVSCALE_TRACE_DIR`` or
+            ``~/.cache/markovscale/traces``).
+        store_traces: Write finished chains to the store at all.
+        display_progress: Show a progress bar.
+
+    Example:
+        >>> import dspy
+        >>> from markovscale_dspy import MarkovCalibrator, MarkovRefine
+        >>> from markovscale_dspy.testing import SimulatedWorld
+        >>> world = SimulatedWorld.homogeneous(40, p0=0.4, p_cw=0.1, p_wc=0.3, seed=0)
+        >>> calibrator = MarkovCalibrator(world.metric, rounds=3, num_threads=1)
+        >>> with dspy.context(lm=world.lm()):
+        ...     refine = calibrator.compile(MarkovRefine(dspy.Predict("question -> answer")),
+        ...                                 trainset=world.examples)
+        >>> refine.model.regime()
+        'improving'
+    """
+
+    def __init__(
+        self,
+        metric: Callable[..., Any],
+        *,
+        rounds: int | None = None,
+        num_threads: int | None = None,
+        prior: tuple[float, float] = (1.0, 1.0),
+        threshold: float = 1.0,
+        question_types: int | str = "auto",
+        resume: bool = True,
+        trace_dir: str | os.PathLike | None = None,
+        store_traces: bool = True,
+        display_progress: bool = False,
+    ):
+        super().__init__()
+        check_callable("metric", metric, "metric(example, prediction)")
+        check_int("rounds", rounds, 1, MAX_ROUNDS_LIMIT, none_ok=True)
+        check_int("num_threads", num_threads, 1, none_ok=True)
+        check_number("threshold", threshold)
+        if question_types != "auto":
+            check_int("question_types", question_types, 1, 8)
+        self.metric = metric
+        self.rounds = rounds
+        self.num_threads = num_threads
+        self.prior = check_prior(prior)
+        self.threshold = float(threshold)
+        self.question_types = question_types
+        self.resume = resume
+        self.trace_dir = trace_dir
+        self.store_traces = store_traces
+        self.display_progress = display_progress
+        self.report: CalibrationReport | None = None
+
+    def compile(
+        self,
+        student: MarkovRefine,
+        *,
+        trainset: Sequence[dspy.Example],
+        valset: Sequence[dspy.Example] | None = None,
+        **kwargs: Any,
+    ) -> MarkovRefine:
+        """Calibrate a copy of ``student`` on ``trainset``; ``valset`` (optional) is only evaluated for the report.
+
+        Raises:
+            ConfigurationError: ``student`` is not a MarkovRefine.
+            DataError: the trainset is empty or its examples lack inputs or labels.
+            CalibrationError: no chain could be observed (every round 0 or every metric call failed).
+        """
+        if not isinstance(student, MarkovRefine):
+            raise ConfigurationError(
+                f"MarkovCalibrator calibrates a MarkovRefine, got {type(student).__name__}; wrap your program: "
+                "MarkovRefine(program)"
+            )
+        examples = _check_examples(trainset, student, "trainset")
+        rounds = self._rounds_for(student)
+        started = time.perf_counter()
+        program = student.deepcopy()
+        program.model = None
+        records = self._observe(program, examples, rounds)
+        observed = [r.observed() for r in records]
+        usable = [c for c in observed if c]
+        if not usable:
+            reasons = Counter(r.failure or r.metric_error or "no graded round" for r in records)
+            raise CalibrationError(
+                f"no usable chain among {len(records)} trainset examples; failures: "
+                + "; ".join(f"{n}x {reason}" for reason, n in reasons.most_common(3))
+            )
+        labels = [[label for label, _ in c] for c in usable]
+        answers = [[answer for _, answer in c] for c in usable]
+        model = TransitionModel.fit(labels, prior=self.prior, answers=answers)
+        model = model.with_mixture(self._question_types(labels, answers, rounds))
+        program.model = model
+        program._compiled = True
+        if model.n_transitions == 0:
+            self.report = build_report(model, records, rounds, time.perf_counter() - started, None)
+            errors = Counter(e.split(":", 1)[0] for r in records for e in r.errors if e)
+            raise CalibrationError(
+                "no refinement round succeeded, so p_cw and p_wc cannot be estimated "
+                f"(failed rounds: {dict(errors) or 'none run'}); fix the refiner's LM and re-run (chains lost to LM "
+                "errors are recomputed, the others come from the trace store). The partial report is in "
+                "calibrator.report"
+            )
+        valset_result = None
+        if valset:
+            valset_result = _evaluate(
+                program, _check_examples(valset, student, "valset"), self.metric, self.threshold, self.num_threads
+            )
+        self.report = build_report(model, records, rounds, time.perf_counter() - started, valset_result)
+        logger.info("MarkovCalibrator: %r", model)
+        return program
+
+    def _rounds_for(self, student: MarkovRefine) -> int:
+        """Chain length: ``rounds`` if given (warning when it differs from the student's cap), else the cap."""
+        if self.rounds is None:
+            if student.max_rounds < 1:
+                raise ConfigurationError(
+                    "the student has max_rounds=0, so there is no refinement to calibrate; give "
+                    "MarkovCalibrator(rounds=...) or build MarkovRefine(program, max_rounds=...) with max_rounds >= 1"
+                )
+            return student.max_rounds
+        if self.rounds != student.max_rounds:
+            warnings.warn(
+                f"MarkovCalibrator(rounds={self.rounds}) calibrates chains of a different length than the "
+                f"student's max_rounds={student.max_rounds}; "
+                + (
+                    "rounds beyond the calibrated ones are extrapolated by the homogeneous chain"
+                    if self.rounds < student.max_rounds
+                    else "the extra calibrated rounds are never run"
+                )
+                + ". Leave rounds=None to calibrate exactly the rounds the module can run",
+                UserWarning,
+                stacklevel=3,
+            )
+        return self.rounds
+
+    def _question_types(self, labels: list[list[bool]], answers: list[list[Any]], rounds: int) -> ChainMixture | None:
+        """Latent question types by EM; ``"auto"`` picks their number by held-out likelihood (1 = no mixture)."""
+        stats = chain_statistics(labels, answers)
+        if self.question_types == "auto":
+            if len(labels) < MIN_CHAINS_FOR_TYPES or rounds < 2:
+                return None  # too little data to tell types apart
+            mixture = select_mixture(stats, prior=self.prior)
+        elif self.question_types == 1:
+            return None
+        else:
+            mixture = fit_mixture(stats, self.question_types, prior=self.prior)
+        return mixture if mixture.components > 1 else None
+
+    def _observe(self, program: MarkovRefine, examples: list[dspy.Example], rounds: int) -> list[ChainRecord]:
+        executor = ParallelExecutor(
+            num_threads=self.num_threads, max_errors=len(examples) + 1, disable_progress_bar=not self.display_progress
+        )
+        jobs = list(enumerate(examples))
+        store = TraceStore(self.trace_dir) if self.store_traces else None
+        try:
+            results = executor.execute(lambda job: self._chain(program, store, rounds, *job), jobs)
+        finally:
+            if store is not None:
+                store.close()
+        # The worker never raises, but the executor may still return None (cancelled) or an exception object.
+        return [
+            r if isinstance(r, ChainRecord) else ChainRecord(index=i, failure=f"executor: {r!r}")
+            for (i, _), r in zip(jobs, results, strict=True)
+        ]
+
+    def _chain(
+        self, program: MarkovRefine, store: TraceStore | None, rounds: int, index: int, example: dspy.Example
+    ) -> ChainRecord:
+        """Worker: one full chain and its labels. Pure (returns its record) because the executor may re-run it;
+        the store write is idempotent (same key, same chain)."""
+        record = ChainRecord(index=index)
+        key = None
+        if store is not None:
+            try:
+                key = chain_key(program, rounds, example)
+            except Exception as exc:  # the store is an optimisation: without a key, just run the chain
+                logger.warning("trace store disabled for example %d: %s", index, describe(exc))
+        trajectory = store.get(key) if key is not None and self.resume else None
+        if trajectory is not None:
+            record.reused = True
+        else:
+            usage = Usage()
+            try:
+                with dspy.context(trace=[]), measure() as usage:
+                    prediction = program.run_chain(rounds, **example.inputs())
+            except Exception as exc:
+                record.failure = describe(exc)
+                record.usage = usage.to_dict()
+                return record
+            trajectory = [{**entry, "answer_key": jsonable(entry["answer_key"])} for entry in prediction.trajectory]
+            # Only chains that are the model's own behaviour are remembered; a round lost to a transient service
+            # failure (timeout, rate limit, dead server) is recomputed by the next run.
+            if key is not None and all(e.get("error_kind") in (None, "parse", "empty") for e in trajectory):
+                store.put(key, trajectory)
+        self._label(record, example, trajectory)
+        return record
+
+    def _label(self, record: ChainRecord, example: dspy.Example, trajectory: list[dict[str, Any]]) -> None:
+        usage = Usage()
+        for entry in trajectory:
+            usage = usage + Usage.from_dict(entry.get("usage"))
+            record.errors.append(entry["error"])
+            record.answers.append(jsonable(entry["answer_key"]))
+            label = None
+            if entry["error"] is None and record.metric_error is None:
+                try:
+                    label = score_to_label(self.metric(example, dspy.Prediction(**entry["outputs"])), self.threshold)
+                except Exception as exc:  # a broken metric is reported per example, never aborts the run
+                    record.metric_error = describe(exc)
+            record.labels.append(label)
+        record.usage = usage.to_dict()
+
+
+def _check_examples(dataset: Any, student: MarkovRefine, name: str) -> list[dspy.Example]:
+    if dataset is None or isinstance(dataset, (str, bytes)) or not isinstance(dataset, Sequence):
+        raise DataError(f"{name} must be a list of dspy.Example, got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise DataError(f"{name} is empty: calibration needs labelled examples (a few hundred for tight intervals)")
+    needed = list(student.signature.input_fields)
+    for i, example in enumerate(dataset):
+        if not isinstance(example, dspy.Example):
+            raise DataError(f"{name}[{i}] must be a dspy.Example, got {type(example).__name__}")
+        try:
+            inputs = example.inputs()
+        except ValueError:
+            raise DataError(
+                f"{name}[{i}] has no input fields marked; build it with dspy.Example(...).with_inputs({needed})"
+            ) from None
+        missing = [f for f in needed if f not in inputs]
+        if missing:
+            raise DataError(f"{name}[{i}] lacks input field(s) {missing} of the program (it has {list(inputs)})")
+        if not list(example.labels().keys()):
+            raise DataError(f"{name}[{i}] has no label fields (only inputs {list(inputs)}); the metric needs a label")
+    if name == "trainset" and len(dataset) < MIN_TRAINSET:
+        raise DataError(
+            f"trainset has {len(dataset)} example; calibration needs at least {MIN_TRAINSET} to estimate anything "
+            "(a few hundred for tight intervals)"
+        )
+    return list(dataset)
+
+
+def _evaluate(
+    program: MarkovRefine,
+    examples: list[dspy.Example],
+    metric: Callable[..., Any],
+    threshold: float,
+    num_threads: int | None,
+) -> dict[str, Any]:
+    executor = ParallelExecutor(num_threads=num_threads, max_errors=len(examples) + 1, disable_progress_bar=True)
+
+    def run(example: dspy.Example) -> tuple[bool, int] | None:
+        try:
+            pred = program(**example.inputs())
+            return score_to_label(metric(example, pred), threshold), pred.rounds
+        except Exception:
+            return None
+
+    results = [r for r in executor.execute(run, examples) if isinstance(r, tuple)]
+    n = len(results)
+    correct = sum(ok for ok, _ in results)
+    return {
+        "examples": len(examples),
+        "answered": n,
+        "accuracy": correct / n if n else None,
+        "interval": list(binomial_interval(correct, n)) if n else None,
+        "mean_rounds": sum(r for _, r in results) / n if n else None,
+    }

@@ -1,0 +1,59 @@
+"""What calibration observed on one trainset example: a chain of labelled rounds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ChainRecord", "jsonable"]
+
+
+@dataclass
+class ChainRecord:
+    """What calibration observed on one trainset example.
+
+    Attributes:
+        index: Position of the example in the trainset.
+        labels: Correctness of every round (``None`` where the round failed or could not be graded).
+        answers: Normalised answer of every round.
+        errors: Per round, the failure that kept the previous answer (``None`` if the round succeeded).
+        failure: Why the whole chain is missing (round 0 or the worker failed), else ``None``.
+        metric_error: The metric's exception on this example, if it raised.
+        usage: LM calls and tokens spent on the chain (when it was first run, if reused).
+        reused: Whether the chain came from the trace store instead of the LM.
+    """
+
+    index: int
+    labels: list[bool | None] = field(default_factory=list)
+    answers: list[Any] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+    failure: str | None = None
+    metric_error: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    reused: bool = False
+
+    def observed(self) -> list[tuple[bool, Any]]:
+        """The (label, answer) pairs the fit may use: failed rounds dropped (they kept the previous answer, so the
+        chain did not move), and the chain cut where the metric could not grade a real answer."""
+        chain: list[tuple[bool, Any]] = []
+        for label, answer, error in zip(self.labels, self.answers, self.errors, strict=True):
+            if error is not None:
+                continue
+            if label is None:
+                break
+            chain.append((label, _hashable(answer)))
+        return chain
+
+    def observed_chain(self) -> list[bool]:
+        """The labels of :meth:`observed`."""
+        return [label for label, _ in self.observed()]
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [jsonable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)

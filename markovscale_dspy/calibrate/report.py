@@ -1,0 +1,159 @@
+"""The calibration report: counts, estimates with intervals, the regime verdict, fit and drift checks."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from markovscale_dspy._exceptions import StateError
+from markovscale_dspy.calibrate.records import ChainRecord
+from markovscale_dspy.core.model import PARAMETERS, TransitionModel
+from markovscale_dspy.core.statistics import binomial_interval, homogeneity_test
+from markovscale_dspy.refine.usage import Usage
+
+__all__ = ["REPORT_COSTS", "CalibrationReport", "build_report"]
+
+#: Round costs the report gives the recommended number of rounds for.
+REPORT_COSTS = (0.0, 0.005, 0.01, 0.02, 0.05)
+
+
+@dataclass
+class CalibrationReport:
+    """Everything a calibration measured: counts, estimates with intervals, the regime verdict, fit checks.
+
+    ``to_dict()`` is JSON-able; the report layer renders it as text, Markdown and plots.
+    """
+
+    model: dict[str, Any]
+    rounds: int
+    examples: int
+    chains_used: int
+    estimates: dict[str, dict[str, float]]
+    regime: str
+    stationary_accuracy: float | None
+    convergence_rate: float
+    prob_improves: float
+    recommended_rounds: dict[str, int]
+    observed_accuracy: list[dict[str, float]]
+    transitions_by_round: list[dict[str, int]]
+    failures: dict[str, Any]
+    usage: dict[str, int]
+    seconds: float
+    valset: dict[str, Any] | None = None
+    chains_reused: int = 0
+    reused_usage: dict[str, int] = field(default_factory=dict)
+    drift: dict[str, Any] = field(default_factory=dict)
+    chains: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CalibrationReport:
+        """Rebuild a report saved with :meth:`to_dict` (e.g. the ``report.json`` the CLI writes)."""
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise StateError(f"not a calibration report: {exc}") from None
+
+    @classmethod
+    def from_model(cls, model: TransitionModel, horizon: int = 8) -> CalibrationReport:
+        """A report of a model alone (no calibration chains at hand): predictions, bounds and recommendations."""
+        return build_report(model, [], horizon, 0.0, None)
+
+    def transition_model(self) -> TransitionModel:
+        return TransitionModel.from_dict(self.model)
+
+
+def _drift(by_round: list[dict[str, int]]) -> dict[str, Any]:
+    """Do the transition rates change with the round? A chi-square test of homogeneity per rate."""
+    out: dict[str, Any] = {}
+    for name, (hit, miss) in {"p_cw": ("cw", "cc"), "p_wc": ("wc", "ww")}.items():
+        rows = [(r["round"], r[hit], r[miss]) for r in by_round if r[hit] + r[miss] > 0]
+        test = homogeneity_test([(h, m) for _, h, m in rows])
+        out[name] = {
+            "rates": {str(t): h / (h + m) for t, h, m in rows},
+            "chi2": None if test is None else test[0],
+            "p_value": None if test is None else test[1],
+        }
+    return out
+
+
+def build_report(
+    model: TransitionModel, records: list[ChainRecord], rounds: int, seconds: float, valset: dict[str, Any] | None
+) -> CalibrationReport:
+    observed = []
+    by_round = []
+    for t in range(rounds + 1):
+        labels = [r.labels[t] for r in records if len(r.labels) > t and r.labels[t] is not None]
+        k, n = sum(labels), len(labels)
+        lo, hi = binomial_interval(k, n)
+        observed.append(
+            {
+                "round": t,
+                "correct": k,
+                "n": n,
+                "accuracy": k / n if n else float("nan"),
+                "lo": lo,
+                "hi": hi,
+                "predicted": float(model.accuracy_at(t)),
+            }
+        )
+        if t:
+            counts = Counter()
+            for r in records:
+                if len(r.labels) > t and r.errors[t] is None and None not in (r.labels[t - 1], r.labels[t]):
+                    counts[("c" if r.labels[t - 1] else "w") + ("c" if r.labels[t] else "w")] += 1
+            by_round.append({"round": t, **{k: counts.get(k, 0) for k in ("cc", "cw", "wc", "ww")}})
+    drift = _drift(by_round)
+    round_errors = Counter(e.split(":", 1)[0] for r in records for e in r.errors if e)
+    failures = {
+        "chains_failed": sum(r.failure is not None for r in records),
+        "chain_failures": [{"index": r.index, "error": r.failure} for r in records if r.failure],
+        "rounds_failed": sum(round_errors.values()),
+        "round_errors": dict(round_errors),
+        "metric_errors": [{"index": r.index, "error": r.metric_error} for r in records if r.metric_error],
+    }
+    usage, reused = Usage(), Usage()
+    for r in records:
+        spent = Usage.from_dict(r.usage)
+        if r.reused:
+            reused = reused + spent
+        else:
+            usage = usage + spent
+    try:
+        bound = model.stationary_accuracy()
+    except ValueError:
+        bound = None
+    return CalibrationReport(
+        model=model.to_dict(),
+        rounds=rounds,
+        examples=len(records),
+        chains_used=sum(bool(r.observed_chain()) for r in records),
+        estimates={
+            name: {
+                "mean": getattr(model, name),
+                "lo": model.interval(name)[0],
+                "hi": model.interval(name)[1],
+                "se": model.standard_error(name),
+            }
+            for name in PARAMETERS
+        },
+        regime=model.regime(),
+        stationary_accuracy=bound,
+        convergence_rate=model.convergence_rate(),
+        prob_improves=model.prob_improves(),
+        recommended_rounds={str(c): model.optimal_rounds(c, rounds) for c in REPORT_COSTS},
+        observed_accuracy=observed,
+        transitions_by_round=by_round,
+        failures=failures,
+        usage=usage.to_dict(),
+        seconds=seconds,
+        valset=valset,
+        chains_reused=sum(r.reused for r in records),
+        drift=drift,
+        reused_usage=reused.to_dict(),
+        chains=[asdict(r) for r in records],
+    )

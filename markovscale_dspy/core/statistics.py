@@ -1,0 +1,71 @@
+"""Generic statistics the reports and evaluations share: intervals, differences, drift tests, metric labels.
+
+Core layer (numpy/scipy only). Nothing here knows about calibration or DSPy, so the evaluation and the calibrator
+both use it without importing each other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from scipy import stats
+
+from markovscale_dspy._exceptions import DataError
+
+__all__ = ["binomial_interval", "difference_interval", "homogeneity_test", "score_to_label"]
+
+
+def score_to_label(score: Any, threshold: float) -> bool:
+    """Turn a metric's return value (bool, number, or a Prediction with ``.score``) into correct / wrong.
+
+    Example:
+        >>> score_to_label(True, 1.0), score_to_label(0.8, 0.5), score_to_label(0.1, 0.5)
+        (True, True, False)
+    """
+    value = getattr(score, "score", score)
+    if isinstance(value, bool):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"metric returned {score!r}; expected a bool, a number or a Prediction with .score") from None
+    if math.isnan(number):
+        raise DataError("metric returned NaN")
+    return number >= threshold
+
+
+def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Jeffreys interval of a binomial proportion ``k / n`` (``nan`` bounds when ``n == 0``).
+
+    Example:
+        >>> lo, hi = binomial_interval(40, 100)
+        >>> round(lo, 3), round(hi, 3)
+        (0.308, 0.498)
+    """
+    if n == 0:
+        return float("nan"), float("nan")
+    lo, hi = stats.beta(k + 0.5, n - k + 0.5).interval(level)
+    return float(0.0 if k == 0 else lo), float(1.0 if k == n else hi)
+
+
+def difference_interval(
+    correct_a: int, n_a: int, correct_b: int, n_b: int, level: float = 0.95
+) -> tuple[float, float, float]:
+    """Difference of two independent proportions ``a - b`` with a normal-approximation interval."""
+    pa = correct_a / n_a if n_a else math.nan
+    pb = correct_b / n_b if n_b else math.nan
+    diff = pa - pb
+    var = sum(p * (1 - p) / n for p, n in ((pa, n_a), (pb, n_b)) if n)
+    half = float(stats.norm.ppf(0.5 + level / 2)) * math.sqrt(var)
+    return diff, diff - half, diff + half
+
+
+def homogeneity_test(rows: Sequence[tuple[int, int]]) -> tuple[float, float] | None:
+    """Chi-square test that every row ``(hits, misses)`` has the same rate; ``None`` when it cannot be run."""
+    rows = [(h, m) for h, m in rows if h + m > 0]
+    if len(rows) < 2 or sum(h for h, _ in rows) == 0 or sum(m for _, m in rows) == 0:
+        return None
+    chi2, p_value, _, _ = stats.chi2_contingency([list(r) for r in rows])
+    return float(chi2), float(p_value)

@@ -1,0 +1,1 @@
+"""Module layer: MarkovRefine, the refinement loop it drives sync and async, its signatures and saved state."""

@@ -1,0 +1,1 @@
+"""Reporting layer: evaluation and method comparison, text and Markdown reports, plots."""

@@ -1,0 +1,278 @@
+"""Compare refinement methods on your own program, task and LM: every method on the same questions, side by side.
+
+Reporting layer. :func:`compare_methods` calibrates MarkovRefine on a trainset, then runs on a disjoint test set:
+no refinement and fixed-N refinement (read off one fixed-``max_rounds`` run: fixed-N's chain is the first N rounds of
+it), MarkovRefine with the ``closed_form`` and ``belief`` policies, the hindsight limit, and the alternatives a DSPy
+user would otherwise pick (``dspy.BestOfN`` and ``dspy.Refine`` with a self-judge reward, self-consistency).
+``markovscale bench`` runs it from the command line.
+
+The *hindsight oracle* knows the labels and stops at the first correct round of the fixed-max run (or at round 0 if
+none is correct): what no stopping rule can beat.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dspy
+import numpy as np
+
+from markovscale_dspy.calibrate.calibrator import MarkovCalibrator
+from markovscale_dspy.core.answers import normalize_answer
+from markovscale_dspy.core.model import TransitionModel
+from markovscale_dspy.refine.markov_refine import MarkovRefine
+from markovscale_dspy.refine.usage import Usage
+from markovscale_dspy.reporting.evaluation import MethodResult, evaluate
+
+__all__ = [
+    "ComparisonResult",
+    "JudgeAnswer",
+    "SelfConsistency",
+    "baselines",
+    "compare_methods",
+    "fixed_curve",
+    "fixed_family",
+    "frontier_at",
+    "hindsight",
+    "self_judge_reward",
+]
+
+
+class JudgeAnswer(dspy.Signature):
+    """Judge whether the proposed answer to the question is correct."""
+
+    question: str = dspy.InputField()
+    proposed_answer: str = dspy.InputField()
+    is_correct: bool = dspy.OutputField(desc="true if the proposed answer is correct")
+
+
+def self_judge_reward(answer_field: str = "answer") -> Callable[[dict, Any], float]:
+    """A reward for ``dspy.Refine`` / ``dspy.BestOfN`` that needs no gold label: the model judges its own answer.
+
+    Returns 1.0 when the judge says correct, else 0.0 (also when the judge's output cannot be parsed).
+    """
+    judge = dspy.Predict(JudgeAnswer)
+
+    def reward(args: dict, prediction: Any) -> float:
+        question = str(next(iter(args.values()))) if len(args) == 1 else "\n".join(f"{k}: {v}" for k, v in args.items())
+        try:
+            verdict = judge(question=question, proposed_answer=str(getattr(prediction, answer_field, "")))
+            return 1.0 if verdict.is_correct else 0.0
+        except Exception:
+            return 0.0
+
+    return reward
+
+
+class SelfConsistency(dspy.Module):
+    """Baseline: ``n`` independent samples of the program, majority vote on the normalised answer."""
+
+    def __init__(self, program: dspy.Module, n: int = 5, temperature: float = 0.7, answer_field: str = "answer"):
+        super().__init__()
+        self.program = program
+        self.n = n
+        self.temperature = temperature
+        self.answer_field = answer_field
+
+    def forward(self, **inputs: Any) -> dspy.Prediction:
+        lm = dspy.settings.lm
+        samples = []
+        for i in range(self.n):
+            with dspy.context(lm=lm.copy(rollout_id=10_000 + i, temperature=self.temperature)):
+                try:
+                    samples.append(self.program(**inputs))
+                except Exception:  # a failed sample just does not vote
+                    continue
+        if not samples:
+            raise RuntimeError("every self-consistency sample failed")
+        votes = Counter(normalize_answer(getattr(s, self.answer_field, None)) for s in samples)
+        winner = votes.most_common(1)[0][0]
+        chosen = next(s for s in samples if normalize_answer(getattr(s, self.answer_field, None)) == winner)
+        return dspy.Prediction(**dict(chosen.items()), rounds=len(samples) - 1)
+
+
+def baselines(make: Callable[[], dspy.Module], n: int = 3) -> dict[str, dspy.Module]:
+    """What users would pick instead: ``dspy.BestOfN`` and ``dspy.Refine`` with a self-judge reward (no gold
+    label exists at inference), and self-consistency, each with ``n`` attempts."""
+    return {
+        f"dspy.BestOfN (N={n}, self-judge)": dspy.BestOfN(make(), N=n, reward_fn=self_judge_reward(), threshold=1.0),
+        f"dspy.Refine (N={n}, self-judge)": dspy.Refine(make(), N=n, reward_fn=self_judge_reward(), threshold=1.0),
+        f"self-consistency (N={n})": SelfConsistency(make(), n=n),
+    }
+
+
+@dataclass
+class ComparisonResult:
+    """Every method's result on one test set, with the calibrated model and a description of the task."""
+
+    preset: str
+    model: TransitionModel
+    results: list[MethodResult]
+    world: dict[str, Any]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def by_name(self, name: str) -> MethodResult:
+        return next(r for r in self.results if r.name == name)
+
+    def fixed(self) -> list[MethodResult]:
+        return [r for r in self.results if r.name.startswith("fixed-")]
+
+
+def fixed_curve(
+    run: MethodResult,
+    predictions: Sequence[dspy.Prediction],
+    examples: Sequence[dspy.Example],
+    metric: Callable[..., Any],
+    max_rounds: int,
+) -> list[MethodResult]:
+    """Fixed-N results for N = 0..max_rounds, read off the trajectories of one fixed-``max_rounds`` run."""
+    curve = []
+    for n in range(max_rounds + 1):
+        labels, usage = [], Usage()
+        for example, pred in zip(examples, predictions, strict=True):
+            rounds = pred.trajectory[: n + 1]
+            labels.append(bool(metric(example, dspy.Prediction(**rounds[-1]["outputs"]))))
+            usage = sum((Usage.from_dict(entry.get("usage")) for entry in rounds), usage)
+        curve.append(
+            MethodResult(
+                name=f"fixed-{n}",
+                n=len(labels),
+                correct=sum(labels),
+                calls=usage.calls,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                seconds=run.seconds * usage.calls / max(run.calls, 1),
+                rounds=n * len(labels),
+                failures=0,
+                labels=labels,
+            )
+        )
+    return curve
+
+
+def fixed_family(
+    run: MethodResult, examples: Sequence[dspy.Example], metric: Callable[..., Any], max_rounds: int
+) -> list[MethodResult]:
+    """The fixed-N curve and the hindsight oracle from one fixed-``max_rounds`` run kept with its predictions
+    (questions whose round 0 failed are left out)."""
+    kept = [(e, p) for e, p in zip(examples, run.predictions, strict=True) if p is not None]
+    examples, predictions = [e for e, _ in kept], [p for _, p in kept]
+    return [*fixed_curve(run, predictions, examples, metric, max_rounds), hindsight(predictions, examples, metric)]
+
+
+def hindsight(
+    predictions: Sequence[dspy.Prediction], examples: Sequence[dspy.Example], metric: Callable[..., Any]
+) -> MethodResult:
+    """Stop each question at its first correct round (round 0 if none): the limit no stopping rule can beat."""
+    labels, calls, rounds = [], 0, 0
+    for example, pred in zip(examples, predictions, strict=True):
+        correct = [bool(metric(example, dspy.Prediction(**e["outputs"]))) for e in pred.trajectory]
+        stop = correct.index(True) if any(correct) else 0
+        labels.append(correct[stop])
+        calls += stop + 1
+        rounds += stop
+    return MethodResult(
+        name="hindsight oracle",
+        n=len(labels),
+        correct=sum(labels),
+        calls=calls,
+        prompt_tokens=0,
+        completion_tokens=0,
+        seconds=0.0,
+        rounds=rounds,
+        failures=0,
+        labels=labels,
+    )
+
+
+def frontier_at(curve: Sequence[MethodResult], calls: float) -> float:
+    """Accuracy of the fixed-N frontier linearly interpolated to ``calls`` LM calls per question."""
+    xs = [r.mean_calls for r in curve]
+    ys = [r.accuracy for r in curve]
+    return float(np.interp(calls, xs, ys))
+
+
+def compare_methods(
+    program: Callable[[], dspy.Module],
+    trainset: Sequence[dspy.Example],
+    testset: Sequence[dspy.Example],
+    metric: Callable[..., Any],
+    *,
+    name: str = "task",
+    max_rounds: int = 3,
+    round_cost: float = 0.01,
+    num_threads: int | None = None,
+    include_baselines: bool = True,
+    baseline_n: int = 3,
+    resume: bool = False,
+    description: dict[str, Any] | None = None,
+) -> ComparisonResult:
+    """Calibrate on ``trainset`` and run every method on ``testset`` with the LM and adapter of ``dspy.settings``.
+
+    Args:
+        program: Builds a fresh copy of the program to refine (each method gets its own).
+        trainset: Labelled calibration examples.
+        testset: Labelled held-out examples, disjoint from ``trainset``.
+        metric: ``metric(example, prediction)``.
+        name: What the result is called in reports.
+        max_rounds: Refinement rounds of the fixed-N family and the cap of MarkovRefine.
+        round_cost: MarkovRefine's round cost.
+        num_threads: Concurrent questions.
+        include_baselines: Also run ``dspy.BestOfN``, ``dspy.Refine`` (self-judge) and self-consistency.
+        baseline_n: Attempts of each baseline.
+        resume: Reuse calibration chains from the trace store.
+        description: What to say about the task and data in the result.
+
+    Example:
+        >>> import dspy
+        >>> from markovscale_dspy.testing import SimulatedWorld
+        >>> train = SimulatedWorld.homogeneous(30, p0=0.4, p_cw=0.1, p_wc=0.3, seed=0)
+        >>> test = SimulatedWorld.homogeneous(20, p0=0.4, p_cw=0.1, p_wc=0.3, seed=1)
+        >>> with dspy.context(lm=test.lm()):
+        ...     result = compare_methods(lambda: dspy.Predict("question -> answer"), train.examples,
+        ...                              test.examples, test.metric, num_threads=1, include_baselines=False)
+        >>> [r.name for r in result.results][:3]
+        ['fixed-0', 'fixed-1', 'fixed-2']
+    """
+    calibrator = MarkovCalibrator(metric, rounds=max_rounds, num_threads=num_threads, resume=resume)
+    calibrated = calibrator.compile(
+        MarkovRefine(program(), max_rounds=max_rounds, round_cost=round_cost), trainset=list(trainset)
+    )
+    model = calibrated.model
+
+    def refine(**kwargs: Any) -> MarkovRefine:
+        module = MarkovRefine(program(), max_rounds=max_rounds, round_cost=round_cost, **kwargs)
+        module.model = model
+        return module
+
+    testset = list(testset)
+    full = evaluate(
+        refine(policy="fixed"),
+        testset,
+        metric,
+        name=f"fixed-{max_rounds}",
+        num_threads=num_threads,
+        keep_predictions=True,
+    )
+    results = fixed_family(full, testset, metric, max_rounds)
+    methods: dict[str, dspy.Module] = {"closed_form": refine(policy="closed_form"), "belief": refine(policy="belief")}
+    if include_baselines:
+        methods.update(baselines(program, n=baseline_n))
+    for method, module in methods.items():
+        results.append(evaluate(module, testset, metric, name=method, num_threads=num_threads))
+    return ComparisonResult(
+        preset=name,
+        model=model,
+        results=results,
+        world=dict(description or {}),
+        settings={
+            "n_train": len(trainset),
+            "n_test": len(testset),
+            "max_rounds": max_rounds,
+            "round_cost": round_cost,
+            "calibration": calibrator.report.to_dict() | {"chains": []},
+        },
+    )
