@@ -268,6 +268,6 @@ async def _async_chains(task: Any, examples: Sequence[dspy.Example], rounds: int
     async def one(example: dspy.Example) -> int:
         async with gate:
             pred = await module.arun_chain(rounds, **example.inputs())
-        return sum((e.get("usage") or {}).get("calls", 0) for e in pred.trajectory)
+        return sum((e.get("usage") or {}).get("calls", 0) for e in pred.markovscale.trajectory)
 
     return sum(await asyncio.gather(*(one(e) for e in examples)))

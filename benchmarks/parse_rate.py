@@ -17,12 +17,12 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import dspy
 from dspy.utils.parallelizer import ParallelExecutor
-from scipy import stats
-
-from markovscale_dspy import MarkovRefine
 from markovscale_dspy.datasets import load_task
 from markovscale_dspy.lms import build_lm
 from markovscale_dspy.local import LocalModel
+from scipy import stats
+
+from markovscale_dspy import MarkovRefine
 
 
 def interval(k, n):
@@ -38,8 +38,8 @@ def run(task, examples, lm, threads):
             pred = refine(**example.inputs())
         except Exception as exc:  # round 0 failed to parse
             return ("round0_failed", type(exc).__name__)
-        correct = bool(task.metric(example, dspy.Prediction(**pred.trajectory[0]["outputs"])))
-        return ("ok", correct, pred.trajectory[1]["error"])
+        correct = bool(task.metric(example, dspy.Prediction(**pred.markovscale.trajectory[0]["outputs"])))
+        return ("ok", correct, pred.markovscale.trajectory[1]["error"])
 
     with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
         return ParallelExecutor(num_threads=threads, disable_progress_bar=True).execute(one, examples)

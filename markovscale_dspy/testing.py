@@ -29,11 +29,13 @@ import random
 import re
 import threading
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import dspy
+from dspy._vendor.lm15.result import response_to_events
+from dspy._vendor.lm15.types import StreamDeltaEvent, TextDelta
 from dspy.lm15 import Message, Response, TextPart, Usage
 
 from markovscale_dspy._exceptions import ConfigurationError
@@ -104,6 +106,10 @@ def _output_fields(system: str) -> dict[str, str]:
 
 def _filler(kind: str) -> Any:
     """A well-typed placeholder for an output field the simulation does not model."""
+    if kind.startswith("Literal["):
+        # A choice (e.g. ReAct's next tool): "finish" when offered, so agents end, else the first option.
+        options = re.findall(r"'([^']*)'", kind)
+        return "finish" if "finish" in options else (options[0] if options else "")
     kind = kind.lower()
     if kind.startswith("dict"):
         return {}
@@ -167,6 +173,19 @@ class SimulatedEngine:
             occurrence = self._seen[text]
         digest = hashlib.sha256(f"{self.world.seed}|{occurrence}|{text}".encode()).digest()
         return random.Random(int.from_bytes(digest[:8], "big"))
+
+    def stream(self, request: Any) -> Iterator[Any]:
+        """The answer of :meth:`complete` as stream events, so ``dspy.streamify`` and stream listeners work.
+
+        The text arrives line by line, as a real server's tokens would, so field listeners see a field begin,
+        grow and end.
+        """
+        for event in response_to_events(self.complete(request)):
+            if event.type == "delta" and event.delta.type == "text":
+                for piece in event.delta.text.splitlines(keepends=True):
+                    yield StreamDeltaEvent(delta=TextDelta(text=piece, part_index=event.delta.part_index))
+            else:
+                yield event
 
     def complete(self, request: Any) -> Response:
         system = _system_text(request)
@@ -245,6 +264,10 @@ class _AsyncSimulatedEngine:
 
     async def complete(self, request: Any) -> Response:
         return self.engine.complete(request)
+
+    async def stream(self, request: Any) -> AsyncIterator[Any]:
+        for event in self.engine.stream(request):
+            yield event
 
     def __deepcopy__(self, memo: dict) -> _AsyncSimulatedEngine:
         return self

@@ -17,10 +17,10 @@ from dspy.utils.parallelizer import ParallelExecutor
 from markovscale_dspy._exceptions import CalibrationError, ConfigurationError, DataError
 from markovscale_dspy.calibrate.records import ChainRecord, jsonable
 from markovscale_dspy.calibrate.report import CalibrationReport, build_report
-from markovscale_dspy.calibrate.traces import TraceStore, chain_key
+from markovscale_dspy.calibrate.traces import TraceStore, UnknownLMIdentityError, chain_key
 from markovscale_dspy.core.mixture import ChainMixture, chain_statistics, fit_mixture, select_mixture
 from markovscale_dspy.core.model import TransitionModel
-from markovscale_dspy.core.statistics import binomial_interval, score_to_label
+from markovscale_dspy.core.statistics import PARTIAL_SCORE, binomial_interval, score_to_label
 from markovscale_dspy.core.validation import check_callable, check_int, check_number, check_prior
 from markovscale_dspy.refine.loop import describe
 from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine
@@ -55,7 +55,8 @@ class MarkovCalibrator(Teleprompter):
             A different number warns: rates fitted on fewer rounds than the module runs are extrapolated.
         num_threads: Threads for DSPy's parallel executor (defaults to ``dspy.settings.num_threads``).
         prior: ``(alpha, beta)`` of the Beta prior on each parameter.
-        threshold: A numeric score counts as correct when it is at least this.
+        threshold: A numeric score counts as correct when it is at least this. ``None`` (default) accepts only
+            all-or-nothing scores (bools, 1/0) and raises ConfigurationError on a partial score such as 0.8.
         question_types: Latent question types to fit (a mixture of chains, by EM) for the belief policy:
             ``"auto"`` chooses 1-4 by 5-fold held-out likelihood (with at least 100 chains), an integer forces it,
             1 turns it off.
@@ -63,6 +64,9 @@ class MarkovCalibrator(Teleprompter):
         trace_dir: Where finished chains are stored (default ``$MARKOVSCALE_TRACE_DIR`` or
             ``~/.cache/markovscale/traces``).
         store_traces: Write finished chains to the store at all.
+        trace_key: Names the LM for the trace store when it has no identity of its own (``DummyLM``, a custom
+            ``BaseLM``, an engine without ``fingerprint``). Without it such calibrations neither store nor reuse
+            chains: two different LMs must never share them.
         display_progress: Show a progress bar.
 
     Example:
@@ -85,30 +89,32 @@ class MarkovCalibrator(Teleprompter):
         rounds: int | None = None,
         num_threads: int | None = None,
         prior: tuple[float, float] = (1.0, 1.0),
-        threshold: float = 1.0,
+        threshold: float | None = None,
         question_types: int | str = "auto",
         resume: bool = True,
         trace_dir: str | os.PathLike | None = None,
         store_traces: bool = True,
         display_progress: bool = False,
+        trace_key: str | None = None,
     ):
         super().__init__()
         check_callable("metric", metric, "metric(example, prediction)")
         check_int("rounds", rounds, 1, MAX_ROUNDS_LIMIT, none_ok=True)
         check_int("num_threads", num_threads, 1, none_ok=True)
-        check_number("threshold", threshold)
+        check_number("threshold", threshold, none_ok=True)
         if question_types != "auto":
             check_int("question_types", question_types, 1, 8)
         self.metric = metric
         self.rounds = rounds
         self.num_threads = num_threads
         self.prior = check_prior(prior)
-        self.threshold = float(threshold)
+        self.threshold = threshold if threshold is None else float(threshold)
         self.question_types = question_types
         self.resume = resume
         self.trace_dir = trace_dir
         self.store_traces = store_traces
         self.display_progress = display_progress
+        self.trace_key = trace_key
         self.report: CalibrationReport | None = None
 
     def compile(
@@ -136,7 +142,15 @@ class MarkovCalibrator(Teleprompter):
         started = time.perf_counter()
         program = student.deepcopy()
         program.model = None
-        records = self._observe(program, examples, rounds)
+        records, store_dir = self._observe(program, examples, rounds)
+        reused = sum(r.reused for r in records)
+        logger.info("MarkovCalibrator: %d of %d chains reused from %s", reused, len(records), store_dir or "no store")
+        partial = next((r.metric_error for r in records if r.metric_error and PARTIAL_SCORE in r.metric_error), None)
+        if partial is not None:
+            raise ConfigurationError(
+                f"the metric gives partial credit ({partial.split(': ', 1)[-1]}). The finished chains are kept in "
+                "the trace store, so re-running with a threshold costs no LM call"
+            )
         observed = [r.observed() for r in records]
         usable = [c for c in observed if c]
         if not usable:
@@ -149,10 +163,11 @@ class MarkovCalibrator(Teleprompter):
         answers = [[answer for _, answer in c] for c in usable]
         model = TransitionModel.fit(labels, prior=self.prior, answers=answers)
         model = model.with_mixture(self._question_types(labels, answers, rounds))
+        # Not marked _compiled: a calibrated MarkovRefine stays visible to parents (save/load, named_predictors,
+        # set_lm) and to prompt optimizers run after calibration, which keep its model (see MarkovState.reset).
         program.model = model
-        program._compiled = True
         if model.n_transitions == 0:
-            self.report = build_report(model, records, rounds, time.perf_counter() - started, None)
+            self.report = build_report(model, records, rounds, time.perf_counter() - started, None, store_dir)
             errors = Counter(e.split(":", 1)[0] for r in records for e in r.errors if e)
             raise CalibrationError(
                 "no refinement round succeeded, so p_cw and p_wc cannot be estimated "
@@ -165,7 +180,7 @@ class MarkovCalibrator(Teleprompter):
             valset_result = _evaluate(
                 program, _check_examples(valset, student, "valset"), self.metric, self.threshold, self.num_threads
             )
-        self.report = build_report(model, records, rounds, time.perf_counter() - started, valset_result)
+        self.report = build_report(model, records, rounds, time.perf_counter() - started, valset_result, store_dir)
         logger.info("MarkovCalibrator: %r", model)
         return program
 
@@ -206,22 +221,42 @@ class MarkovCalibrator(Teleprompter):
             mixture = fit_mixture(stats, self.question_types, prior=self.prior)
         return mixture if mixture.components > 1 else None
 
-    def _observe(self, program: MarkovRefine, examples: list[dspy.Example], rounds: int) -> list[ChainRecord]:
+    def _observe(
+        self, program: MarkovRefine, examples: list[dspy.Example], rounds: int
+    ) -> tuple[list[ChainRecord], str | None]:
         executor = ParallelExecutor(
             num_threads=self.num_threads, max_errors=len(examples) + 1, disable_progress_bar=not self.display_progress
         )
         jobs = list(enumerate(examples))
-        store = TraceStore(self.trace_dir) if self.store_traces else None
+        store = (
+            TraceStore(self.trace_dir) if self.store_traces and self._identifiable(program, rounds, examples) else None
+        )
         try:
             results = executor.execute(lambda job: self._chain(program, store, rounds, *job), jobs)
         finally:
             if store is not None:
                 store.close()
         # The worker never raises, but the executor may still return None (cancelled) or an exception object.
-        return [
+        records = [
             r if isinstance(r, ChainRecord) else ChainRecord(index=i, failure=f"executor: {r!r}")
             for (i, _), r in zip(jobs, results, strict=True)
         ]
+        return records, None if store is None else str(store.directory)
+
+    def _identifiable(self, program: MarkovRefine, rounds: int, examples: list[dspy.Example]) -> bool:
+        """Whether chains can be keyed by the LM's identity (else they are neither stored nor reused)."""
+        try:
+            chain_key(program, rounds, examples[0], self.trace_key)
+        except UnknownLMIdentityError as exc:
+            logger.warning(
+                "MarkovCalibrator: finished chains are not stored or reused, because %s; pass "
+                "MarkovCalibrator(trace_key='...') naming the LM to make them resumable",
+                exc,
+            )
+            return False
+        except Exception:  # any other key failure is handled per example
+            pass
+        return True
 
     def _chain(
         self, program: MarkovRefine, store: TraceStore | None, rounds: int, index: int, example: dspy.Example
@@ -232,7 +267,7 @@ class MarkovCalibrator(Teleprompter):
         key = None
         if store is not None:
             try:
-                key = chain_key(program, rounds, example)
+                key = chain_key(program, rounds, example, self.trace_key)
             except Exception as exc:  # the store is an optimisation: without a key, just run the chain
                 logger.warning("trace store disabled for example %d: %s", index, describe(exc))
         trajectory = store.get(key) if key is not None and self.resume else None
@@ -247,7 +282,9 @@ class MarkovCalibrator(Teleprompter):
                 record.failure = describe(exc)
                 record.usage = usage.to_dict()
                 return record
-            trajectory = [{**entry, "answer_key": jsonable(entry["answer_key"])} for entry in prediction.trajectory]
+            trajectory = [
+                {**entry, "answer_key": jsonable(entry["answer_key"])} for entry in prediction.markovscale.trajectory
+            ]
             # Only chains that are the model's own behaviour are remembered; a round lost to a transient service
             # failure (timeout, rate limit, dead server) is recomputed by the next run.
             if key is not None and all(e.get("error_kind") in (None, "parse", "empty") for e in trajectory):
@@ -311,7 +348,7 @@ def _evaluate(
     def run(example: dspy.Example) -> tuple[bool, int] | None:
         try:
             pred = program(**example.inputs())
-            return score_to_label(metric(example, pred), threshold), pred.rounds
+            return score_to_label(metric(example, pred), threshold), pred.markovscale.rounds
         except Exception:
             return None
 

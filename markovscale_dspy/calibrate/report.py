@@ -42,6 +42,7 @@ class CalibrationReport:
     seconds: float
     valset: dict[str, Any] | None = None
     chains_reused: int = 0
+    trace_store: str | None = None
     reused_usage: dict[str, int] = field(default_factory=dict)
     drift: dict[str, Any] = field(default_factory=dict)
     chains: list[dict[str, Any]] = field(default_factory=list, repr=False)
@@ -82,7 +83,12 @@ def _drift(by_round: list[dict[str, int]]) -> dict[str, Any]:
 
 
 def build_report(
-    model: TransitionModel, records: list[ChainRecord], rounds: int, seconds: float, valset: dict[str, Any] | None
+    model: TransitionModel,
+    records: list[ChainRecord],
+    rounds: int,
+    seconds: float,
+    valset: dict[str, Any] | None,
+    trace_store: str | None = None,
 ) -> CalibrationReport:
     observed = []
     by_round = []
@@ -153,6 +159,7 @@ def build_report(
         seconds=seconds,
         valset=valset,
         chains_reused=sum(r.reused for r in records),
+        trace_store=trace_store,
         drift=drift,
         reused_usage=reused.to_dict(),
         chains=[asdict(r) for r in records],

@@ -23,7 +23,7 @@ import dspy
 
 from markovscale_dspy.refine.state import ENDPOINT_KEYS
 
-__all__ = ["DEFAULT_TRACE_DIR", "TraceStore", "chain_key"]
+__all__ = ["DEFAULT_TRACE_DIR", "TraceStore", "UnknownLMIdentityError", "chain_key", "lm_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,33 +39,64 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()
 
 
+class UnknownLMIdentityError(Exception):
+    """An LM whose answers cannot be told apart from another's (no named engine, no fingerprint)."""
+
+
 def lm_fingerprint(lm: Any) -> dict[str, Any]:
-    """What about an LM decides its answers: model, sampling settings, engine and endpoint (the last two hashed)."""
+    """What about an LM decides its answers: model, sampling settings, engine and endpoint (the last two hashed).
+
+    Raises:
+        UnknownLMIdentityError: the LM is not a ``dspy.LM`` with a named engine, nor a custom engine with a
+            ``fingerprint`` (``DummyLM``, a ``BaseLM`` subclass, an engine object without one): two different such
+            LMs would look alike, so their chains must not be shared.
+    """
     if lm is None:
         return {"lm": None}
+    engine = getattr(lm, "_engine_spec", None)
+    if not isinstance(lm, dspy.LM):
+        raise UnknownLMIdentityError(
+            f"{type(lm).__name__} {getattr(lm, 'model', '')!r} has no identity to key chains by"
+        )
+    if engine is not None and not isinstance(engine, str):
+        fingerprint = getattr(engine, "fingerprint", None)
+        if not isinstance(fingerprint, str):
+            raise UnknownLMIdentityError(
+                f"the custom engine {type(engine).__qualname__} of {lm.model!r} has no `fingerprint` string"
+            )
+        engine = fingerprint
     kwargs = dict(getattr(lm, "kwargs", {}) or {})
     endpoint = {k: kwargs.pop(k) for k in list(kwargs) if k in ENDPOINT_KEYS}
     endpoint.pop("api_key", None)  # the key does not change answers
-    engine = getattr(lm, "_engine_spec", None)
-    if engine is not None and not isinstance(engine, str):
-        # A custom engine: its own fingerprint if it offers one (what it answers), else its class.
-        engine = getattr(engine, "fingerprint", None) or f"{type(engine).__module__}.{type(engine).__qualname__}"
     return {
-        "model": getattr(lm, "model", type(lm).__name__),
+        "model": lm.model,
         "model_type": getattr(lm, "model_type", None),
         "kwargs": kwargs,
         "endpoint": _digest(endpoint) if endpoint else None,
-        "engine": engine if isinstance(engine, (str, type(None))) else repr(engine),
+        "engine": engine,
     }
 
 
-def chain_key(program: Any, rounds: int, example: dspy.Example) -> str:
-    """Key of one calibration chain: program state, refinement settings, LM, adapter and example."""
+def chain_key(program: Any, rounds: int, example: dspy.Example, trace_key: str | None = None) -> str:
+    """Key of one calibration chain: program state, refinement settings, LM, adapter and example.
+
+    ``trace_key`` stands in for the identity of LMs that have none (see :func:`lm_fingerprint`); without it such
+    an LM raises UnknownLMIdentityError, and the chain is not stored or reused.
+    """
+
+    def identity(lm: Any) -> Any:
+        try:
+            return lm_fingerprint(lm)
+        except UnknownLMIdentityError:
+            if trace_key is None:
+                raise
+            return {"trace_key": trace_key, "model": getattr(lm, "model", type(lm).__name__)}
+
     state = {
         name: {
             "signature": predictor.signature.dump_state(),
             "demos": [demo.toDict() if hasattr(demo, "toDict") else demo for demo in predictor.demos],
-            "lm": lm_fingerprint(predictor.lm) if predictor.lm is not None else None,
+            "lm": identity(predictor.lm) if predictor.lm is not None else None,
         }
         for name, predictor in program.named_predictors()
     }
@@ -76,9 +107,11 @@ def chain_key(program: Any, rounds: int, example: dspy.Example) -> str:
         "temperature": program.temperature,
         "rollout_seed": program.rollout_seed,
         "answer_fields": program.answer_fields,
-        "lm": lm_fingerprint(lm or dspy.settings.lm),
+        "lm": identity(lm or dspy.settings.lm),
+        "refiner_lm": identity(program.refiner_lm) if program.refiner_lm is not None else None,
         "adapter": type(dspy.settings.adapter).__name__ if dspy.settings.adapter is not None else "ChatAdapter",
         "example": example.toDict(),
+        "trace_key": trace_key,
     }
     return _digest(settings)
 

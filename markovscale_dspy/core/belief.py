@@ -231,27 +231,18 @@ def continuation_value(
     return chain.continuation_value(_belief(q), rounds_left, round_cost)
 
 
-def should_refine(
-    q: float,
-    rounds_left: int,
-    round_cost: float,
-    p_cw: float,
-    p_wc: float,
-    p_same_wrong: float,
-    p_change_correct: float,
-) -> bool:
-    """Whether another round beats stopping now with the current answer (strictly; ties stop)."""
-    chain = HiddenChains.single(0.5, p_cw, p_wc, p_same_wrong, p_change_correct)
-    return chain.should_refine(_belief(q), rounds_left, round_cost)
+def should_refine(q: float, rounds_left: int, round_cost: float, **rates: float) -> bool:
+    """Whether another round beats stopping now with the current answer (strictly; ties stop).
+
+    ``rates`` are the chain's ``p_cw``, ``p_wc``, ``p_same_wrong`` and ``p_change_correct``.
+    """
+    return HiddenChains.single(0.5, **rates).should_refine(_belief(q), rounds_left, round_cost)
 
 
-def smooth(
-    p0: float,
-    observations: Sequence[bool | None],
-    p_cw: float,
-    p_wc: float,
-    p_same_wrong: float,
-    p_change_correct: float,
-) -> list[float]:
-    """Forward-backward: ``P(round t's answer is correct | all observations)`` for every round ``0..T``."""
-    return HiddenChains.single(p0, p_cw, p_wc, p_same_wrong, p_change_correct).smooth(observations)
+def smooth(p0: float, observations: Sequence[bool | None], **rates: float) -> list[float]:
+    """Forward-backward: ``P(round t's answer is correct | all observations)`` for every round ``0..T``.
+
+    ``rates`` are the chain's ``p_cw``, ``p_wc``, ``p_same_wrong`` and ``p_change_correct``, as for
+    :func:`filter_beliefs`.
+    """
+    return HiddenChains.single(p0, **rates).smooth(observations)

@@ -14,15 +14,22 @@ from scipy import stats
 
 from markovscale_dspy._exceptions import DataError
 
-__all__ = ["binomial_interval", "difference_interval", "homogeneity_test", "score_to_label"]
+__all__ = ["PARTIAL_SCORE", "binomial_interval", "difference_interval", "homogeneity_test", "score_to_label"]
 
 
-def score_to_label(score: Any, threshold: float) -> bool:
+#: Start of the error for a partial-credit score met without a threshold (callers look for it).
+PARTIAL_SCORE = "metric returned a partial score"
+
+
+def score_to_label(score: Any, threshold: float | None = None) -> bool:
     """Turn a metric's return value (bool, number, or a Prediction with ``.score``) into correct / wrong.
 
+    Without a ``threshold`` only all-or-nothing scores are accepted (``True``/``False``, 1/0); a partial score
+    such as 0.8 raises DataError asking for one, because no default cut-off is right for every metric.
+
     Example:
-        >>> score_to_label(True, 1.0), score_to_label(0.8, 0.5), score_to_label(0.1, 0.5)
-        (True, True, False)
+        >>> score_to_label(True), score_to_label(1.0), score_to_label(0.8, 0.5), score_to_label(0.1, 0.5)
+        (True, True, True, False)
     """
     value = getattr(score, "score", score)
     if isinstance(value, bool):
@@ -33,6 +40,13 @@ def score_to_label(score: Any, threshold: float) -> bool:
         raise DataError(f"metric returned {score!r}; expected a bool, a number or a Prediction with .score") from None
     if math.isnan(number):
         raise DataError("metric returned NaN")
+    if threshold is None:
+        if number not in (0.0, 1.0):
+            raise DataError(
+                f"{PARTIAL_SCORE} ({number!r}); say which scores count as correct with threshold=..., e.g. "
+                "MarkovCalibrator(metric, threshold=0.5)"
+            )
+        return number == 1.0
     return number >= threshold
 
 

@@ -39,9 +39,7 @@ def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = Non
         or (lo is not None and value < lo)
         or (hi is not None and value > hi)
     ):
-        raise ConfigurationError(
-            f"{name} must be {_kind(lo, hi)}{' or None' if none_ok else ''}, got {value!r}"
-        )
+        raise ConfigurationError(f"{name} must be {_kind(lo, hi)}{' or None' if none_ok else ''}, got {value!r}")
     return int(value)
 
 

@@ -18,7 +18,7 @@ from markovscale_dspy.core.answers import default_answer_key, is_empty_answer
 from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.policies import Decision, Policy, RoundContext, observations_of
 
-__all__ = ["SELECT_MODES", "Call", "ChainState", "Outcome", "describe", "run_chain"]
+__all__ = ["SELECT_MODES", "Call", "ChainState", "Outcome", "RefinedPrediction", "Refinement", "describe", "run_chain"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,52 @@ def describe(error: BaseException) -> str:
     """``Type: first line of the message`` (short enough for trajectories and reports)."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """MarkovRefine's account of one answer: how many rounds ran, why it stopped, what every round did.
+
+    Attributes:
+        rounds: Refinement rounds attempted (0 = the wrapped program's answer alone).
+        stop_reason: Why refinement stopped (``"max_rounds"``, ``"degrading"``, ``"stable_answer"``, ...).
+        stop_info: Numbers behind the decision (planned rounds, belief, ``prob_improves``).
+        failed_rounds: Refinement rounds that failed and kept the previous answer.
+        selected_round: The round whose answer was returned.
+        belief: Final belief that the answer is correct (belief policy), else ``None``.
+        trajectory: One entry per round: outputs, normalised answer, decision, error, LM usage.
+        posteriors: Smoothed probability that each round is correct (``select="best"``), else ``None``.
+    """
+
+    rounds: int
+    stop_reason: str
+    stop_info: dict[str, Any]
+    failed_rounds: int
+    selected_round: int
+    belief: float | None
+    trajectory: list[dict[str, Any]]
+    posteriors: list[float] | None = None
+
+    @property
+    def calls(self) -> int:
+        """LM calls that reached a provider over all rounds (cache hits are free)."""
+        return sum((entry.get("usage") or {}).get("calls", 0) for entry in self.trajectory)
+
+
+#: Compatibility fields: set on the prediction only when the wrapped program has no output of that name.
+METADATA_FIELDS = ("rounds", "stop_reason", "stop_info", "failed_rounds", "selected_round", "belief", "trajectory")
+
+
+class RefinedPrediction(dspy.Prediction):
+    """The wrapped program's outputs, untouched, with MarkovRefine's account in ``.markovscale``.
+
+    ``pred.markovscale`` is an attribute, not a field, so it can never collide with a program output (ReAct's
+    ``trajectory``, a field named ``rounds``). For programs without such outputs the familiar names
+    (``pred.rounds``, ``pred.stop_reason``, ``pred.trajectory``, ...) are also set as fields.
+    """
+
+    #: Class-level default: DSPy's Example then stores ``markovscale`` as an attribute, not as a field.
+    markovscale: Refinement | None = None
 
 
 class EmptyAnswerError(ValueError):
@@ -171,18 +217,22 @@ class ChainState:
             chosen = max(range(len(posteriors)), key=lambda t: posteriors[t] + 1e-12 * t)
             extra = {"posteriors": posteriors}
         outputs = self.trajectory[chosen]["outputs"]
-        final_belief = self.trajectory[-1].get("belief")
-        return dspy.Prediction(
-            **outputs,
+        account = Refinement(
             rounds=self.rounds,
             stop_reason=stop.reason,
             stop_info=dict(stop.info),
             failed_rounds=sum(self.failed),
             selected_round=chosen,
-            belief=final_belief,
+            belief=self.trajectory[-1].get("belief"),
             trajectory=self.trajectory,
-            **extra,
+            posteriors=extra.get("posteriors"),
         )
+        compat = {name: getattr(account, name) for name in METADATA_FIELDS if name not in outputs}
+        if account.posteriors is not None and "posteriors" not in outputs:
+            compat["posteriors"] = account.posteriors
+        prediction = RefinedPrediction(**outputs, **compat)
+        prediction.markovscale = account
+        return prediction
 
 
 def run_chain(
@@ -194,6 +244,8 @@ def run_chain(
         decision = policy.decide(state.context(model, max_rounds, round_cost))
         state.note(decision.info)
         if not decision.refine or state.rounds >= max_rounds:
-            stop = decision if not decision.refine else Decision(False, "max_rounds", decision.info)
+            # The cap is the reason whenever it is what stops the chain (max_rounds=0 included).
+            capped = decision.refine or max_rounds == 0
+            stop = Decision(False, "max_rounds", decision.info) if capped else decision
             return state.finish(stop, model, select)
         state.record((yield state.next_call()), decision)

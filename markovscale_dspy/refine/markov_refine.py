@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,9 @@ class MarkovRefine(dspy.Module):
             posterior of being correct (forward-backward over the rounds).
         rollout_seed: Namespace of this module's rollout ids (change it to draw different samples).
         instructions: Replaces the default refinement instructions.
+        refiner_lm: LM for refinement rounds (e.g. a stronger model than the drafter). By default the refiner
+            uses its own pinned LM if any (``set_lm``), then ``refiner_lm``, then the wrapped program's single LM,
+            then ``dspy.settings.lm``; with none of these the first refinement round raises ConfigurationError.
 
     Example:
         >>> import dspy
@@ -95,6 +99,7 @@ class MarkovRefine(dspy.Module):
         select: str = "last",
         rollout_seed: int = 0,
         instructions: str | None = None,
+        refiner_lm: dspy.BaseLM | None = None,
     ):
         super().__init__()
         task = infer_signature(program, signature)
@@ -105,6 +110,10 @@ class MarkovRefine(dspy.Module):
         if answer_key is not None:
             check_callable("answer_key", answer_key, "answer_key(outputs dict) -> hashable")
         check_number("min_prob_improves", min_prob_improves, 0, 1, none_ok=True)
+        if refiner_lm is not None and not isinstance(refiner_lm, dspy.BaseLM):
+            raise ConfigurationError(
+                f"refiner_lm must be a dspy LM (e.g. dspy.LM('openai/gpt-4o')), got {refiner_lm!r}"
+            )
         if select not in SELECT_MODES:
             raise ConfigurationError(f"select must be one of {SELECT_MODES}, got {select!r}")
         resolve_policy(policy)  # fail now on an unknown policy, not at the first call
@@ -120,9 +129,12 @@ class MarkovRefine(dspy.Module):
         self.select = select
         self.rollout_seed = rollout_seed
         self.instructions = instructions
+        self.refiner_lm = refiner_lm
         self.answer_fields = answer_fields(task)
         refine_sig = refinement_signature(task, instructions)
         self.refiner = dspy.ChainOfThought(refine_sig) if uses_reasoning(program) else dspy.Predict(refine_sig)
+        # The refiner is ours: its saved state drops endpoints and keys even when a parent program saves it.
+        _refiner_predict(self.refiner).__class__ = ScrubbedPredict
         self.markov = MarkovState(list(task.input_fields), self.answer_fields)
 
     # Learned state -----------------------------------------------------------------------------------------------
@@ -201,11 +213,15 @@ class MarkovRefine(dspy.Module):
 
     def forward(self, **inputs: Any) -> dspy.Prediction:
         """Answer ``inputs`` with round 0 plus as many refinement rounds as the policy allows."""
-        return _drive(self._chain(inputs, self._effective_policy(), self.max_rounds), self._call)
+        policy = self._effective_policy()
+        return _drive(self._chain(inputs, policy, self.max_rounds, _select_for(policy, self.select)), self._call)
 
     async def aforward(self, **inputs: Any) -> dspy.Prediction:
         """Async twin of :meth:`forward`."""
-        return await _adrive(self._chain(inputs, self._effective_policy(), self.max_rounds), self._acall)
+        policy = self._effective_policy()
+        return await _adrive(
+            self._chain(inputs, policy, self.max_rounds, _select_for(policy, self.select)), self._acall
+        )
 
     def run_chain(self, rounds: int, **inputs: Any) -> dspy.Prediction:
         """Run round 0 and exactly ``rounds`` refinement rounds, with no early stopping (used for calibration)."""
@@ -261,8 +277,18 @@ class MarkovRefine(dspy.Module):
         policy = resolve_policy(self.policy)
         if not policy.requires_model:
             return policy
-        name = self.policy if isinstance(self.policy, str) else type(policy).__name__
-        model = self._require_model(name)
+        model = self.model
+        if model is None:
+            # No calibration is no evidence that refinement pays: answer in one call, and say so. (Prompt
+            # optimizers run the module before it is calibrated; that must work.)
+            warnings.warn(
+                "MarkovRefine is not calibrated, so it answers with the wrapped program alone (stop_reason "
+                "'uncalibrated'); calibrate it with MarkovCalibrator(metric).compile(refine, trainset=...), or use "
+                "policy='fixed' to refine max_rounds times regardless",
+                UserWarning,
+                stacklevel=4,
+            )
+            return Abstain("uncalibrated")
         threshold = self.min_prob_improves
         if threshold is None:
             threshold = getattr(policy, "min_prob_improves", 0.0)
@@ -289,53 +315,93 @@ class MarkovRefine(dspy.Module):
         state = ChainState(dict(inputs), self.answer_fields, self.answer_key or default_answer_key)
         return run_chain(state, policy, self.model, max_rounds, self.round_cost, select or self.select)
 
-    def _refine_lm(self) -> Any:
-        """LM for refinement rounds: the refiner's own pin, else the wrapped program's single pin, else settings."""
-        predictor = self.refiner.predict if isinstance(self.refiner, dspy.ChainOfThought) else self.refiner
+    def _refiner_lm(self) -> tuple[Any, Any]:
+        """``(lm to pass, lm that will answer)`` for refinement rounds.
+
+        In order: the refiner's own pinned LM (``set_lm`` on the module or a parent pins it), ``refiner_lm``, the
+        wrapped program's single LM, ``dspy.settings.lm``. Raises when none resolves, at the first refinement
+        round, instead of recording the same "No LM is loaded" failure round after round.
+        """
+        predictor = _refiner_predict(self.refiner)
         if predictor.lm is not None:
-            return None  # Predict uses its pinned LM when none is passed
+            return None, predictor.lm  # Predict uses its pinned LM when none is passed
+        if self.refiner_lm is not None:
+            return self.refiner_lm, self.refiner_lm
         try:
-            return self.program.get_lm()
-        except ValueError:
-            return None  # several LMs in the program: no single one to follow, use the configured default
+            program_lm = self.program.get_lm()
+        except ValueError:  # several LMs pinned in the program: no single one to follow
+            program_lm = None
+        if program_lm is not None:
+            return program_lm, program_lm
+        if dspy.settings.lm is not None:
+            return None, dspy.settings.lm
+        pinned = sorted({getattr(p.lm, "model", repr(p.lm)) for _, p in self.program.named_predictors() if p.lm})
+        raise ConfigurationError(
+            "MarkovRefine cannot tell which LM should refine: "
+            + (f"the program pins several LMs ({', '.join(pinned)}) " if pinned else "nothing is pinned ")
+            + "and no LM is configured. Pass MarkovRefine(program, refiner_lm=dspy.LM(...)), pin one with "
+            "refine.refiner.set_lm(lm), or dspy.configure(lm=...)"
+        )
 
     def _refine_kwargs(self, call: Call) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(call.kwargs)
-        lm = self._refine_lm()
+        lm, answering = self._refiner_lm()
         if lm is not None:
             kwargs["lm"] = lm
-        kwargs["config"] = {
-            "rollout_id": self.rollout_seed * ROLLOUT_STRIDE + call.round,
-            "temperature": self.temperature,
-        }
+        # Compose with the answering LM's own rollout id (BestOfN/Refine give each attempt one), so every outer
+        # attempt samples fresh refinements instead of replaying the first attempt's from the cache.
+        own = self.rollout_seed * ROLLOUT_STRIDE + call.round
+        outer = (getattr(answering, "kwargs", None) or {}).get("rollout_id")
+        if outer is None:
+            rollout_id: Any = own
+        elif isinstance(outer, int) and not isinstance(outer, bool):
+            rollout_id = (outer + 1) * ROLLOUT_STRIDE**2 + own
+        else:
+            rollout_id = f"{outer}/{own}"
+        kwargs["config"] = {"rollout_id": rollout_id, "temperature": self.temperature}
         return kwargs
 
     def _call(self, call: Call) -> Outcome:
+        # Resolving the refiner's LM raises on a misconfiguration: that is the user's to fix, not a failed round.
+        kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call)
         with measure() as usage:
             try:
-                if call.round == 0:
-                    prediction = self.program(**call.kwargs)
-                else:
-                    prediction = self.refiner(**self._refine_kwargs(call))
+                prediction = self.program(**kwargs) if call.round == 0 else self.refiner(**kwargs)
                 error = None
             except Exception as exc:  # a failed round is data, not a crash; the chain decides what it means
                 prediction, error = None, exc
         return Outcome(prediction, error, usage.to_dict())
 
     async def _acall(self, call: Call) -> Outcome:
+        kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call)
         with measure() as usage:
             try:
-                if call.round == 0:
-                    if hasattr(self.program, "aforward"):
-                        prediction = await self.program.acall(**call.kwargs)
-                    else:
-                        prediction = await dspy.asyncify(self.program)(**call.kwargs)
+                if call.round > 0:
+                    prediction = await self.refiner.acall(**kwargs)
+                elif hasattr(self.program, "aforward"):
+                    prediction = await self.program.acall(**kwargs)
                 else:
-                    prediction = await self.refiner.acall(**self._refine_kwargs(call))
+                    prediction = await dspy.asyncify(self.program)(**kwargs)
                 error = None
             except Exception as exc:
                 prediction, error = None, exc
         return Outcome(prediction, error, usage.to_dict())
+
+
+class ScrubbedPredict(dspy.Predict):
+    """A Predict whose saved state never holds an LM endpoint or key, whoever saves it."""
+
+    def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
+        return scrub_lm_state(super().dump_state(json_mode=json_mode))
+
+
+def _refiner_predict(refiner: dspy.Module) -> dspy.Predict:
+    return refiner.predict if isinstance(refiner, dspy.ChainOfThought) else refiner
+
+
+def _select_for(policy: Policy, select: str) -> str:
+    """An uncalibrated module has no posteriors to select by: it returns its only answer."""
+    return "last" if isinstance(policy, Abstain) and policy.reason == "uncalibrated" else select
 
 
 def _inputs_of(example: Any) -> dict[str, Any]:

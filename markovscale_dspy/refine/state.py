@@ -69,7 +69,9 @@ class MarkovState(Parameter):
         self.model: TransitionModel | None = None
 
     def reset(self) -> None:
-        self.model = None
+        """Keep the calibration: DSPy's prompt optimizers reset every parameter of their student (``reset_copy``)
+        to clear demos, and a calibration must not be lost silently on the way. Recalibrate after changing
+        prompts if the rates may have moved."""
 
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
         return {

@@ -133,7 +133,7 @@ def fixed_curve(
     for n in range(max_rounds + 1):
         labels, usage = [], Usage()
         for example, pred in zip(examples, predictions, strict=True):
-            rounds = pred.trajectory[: n + 1]
+            rounds = pred.markovscale.trajectory[: n + 1]
             labels.append(bool(metric(example, dspy.Prediction(**rounds[-1]["outputs"]))))
             usage = sum((Usage.from_dict(entry.get("usage")) for entry in rounds), usage)
         curve.append(
@@ -169,7 +169,7 @@ def hindsight(
     """Stop each question at its first correct round (round 0 if none): the limit no stopping rule can beat."""
     labels, calls, rounds = [], 0, 0
     for example, pred in zip(examples, predictions, strict=True):
-        correct = [bool(metric(example, dspy.Prediction(**e["outputs"]))) for e in pred.trajectory]
+        correct = [bool(metric(example, dspy.Prediction(**e["outputs"]))) for e in pred.markovscale.trajectory]
         stop = correct.index(True) if any(correct) else 0
         labels.append(correct[stop])
         calls += stop + 1

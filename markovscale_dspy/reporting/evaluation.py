@@ -79,13 +79,14 @@ def evaluate(
     *,
     name: str,
     num_threads: int | None = None,
-    threshold: float = 1.0,
+    threshold: float | None = None,
     display_progress: bool = False,
     keep_predictions: bool = False,
 ) -> MethodResult:
     """Run ``program`` on every example and grade it with ``metric``.
 
-    ``rounds`` counts refinement rounds when the program reports them (``prediction.rounds``), else 0. With
+    ``rounds`` counts refinement rounds when the program reports them (``prediction.markovscale.rounds`` or a
+    ``rounds`` field), else 0. With
     ``keep_predictions`` the predictions (``None`` where the program failed) are kept on the result.
     """
 
@@ -96,7 +97,8 @@ def evaluate(
                 prediction = program(**example.inputs())
                 out["prediction"] = prediction
                 out["label"] = score_to_label(metric(example, prediction), threshold)
-                out["rounds"] = int(getattr(prediction, "rounds", 0) or 0)
+                account = getattr(prediction, "markovscale", None)  # MarkovRefine's; else a plain ``rounds`` field
+                out["rounds"] = int(account.rounds if account is not None else getattr(prediction, "rounds", 0) or 0)
             except Exception as exc:  # a failed question is a wrong answer, reported
                 out["error"] = _describe(exc)
         out["usage"] = usage.to_dict()

@@ -107,7 +107,8 @@ def format_calibration(
         f"Calibration: {report.chains_used} of {report.examples} chains used, round 0 + {report.rounds} refinement "
         f"rounds each ({usage.get('calls', 0)} LM calls, {usage.get('total_tokens', 0)} tokens, "
         f"{report.seconds:.0f} s"
-        + (f"; {report.chains_reused} chains reused from the trace store" if report.chains_reused else "")
+        + (f"; {report.chains_reused} chains reused from {report.trace_store}" if report.chains_reused else "")
+        + ("; chains not stored (no trace store, or an LM without identity)" if report.trace_store is None else "")
         + ")",
         "  estimates with 95% credible intervals:",
         *format_model(model),
