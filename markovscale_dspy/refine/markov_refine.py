@@ -81,8 +81,9 @@ class MarkovRefine(dspy.Module):
         >>> refine.planned_rounds()  # refinement helps on this toy calibration
         3
 
-        With an LM configured, ``refine(question="...")`` returns the answer with ``rounds``, ``stop_reason`` and
-        ``trajectory``.
+        With an LM configured, ``refine(question="...")`` returns the program's outputs untouched, with
+        MarkovRefine's account in ``pred.markovscale`` (rounds, stop_reason, trajectory, calls); the same values
+        are also fields (``pred.rounds``, ...) where the program has no output of that name.
     """
 
     def __init__(
