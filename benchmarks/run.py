@@ -30,9 +30,9 @@ from benchmarks.harness import (
     throughput,
 )
 from benchmarks.worlds import PRESETS
+from markovscale_dspy.core.statistics import paired_difference
 from markovscale_dspy.reporting.compare import frontier_at
 from markovscale_dspy.reporting.evaluation import MethodResult
-from markovscale_dspy.reporting.report import difference_interval
 
 
 def _say(text: str = "") -> None:
@@ -108,14 +108,14 @@ def _real_targets(result: SimulationResult) -> list[str]:
     lines = []
     for name in ("closed_form", "belief"):
         r = by[name]
-        diff, lo, hi = difference_interval(r, base)
+        d = paired_difference(r.labels, base.labels)
         share = r.mean_calls / fixed3.mean_calls if fixed3 else float("nan")
-        met = hi >= 0 and share <= 0.25
+        met = d.hi >= 0 and share <= 0.25
         lines.append(
-            f"- {name}: {100 * r.accuracy:.1f}% vs no refinement {100 * base.accuracy:.1f}% (difference "
-            f"{100 * diff:+.1f}, 95% CI {100 * lo:+.1f} to {100 * hi:+.1f}) at {share:.0%} of fixed-3's "
-            f"calls. Target not below no-refinement at ≤ 25% of fixed-3's calls: "
-            f"**{'met' if met else 'not met'}**."
+            f"- {name}: {100 * r.accuracy:.1f}% vs no refinement {100 * base.accuracy:.1f}% on the same chains "
+            f"(paired difference {100 * d.diff:+.1f}, 95% CI {100 * d.lo:+.1f} to {100 * d.hi:+.1f}, McNemar "
+            f"p = {d.p_value:.2g}) at {share:.0%} of fixed-3's calls. Target not below no-refinement at ≤ 25% of "
+            f"fixed-3's calls: **{'met' if met else 'not met'}**."
         )
     return lines
 

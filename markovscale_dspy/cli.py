@@ -37,15 +37,16 @@ from markovscale_dspy.integrations.datasets import available_tasks, load_task
 from markovscale_dspy.integrations.lms import ROUTES, build_lm, redact
 from markovscale_dspy.refine.markov_refine import MarkovRefine
 from markovscale_dspy.refine.state import MarkovState, read_state_file
-from markovscale_dspy.reporting.evaluation import compare
+from markovscale_dspy.reporting.evaluation import evaluate
 from markovscale_dspy.reporting.report import (
     calibration_markdown,
     comparison_markdown,
-    difference_interval,
     format_calibration,
     format_comparison,
     format_model,
     markdown_table,
+    paired_markdown,
+    paired_words,
     verdict,
 )
 
@@ -204,36 +205,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
         report = calibrator.report
         _say(format_calibration(report, args.round_cost, args.rounds, args.min_prob_improves))
 
-        _say(f"\n[2/2] Held-out evaluation on {len(test)} questions (each method runs on its own) ...")
-        methods = {
-            "no refinement": MarkovRefine(task.program(reasoning=args.reasoning), policy="fixed", max_rounds=0),
-            f"fixed {args.rounds}-round refinement": MarkovRefine(
-                task.program(reasoning=args.reasoning), policy="fixed", max_rounds=args.rounds
-            ),
-            "MarkovRefine (calibrated)": program,
-        }
+        _say(
+            f"\n[2/2] Held-out evaluation on {len(test)} questions: one {args.rounds}-round chain per question; "
+            "no refinement (its round 0), fixed refinement (its last round) and calibrated MarkovRefine (where its "
+            "policy stops on that chain) are read off the same samples ..."
+        )
+        from markovscale_dspy.reporting.compare import fixed_curve, replayed
+
+        chains = MarkovRefine(task.program(reasoning=args.reasoning), policy="fixed", max_rounds=args.rounds)
         with dspy.context(lm=lm, adapter=_adapter(args.adapter)):
-            results = compare(
-                methods,
+            run = evaluate(
+                chains,
                 test,
                 task.metric,
+                name=f"fixed {args.rounds}-round refinement",
                 num_threads=args.threads,
                 display_progress=True,
-                on_result=lambda r: _say(f"  {r.name}: {r.correct}/{r.n} correct, {r.calls} calls, {r.seconds:.0f} s"),
+                keep_predictions=True,
             )
+            curve = fixed_curve(run, test, task.metric, args.rounds)
+            base, fixed = curve[0], curve[-1]
+            markov = replayed(program, run, test, task.metric, "MarkovRefine (calibrated)")
+    base.name, fixed.name = "no refinement", f"fixed {args.rounds}-round refinement"
+    results = [base, fixed, markov]
     _say("\n" + format_comparison(results))
-    base, fixed, markov = results
-    diff, lo, hi = difference_interval(fixed, base)
-    held_out = (
-        f"On {base.n} held-out questions, {args.rounds} rounds of refinement changed accuracy by "
-        f"{100 * diff:+.1f} points (95% CI {100 * lo:+.1f} to {100 * hi:+.1f}) at "
-        f"{fixed.mean_calls / max(base.mean_calls, 1e-9):.1f}x the LM calls; calibrated MarkovRefine "
-        f"scored {100 * markov.accuracy:.1f}% with {markov.mean_calls:.2f} calls per question "
+    held_out = " ".join(paired_words(a, b) for a, b in ((fixed, base), (markov, base), (markov, fixed)))
+    held_out += (
+        f" Calls per question: {base.mean_calls:.2f} / {fixed.mean_calls:.2f} / {markov.mean_calls:.2f} "
         f"({markov.calls / max(fixed.calls, 1):.0%} of fixed-{args.rounds}'s calls)."
     )
     words = verdict(program.model, args.round_cost, args.rounds, args.min_prob_improves)
-    _say("\nVerdict: " + words)
-    _say(held_out)
+    _say("\nVerdict from the calibration: " + words)
+    _say("Held-out check (paired, same questions): " + held_out)
 
     state_path, report_path = out / "state.json", out / "report.md"
     _write_calibration(
@@ -247,7 +250,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         title=f"markovscale demo: {task.name}",
         figure_title=f"SmolLM2-135M on {task.name}: accuracy by refinement round",
         context=_context(args, model_name, task, len(train), len(test)),
-        extra_markdown="\n## Held-out evaluation\n\n" + comparison_markdown(results) + "\n\n" + held_out + "\n",
+        extra_markdown="\n## Held-out evaluation (paired: every method read off the same chains)\n\n"
+        + comparison_markdown(results)
+        + "\n\n"
+        + paired_markdown(results, base)
+        + "\n\n"
+        + held_out
+        + "\n",
         extra_json={"evaluation": [r.to_dict() for r in results]},
     )
     _say(
@@ -435,11 +444,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             description={"task": task.description, "source": task.source},
         )
     _say("\n" + format_comparison(result.results))
+    base = next(r for r in result.results if r.name == "fixed-0")
+    paired = [paired_words(r, base) for r in result.results if r.name in ("closed_form", "belief")]
     _say("\nVerdict: " + verdict(result.model, args.round_cost, args.rounds, args.min_prob_improves))
+    _say("Held-out check against no refinement (paired, same questions): " + " ".join(paired))
     context = _context(args, model_name, task, len(train), len(test))
     markdown = [f"# markovscale bench: {task.name}", "", *(f"- **{k}**: {v}" for k, v in context.items()), ""]
     markdown += ["## Verdict", "", verdict(result.model, args.round_cost, args.rounds, args.min_prob_improves), ""]
     markdown += ["## Methods on the same held-out questions", "", comparison_markdown(result.results), ""]
+    markdown += ["## Paired differences against no refinement", "", paired_markdown(result.results, base), ""]
+    markdown += [" ".join(paired), ""]
     try:
         from markovscale_dspy.reporting.plots import frontier_figure
 

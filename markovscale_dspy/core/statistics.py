@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from scipy import stats
 
 from markovscale_dspy._exceptions import DataError
 
-__all__ = ["PARTIAL_SCORE", "binomial_interval", "difference_interval", "homogeneity_test", "score_to_label"]
+__all__ = [
+    "PARTIAL_SCORE",
+    "PairedDifference",
+    "binomial_interval",
+    "difference_interval",
+    "homogeneity_test",
+    "paired_difference",
+    "score_to_label",
+]
 
 
 #: Start of the error for a partial-credit score met without a threshold (callers look for it).
@@ -83,3 +92,55 @@ def homogeneity_test(rows: Sequence[tuple[int, int]]) -> tuple[float, float] | N
         return None
     chi2, p_value, _, _ = stats.chi2_contingency([list(r) for r in rows])
     return float(chi2), float(p_value)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Accuracy of ``a`` minus accuracy of ``b`` measured on the same questions.
+
+    Attributes:
+        n: Questions both methods answered.
+        diff: ``acc(a) - acc(b)``.
+        lo: Lower end of the interval at ``level``.
+        hi: Upper end.
+        p_value: Exact McNemar test (two-sided binomial on the discordant questions) of "no difference".
+        a_only: Questions ``a`` got right and ``b`` wrong.
+        b_only: Questions ``b`` got right and ``a`` wrong.
+        level: Confidence level of the interval.
+    """
+
+    n: int
+    diff: float
+    lo: float
+    hi: float
+    p_value: float
+    a_only: int
+    b_only: int
+    level: float = 0.95
+
+
+def paired_difference(a: Sequence[bool], b: Sequence[bool], level: float = 0.95) -> PairedDifference:
+    """Paired comparison of two methods' correctness on the same questions (``a[i]``, ``b[i]``: question ``i``).
+
+    Only the discordant questions carry information: the interval is the normal interval of the paired
+    difference (variance ``(a_only + b_only - n diff^2) / n^2``), the p-value McNemar's exact test. Pairing removes
+    the between-question variance that an independent-samples interval would count twice.
+
+    Example:
+        >>> d = paired_difference([True] * 30 + [False] * 70, [True] * 20 + [False] * 80)
+        >>> d.diff, d.a_only, d.b_only, round(d.p_value, 4)
+        (0.1, 10, 0, 0.002)
+    """
+    if len(a) != len(b):
+        raise DataError(f"paired results need one label per question on both sides, got {len(a)} and {len(b)}")
+    n = len(a)
+    a_only = sum(bool(x) and not bool(y) for x, y in zip(a, b, strict=True))
+    b_only = sum(bool(y) and not bool(x) for x, y in zip(a, b, strict=True))
+    if n == 0:
+        return PairedDifference(0, math.nan, math.nan, math.nan, math.nan, 0, 0, level)
+    diff = (a_only - b_only) / n
+    var = max(a_only + b_only - n * diff**2, 0.0) / n**2
+    half = float(stats.norm.ppf(0.5 + level / 2)) * math.sqrt(var)
+    discordant = a_only + b_only
+    p_value = 1.0 if discordant == 0 else float(stats.binomtest(a_only, discordant, 0.5).pvalue)
+    return PairedDifference(n, diff, diff - half, diff + half, p_value, a_only, b_only, level)

@@ -234,6 +234,43 @@ class MarkovRefine(dspy.Module):
         check_int("rounds", rounds, 0, MAX_ROUNDS_LIMIT)
         return await _adrive(self._chain(inputs, FixedPolicy(), rounds, select="last"), self._acall)
 
+    def replay(self, recorded: dspy.Prediction, **inputs: Any) -> dspy.Prediction:
+        """What this module would have answered, read off a longer recorded chain instead of calling the LM.
+
+        A stopping policy decides from the rounds seen so far, and round ``t`` of a chain depends only on the rounds
+        before it, so this module's run is a prefix of any longer chain recorded with the same program, refiner
+        and rollout ids (e.g. a ``policy="fixed"`` run of ``max_rounds``). Reading answers off that chain compares
+        methods on the same samples: no refinement is its round 0, fixed-N its round N, this policy its stop.
+
+        Args:
+            recorded: A prediction of a MarkovRefine run (``pred.markovscale.trajectory``) at least as long as
+                this module would go.
+            inputs: The question's inputs (as in the recorded call).
+
+        Raises:
+            ConfigurationError: ``recorded`` is not a MarkovRefine prediction, or this module would refine beyond
+                the rounds it holds.
+        """
+        account = getattr(recorded, "markovscale", None)
+        if account is None:
+            raise ConfigurationError(
+                f"replay needs a MarkovRefine prediction (with .markovscale), got {recorded!r:.80}"
+            )
+        trajectory = account.trajectory
+
+        def read(call: Call) -> Outcome:
+            if call.round >= len(trajectory):
+                raise ConfigurationError(
+                    f"this module would run refinement round {call.round}, but the recorded chain has only "
+                    f"{len(trajectory) - 1}; record with policy='fixed' and max_rounds >= {self.max_rounds}"
+                )
+            entry = trajectory[call.round]
+            error = None if entry.get("error") is None else RuntimeError(entry["error"])
+            return Outcome(None if error else dspy.Prediction(**entry["outputs"]), error, entry.get("usage"))
+
+        policy = self._effective_policy()
+        return _drive(self._chain(inputs, policy, self.max_rounds, _select_for(policy, self.select)), read)
+
     def answer_with_budget(
         self, examples: Sequence[Any], *, budget: int, num_threads: int | None = None, display_progress: bool = False
     ) -> BudgetResult:

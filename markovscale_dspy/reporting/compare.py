@@ -37,6 +37,8 @@ __all__ = [
     "fixed_family",
     "frontier_at",
     "hindsight",
+    "read_off",
+    "replayed",
     "self_judge_reward",
 ]
 
@@ -121,71 +123,88 @@ class ComparisonResult:
         return [r for r in self.results if r.name.startswith("fixed-")]
 
 
-def fixed_curve(
+def read_off(
     run: MethodResult,
-    predictions: Sequence[dspy.Prediction],
     examples: Sequence[dspy.Example],
     metric: Callable[..., Any],
-    max_rounds: int,
+    name: str,
+    choose: Callable[[dspy.Prediction, dspy.Example], tuple[dict[str, Any], list[dict[str, Any]]]],
+) -> MethodResult:
+    """A method's result read off the chains of one recorded run, question by question (the same samples).
+
+    ``choose(prediction, example)`` returns the outputs the method would have given and the trajectory entries it
+    would have paid for. A question whose recorded round 0 failed counts as wrong for every method, as in
+    :func:`~markovscale_dspy.reporting.evaluation.evaluate`, so results stay aligned for paired comparisons.
+    """
+    labels, usage, rounds, failures = [], Usage(), 0, 0
+    for example, pred in zip(examples, run.predictions, strict=True):
+        if pred is None:
+            labels.append(False)
+            failures += 1
+            continue
+        outputs, used = choose(pred, example)
+        labels.append(bool(metric(example, dspy.Prediction(**outputs))))
+        usage = sum((Usage.from_dict(entry.get("usage")) for entry in used), usage)
+        rounds += len(used) - 1
+    return MethodResult(
+        name=name,
+        n=len(labels),
+        correct=sum(labels),
+        calls=usage.calls,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        seconds=run.seconds * usage.calls / max(run.calls, 1),
+        rounds=rounds,
+        failures=failures,
+        labels=labels,
+    )
+
+
+def fixed_curve(
+    run: MethodResult, examples: Sequence[dspy.Example], metric: Callable[..., Any], max_rounds: int
 ) -> list[MethodResult]:
     """Fixed-N results for N = 0..max_rounds, read off the trajectories of one fixed-``max_rounds`` run."""
-    curve = []
-    for n in range(max_rounds + 1):
-        labels, usage = [], Usage()
-        for example, pred in zip(examples, predictions, strict=True):
-            rounds = pred.markovscale.trajectory[: n + 1]
-            labels.append(bool(metric(example, dspy.Prediction(**rounds[-1]["outputs"]))))
-            usage = sum((Usage.from_dict(entry.get("usage")) for entry in rounds), usage)
-        curve.append(
-            MethodResult(
-                name=f"fixed-{n}",
-                n=len(labels),
-                correct=sum(labels),
-                calls=usage.calls,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                seconds=run.seconds * usage.calls / max(run.calls, 1),
-                rounds=n * len(labels),
-                failures=0,
-                labels=labels,
-            )
-        )
-    return curve
+
+    def first(n: int) -> Callable[[dspy.Prediction, dspy.Example], Any]:
+        def choose(pred: dspy.Prediction, example: dspy.Example) -> Any:
+            used = pred.markovscale.trajectory[: n + 1]
+            return used[-1]["outputs"], used
+
+        return choose
+
+    return [read_off(run, examples, metric, f"fixed-{n}", first(n)) for n in range(max_rounds + 1)]
+
+
+def replayed(
+    module: MarkovRefine, run: MethodResult, examples: Sequence[dspy.Example], metric: Callable[..., Any], name: str
+) -> MethodResult:
+    """``module`` (a stopping policy) read off a fixed-max run with :meth:`MarkovRefine.replay`: its answers are
+    exactly those it would give live on the same samples, at no LM cost."""
+
+    def choose(pred: dspy.Prediction, example: dspy.Example) -> Any:
+        account = module.replay(pred, **example.inputs()).markovscale
+        return account.trajectory[account.selected_round]["outputs"], account.trajectory
+
+    return read_off(run, examples, metric, name, choose)
 
 
 def fixed_family(
     run: MethodResult, examples: Sequence[dspy.Example], metric: Callable[..., Any], max_rounds: int
 ) -> list[MethodResult]:
-    """The fixed-N curve and the hindsight oracle from one fixed-``max_rounds`` run kept with its predictions
-    (questions whose round 0 failed are left out)."""
-    kept = [(e, p) for e, p in zip(examples, run.predictions, strict=True) if p is not None]
-    examples, predictions = [e for e, _ in kept], [p for _, p in kept]
-    return [*fixed_curve(run, predictions, examples, metric, max_rounds), hindsight(predictions, examples, metric)]
+    """The fixed-N curve and the hindsight oracle from one fixed-``max_rounds`` run kept with its predictions."""
+    return [*fixed_curve(run, examples, metric, max_rounds), hindsight(run, examples, metric)]
 
 
-def hindsight(
-    predictions: Sequence[dspy.Prediction], examples: Sequence[dspy.Example], metric: Callable[..., Any]
-) -> MethodResult:
+def hindsight(run: MethodResult, examples: Sequence[dspy.Example], metric: Callable[..., Any]) -> MethodResult:
     """Stop each question at its first correct round (round 0 if none): the limit no stopping rule can beat."""
-    labels, calls, rounds = [], 0, 0
-    for example, pred in zip(examples, predictions, strict=True):
-        correct = [bool(metric(example, dspy.Prediction(**e["outputs"]))) for e in pred.markovscale.trajectory]
+
+    def choose(pred: dspy.Prediction, example: dspy.Example) -> Any:
+        trajectory = pred.markovscale.trajectory
+        correct = [bool(metric(example, dspy.Prediction(**e["outputs"]))) for e in trajectory]
         stop = correct.index(True) if any(correct) else 0
-        labels.append(correct[stop])
-        calls += stop + 1
-        rounds += stop
-    return MethodResult(
-        name="hindsight oracle",
-        n=len(labels),
-        correct=sum(labels),
-        calls=calls,
-        prompt_tokens=0,
-        completion_tokens=0,
-        seconds=0.0,
-        rounds=rounds,
-        failures=0,
-        labels=labels,
-    )
+        return trajectory[stop]["outputs"], trajectory[: stop + 1]
+
+    return read_off(run, examples, metric, "hindsight oracle", choose)
 
 
 def frontier_at(curve: Sequence[MethodResult], calls: float) -> float:
@@ -258,11 +277,12 @@ def compare_methods(
         keep_predictions=True,
     )
     results = fixed_family(full, testset, metric, max_rounds)
-    methods: dict[str, dspy.Module] = {"closed_form": refine(policy="closed_form"), "belief": refine(policy="belief")}
+    # The policies are read off the same chains: paired with fixed-N and with each other, at no extra LM cost.
+    for policy in ("closed_form", "belief"):
+        results.append(replayed(refine(policy=policy), full, testset, metric, policy))
     if include_baselines:
-        methods.update(baselines(program, n=baseline_n))
-    for method, module in methods.items():
-        results.append(evaluate(module, testset, metric, name=method, num_threads=num_threads))
+        for method, module in baselines(program, n=baseline_n).items():
+            results.append(evaluate(module, testset, metric, name=method, num_threads=num_threads))
     return ComparisonResult(
         preset=name,
         model=model,

@@ -25,6 +25,8 @@ __all__ = [
     "format_comparison",
     "format_model",
     "markdown_table",
+    "paired_markdown",
+    "paired_words",
     "verdict",
 ]
 
@@ -174,6 +176,53 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def paired_words(a: MethodResult, b: MethodResult, level: float = 0.95) -> str:
+    """``a`` against ``b`` on the same questions, in a sentence whose wording follows the paired statistics.
+
+    "better"/"worse" only when the exact McNemar test rejects "no difference" at 5% (then the interval excludes
+    zero too, up to the normal approximation); otherwise the difference is called noise at this sample size.
+    """
+    d = statistics.paired_difference(a.labels, b.labels, level)
+    if d.n == 0:
+        return f"{a.name} vs {b.name}: no question answered by both."
+    stats_text = (
+        f"{100 * d.diff:+.1f} points ({level:.0%} CI {100 * d.lo:+.1f} to {100 * d.hi:+.1f}; McNemar p = "
+        f"{d.p_value:.2g}; {d.a_only} questions only {a.name} got right, {d.b_only} only {b.name})"
+    )
+    if d.p_value < 0.05:
+        word = "better than" if d.diff > 0 else "worse than"
+        return f"{a.name} is {word} {b.name} on the same {d.n} questions: {stats_text}."
+    return (
+        f"{a.name} vs {b.name} on the same {d.n} questions: {stats_text}; no difference detectable at this sample size."
+    )
+
+
+def paired_markdown(results: Sequence[MethodResult], baseline: MethodResult, level: float = 0.95) -> str:
+    """Each method minus ``baseline`` on the same questions: paired difference, interval, McNemar p-value."""
+    rows = []
+    for r in results:
+        if r is baseline or r.n != baseline.n:
+            continue
+        d = statistics.paired_difference(r.labels, baseline.labels, level)
+        rows.append(
+            [
+                r.name,
+                f"{100 * d.diff:+.1f}",
+                f"{100 * d.lo:+.1f} to {100 * d.hi:+.1f}",
+                f"{d.p_value:.2g}",
+                f"{d.a_only} / {d.b_only}",
+            ]
+        )
+    header = [
+        f"method − {baseline.name} (same questions)",
+        "points",
+        f"{level:.0%} CI",
+        "McNemar p",
+        "only method right / only baseline right",
+    ]
+    return markdown_table(header, rows)
 
 
 def format_comparison(results: Sequence[MethodResult]) -> str:
