@@ -6,6 +6,9 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import dspy
 import pytest
 from dspy.dsp.utils.settings import DEFAULT_CONFIG
+from helpers import calibrated_model, refine, world
+
+from markovscale_dspy import MarkovCalibrator
 
 
 @pytest.fixture(autouse=True)
@@ -22,3 +25,26 @@ def clean_dspy_settings():
     yield
     dspy.configure(**copy.deepcopy(DEFAULT_CONFIG))
     dspy.cache = original_cache
+
+
+@pytest.fixture(scope="session")
+def hetero_model(tmp_path_factory):
+    """A model calibrated on 400 questions of the heterogeneous preset (several question types), shared read-only
+    by the belief-policy, select='best' and budget tests. Session-scoped fixtures are set up before the autouse
+    ones above, so it gets its own trace directory explicitly."""
+    from benchmarks.worlds import preset_world
+
+    return calibrated_model(
+        preset_world("heterogeneous", 400, seed=10), rounds=5, trace_dir=tmp_path_factory.mktemp("hetero-traces")
+    )
+
+
+@pytest.fixture
+def calibrated():
+    """A program calibrated on 60 simulated questions and its calibration report (fresh for every test: some tests
+    edit the report)."""
+    w = world(60)
+    calibrator = MarkovCalibrator(w.metric, rounds=3, num_threads=1)
+    with dspy.context(lm=w.lm()):
+        program = calibrator.compile(refine(), trainset=w.examples)
+    return program, calibrator.report

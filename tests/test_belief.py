@@ -1,10 +1,14 @@
-"""belief: the hidden-Markov filter, expectimax against brute force, smoothing, and calibration of the belief."""
+"""belief: the hidden-Markov filter, expectimax and smoothing against brute force over hidden paths, question-type
+mixtures, and the calibration of the belief on a simulated world."""
 
 import itertools
 
+import dspy
 import numpy as np
 import pytest
+from helpers import brute_force_joint, brute_force_posteriors, calibrated_model, refine
 
+from benchmarks.worlds import preset_world
 from markovscale_dspy.core import belief
 
 CHAIN = {"p_cw": 0.15, "p_wc": 0.35, "p_same_wrong": 0.4, "p_change_correct": 0.05}
@@ -116,3 +120,70 @@ def test_mixture_filter_learns_the_type():
     )
     b = chains.update(chains.initial(), False)
     assert b[0].sum() == pytest.approx(0.0) and b[1].sum() == pytest.approx(1.0)
+
+
+def random_chains(rng, types):
+    weights = rng.random(types) + 0.1
+    return belief.HiddenChains(
+        weights=weights / weights.sum(),
+        p0=rng.random(types),
+        p_cw=rng.random(types),
+        p_wc=rng.random(types),
+        p_same_wrong=rng.random(types),
+        p_change_correct=rng.random(types) * 0.3,
+    )
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_filter_and_smoother_equal_brute_force_over_hidden_paths(seed):
+    rng = np.random.default_rng(seed)
+    chains = random_chains(rng, types=1 + seed % 3)
+    observations = [(None, True, False)[i] for i in rng.integers(0, 3, size=4)]
+    filtered = [chains.correct(b) for b in chains.filter(observations)]
+    expected_filtered = [brute_force_joint(chains, observations[:t])[t][:, 1].sum() for t in range(5)]
+    assert filtered == pytest.approx(expected_filtered, abs=1e-12)
+    assert chains.smooth(observations) == pytest.approx(brute_force_posteriors(chains, observations), abs=1e-12)
+
+
+def test_single_chain_smoothing_equals_brute_force_over_hidden_paths():
+    single = belief.HiddenChains.single(0.4, **CHAIN)
+    for observations in itertools.product((None, True, False), repeat=3):
+        expected = brute_force_posteriors(single, list(observations))
+        assert belief.smooth(0.4, list(observations), **CHAIN) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_belief_is_calibrated():
+    """Among questions whose belief falls in a bin, the share actually correct matches the bin."""
+    model = calibrated_model(preset_world("heterogeneous", 600, seed=20), rounds=5)
+    module = refine(policy="fixed", max_rounds=5)
+    module.model = model
+    w = preset_world("heterogeneous", 3000, seed=21)
+    chains = model.hidden_chains()
+    rng = np.random.default_rng(0)
+    beliefs, labels = [], []
+    with dspy.context(lm=w.lm()):
+        for example in w.examples:
+            pred = module(**example.inputs())
+            t = int(rng.integers(0, len(pred.trajectory)))  # one round per question: independent pairs
+            obs = [
+                None
+                if pred.trajectory[s]["error"]
+                else pred.trajectory[s]["answer_key"] == pred.trajectory[s - 1]["answer_key"]
+                for s in range(1, t + 1)
+            ]
+            beliefs.append(chains.correct(chains.filter(obs)[-1]))
+            labels.append(w.metric(example, dspy.Prediction(**pred.trajectory[t]["outputs"])))
+    beliefs, labels = np.array(beliefs), np.array(labels)
+    edges = np.linspace(0, 1, 11)
+    checked = 0
+    for lo, hi in itertools.pairwise(edges):
+        inside = (beliefs >= lo) & (beliefs < hi if hi < 1 else beliefs <= hi)
+        if inside.sum() < 30:
+            continue
+        expected, observed = beliefs[inside].sum(), labels[inside].sum()
+        se = np.sqrt((beliefs[inside] * (1 - beliefs[inside])).sum())
+        print(f"  bin [{lo:.1f}, {hi:.1f}): n={inside.sum()} observed {observed} expected {expected:.1f} (se {se:.1f})")
+        assert abs(observed - expected) <= 3 * se + 1
+        checked += 1
+    assert checked >= 4

@@ -1,8 +1,14 @@
-"""MarkovCalibrator: a DSPy Teleprompter that fits the chain on a labelled trainset."""
+"""MarkovCalibrator: a DSPy Teleprompter that fits the chain on a labelled trainset -- what it runs, what it fits,
+how it reports, how it fails; and statistical checks of the fit against simulated worlds whose truth is known.
+
+Statistical tolerances come from standard errors (estimates within 3 posterior SE of the truth) or, for repeated
+experiments, from the binomial tail of the count they claim.
+"""
 
 import dspy
 import pytest
-from helpers import IMPROVING, refine, world
+from helpers import IMPROVING, calibrate_one_type, calibrated_model, refine, world
+from scipy import stats
 
 from markovscale_dspy import (
     CalibrationError,
@@ -10,9 +16,11 @@ from markovscale_dspy import (
     DataError,
     MarkovCalibrator,
     MarkovRefine,
+    RoundZeroError,
     TransitionModel,
 )
 from markovscale_dspy.core.statistics import score_to_label
+from markovscale_dspy.testing import FAULT_KINDS, SimulatedWorld
 
 
 def calibrate(w, metric=None, student=None, **kwargs):
@@ -26,8 +34,19 @@ def calibrate(w, metric=None, student=None, **kwargs):
 
 def test_compile_returns_a_calibrated_copy():
     student = refine()
-    program, _ = calibrate(world(), student=student)
-    assert program is not student and isinstance(program.model, TransitionModel) and not program._compiled
+    w = world()
+    program, _ = calibrate(w, student=student)
+    assert program is not student and not program._compiled
+    # Oracle: replay the questions on a fresh copy of the world with the fixed policy (the same prompts, so the same
+    # answers), grade every round with the metric, and fit the chain directly from those labels and answers.
+    replay = w.fresh()
+    labels, answers = [], []
+    with dspy.context(lm=replay.lm()):
+        for example in replay.examples:
+            pred = refine(policy="fixed", max_rounds=3)(**example.inputs())
+            labels.append([replay.metric(example, dspy.Prediction(**entry["outputs"])) for entry in pred.trajectory])
+            answers.append([entry["answer_key"] for entry in pred.trajectory])
+    assert program.model == TransitionModel.fit(labels, answers=answers)
 
 
 def test_student_is_untouched():
@@ -112,9 +131,57 @@ def test_failed_rounds_are_dropped_from_the_fit():
     assert failed > 0 and program.model.n_transitions == 40 * 4 - failed
 
 
+def test_no_successful_refinement_is_a_clear_error_with_the_report_kept():
+    w = world(20)
+    student = refine()
+    student.refiner.lm = w.lm(faults={"server": 1.0})
+    calibrator = MarkovCalibrator(w.metric, rounds=2, num_threads=1)
+    with dspy.context(lm=w.lm()), pytest.raises(CalibrationError, match="no refinement round succeeded"):
+        calibrator.compile(student, trainset=w.examples)
+    assert calibrator.report.failures["rounds_failed"] == 40
+
+
+ALL_FAULTS = {kind: 0.07 for kind in FAULT_KINDS}  # 49% of calls fail, every kind
+
+
+@pytest.mark.slow
+def test_a_thousand_faulty_rounds_never_crash_calibration_or_forward():
+    w = SimulatedWorld.homogeneous(400, seed=40, **IMPROVING)
+    faulty = w.lm(faults=ALL_FAULTS)
+    engine = w.last_fault_engine
+    calibrator = MarkovCalibrator(w.metric, rounds=4, num_threads=4, question_types=1)
+    with dspy.context(lm=faulty):
+        program = calibrator.compile(refine(max_rounds=4), trainset=w.examples)
+        outcomes = {"ok": 0, "round0": 0}
+        for example in w.examples:
+            try:
+                pred = refine(policy="fixed", max_rounds=4)(**example.inputs())
+                outcomes["ok"] += 1
+                assert pred.failed_rounds == sum(e["error"] is not None for e in pred.trajectory)
+            except RoundZeroError:
+                outcomes["round0"] += 1
+    faults = sum(engine.fault_counts.values())
+    failures = calibrator.report.failures
+    print(
+        f"\n{faults} injected faults {dict(engine.fault_counts)}; calibration: {failures['chains_failed']} chains "
+        f"lost at round 0, {failures['rounds_failed']} refinement rounds kept the previous answer; forward: "
+        f"{outcomes}"
+    )
+    assert faults >= 1000 and program.model.n_transitions > 0
+    assert failures["rounds_failed"] > 0 and failures["chains_failed"] > 0 and outcomes["ok"] > 0
+
+
+# Bad input ---------------------------------------------------------------------------------------------------------
+
+
 def test_empty_trainset_is_rejected():
     with pytest.raises(DataError, match="trainset is empty"):
         MarkovCalibrator(lambda e, p: True).compile(refine(), trainset=[])
+
+
+def test_trainset_of_one_example_is_too_small():
+    with pytest.raises(DataError, match="trainset has 1 example; calibration needs at least 2"):
+        MarkovCalibrator(lambda e, p: True).compile(refine(), trainset=world(1).examples)
 
 
 def test_examples_without_inputs_are_rejected():
@@ -158,6 +225,9 @@ def test_metric_must_be_callable():
         MarkovCalibrator("exact_match")
 
 
+# DSPy integration and threads --------------------------------------------------------------------------------------
+
+
 def test_compile_fires_dspy_compile_callbacks():
     seen = []
 
@@ -184,6 +254,59 @@ def test_threaded_calibration_equals_sequential():
     assert seq.model == par.model
 
 
+# Statistical checks against a known truth --------------------------------------------------------------------------
+
+
 def test_improving_world_is_recognised():
     program, _ = calibrate(world(200, **IMPROVING))
     assert program.model.regime() == "improving"
+
+
+PARAMS = ("p0", "p_cw", "p_wc")
+
+
+def test_calibration_recovers_parameters_within_three_standard_errors():
+    model = calibrate_one_type(IMPROVING, seed=0).model
+    for name in PARAMS:
+        estimate, se = getattr(model, name), model.standard_error(name)
+        print(f"{name}: truth {IMPROVING[name]:.3f} estimate {estimate:.3f} se {se:.4f}")
+        assert abs(estimate - IMPROVING[name]) <= 3 * se
+
+
+REPETITIONS, LEVEL = 50, 0.95
+# If each 95% interval covers the truth with probability 0.95, the number of the 50 seeded repetitions that cover it
+# is X ~ Binomial(50, 0.95). Fail only when the count falls in that distribution's lower 0.1% tail: the threshold is
+# the largest k with P(X < k) <= 0.001 (k = 42: P(X < 42) = 0.00076, P(X < 43) = 0.0032), so a correct calibrator
+# fails this test with probability <= 0.001 per parameter (<= 0.003 for the three, by the union bound).
+FALSE_ALARM = 0.001
+MIN_COVERED = int(stats.binom.ppf(FALSE_ALARM, REPETITIONS, LEVEL))
+
+
+@pytest.mark.slow
+def test_95_percent_intervals_cover_the_truth_in_50_repetitions_as_often_as_the_binomial_tail_allows():
+    covered = dict.fromkeys(PARAMS, 0)
+    for seed in range(REPETITIONS):
+        model = calibrate_one_type(IMPROVING, seed=100 + seed).model
+        for name in PARAMS:
+            lo, hi = model.interval(name, LEVEL)
+            covered[name] += lo <= IMPROVING[name] <= hi
+    print(f"coverage out of {REPETITIONS}: {covered}; threshold {MIN_COVERED}")
+    tail = stats.binom(REPETITIONS, LEVEL).cdf
+    assert tail(MIN_COVERED - 1) <= FALSE_ALARM < tail(MIN_COVERED)  # the threshold is the tail the comment claims
+    assert all(count >= MIN_COVERED for count in covered.values())
+
+
+def test_calibration_estimates_answer_stickiness_within_three_standard_errors():
+    model = calibrated_model(SimulatedWorld.homogeneous(300, seed=2, p_same_wrong=0.7, **IMPROVING), question_types=1)
+    se = model.standard_error("p_same_wrong")
+    assert abs(model.p_same_wrong - 0.7) <= 3 * se
+
+
+@pytest.mark.slow
+def test_calibration_estimates_rewording_of_correct_answers():
+    w = SimulatedWorld.homogeneous(300, seed=3, p_change_correct=0.3, **IMPROVING)
+    calibrator = MarkovCalibrator(w.metric, rounds=4, num_threads=1, question_types=1)
+    module = refine(max_rounds=4, answer_key=lambda outputs: str(outputs["answer"]))  # raw text: "42" != "42.0"
+    with dspy.context(lm=w.lm()):
+        model = calibrator.compile(module, trainset=w.examples).model
+    assert abs(model.p_change_correct - 0.3) <= 3 * model.standard_error("p_change_correct")

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import model_from_rates, refine
 
 from markovscale_dspy import DataError, StateError, TransitionModel
 
@@ -70,14 +71,22 @@ def test_prob_improves_matches_brute_monte_carlo():
     assert model.prob_improves() == pytest.approx(want, abs=4 * np.sqrt(want * (1 - want) / 200_000))
 
 
-def test_convenience_methods_delegate_to_theory():
-    model = TransitionModel.fit(CHAINS * 10)
-    from markovscale_dspy.core import theory
-
-    assert model.accuracy_at(3) == theory.accuracy_at(3, model.p0, model.p_cw, model.p_wc)
-    assert model.optimal_rounds(0.01, 6) == theory.optimal_rounds(model.p0, model.p_cw, model.p_wc, 0.01, 6)
-    assert model.regime() == theory.regime(model.p0, model.p_cw, model.p_wc)
-    assert model.stationary_accuracy() == theory.stationary_accuracy(model.p_cw, model.p_wc)
+@pytest.mark.parametrize(
+    "model",
+    [TransitionModel.fit(CHAINS * 10), model_from_rates(0.4, 0.1, 0.3), model_from_rates(0.8, 0.1, 0.3)],
+    ids=["fitted", "improving", "degrading"],
+)
+def test_convenience_methods_delegate_to_theory(model):
+    p0, p_cw, p_wc = model.p0, model.p_cw, model.p_wc
+    # Oracles written out here rather than read from theory: the closed form, a scan of the objective, the bound.
+    stationary = p_wc / (p_cw + p_wc)
+    accuracy = [stationary + (p0 - stationary) * (1 - p_cw - p_wc) ** t for t in range(7)]
+    objective = [a - 0.01 * t for t, a in enumerate(accuracy)]
+    best = next(t for t, v in enumerate(objective) if v >= max(objective) - 1e-12)
+    assert model.accuracy_at(3) == pytest.approx(accuracy[3], abs=1e-12)
+    assert model.optimal_rounds(0.01, 6) == best
+    assert model.regime() == ("improving" if p0 < stationary else "degrading" if p0 > stationary else "neutral")
+    assert model.stationary_accuracy() == pytest.approx(stationary, abs=1e-12)
 
 
 def test_model_is_immutable():
@@ -145,3 +154,12 @@ def test_bad_prior_is_rejected(prior):
 
 def test_repr_shows_estimates_and_regime():
     assert "regime=" in repr(TransitionModel.fit(CHAINS)) and "p_cw=0.400" in repr(TransitionModel.fit(CHAINS))
+
+
+def test_emission_counts_survive_save_and_load(tmp_path):
+    module = refine()
+    module.model = TransitionModel.fit([[False, False, True], [True, True, True]], answers=[[1, 1, 2], [5, 6, 6]])
+    module.save(tmp_path / "s.json")
+    fresh = refine()
+    fresh.load(tmp_path / "s.json")
+    assert (fresh.model.n_ww_same, fresh.model.n_cc_changed) == (1, 1) and fresh.model == module.model

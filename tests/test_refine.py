@@ -1,29 +1,42 @@
-"""MarkovRefine as a DSPy module, driven by the simulated world."""
+"""MarkovRefine as a DSPy module: construction, the refinement chain and its failures, answer selection, async and
+threads, save/load and the state file (driven by the simulated world)."""
 
 import asyncio
 import copy
+import json
+import logging
 
 import dspy
 import pytest
-from helpers import DEGRADING, IMPROVING, model_from_rates, refine, world
+from helpers import (
+    IMPROVING,
+    brute_force_posteriors,
+    calibrate_one_type,
+    model_from_rates,
+    observations_from,
+    refine,
+    world,
+)
 
+from benchmarks.worlds import preset_world
 from markovscale_dspy import (
     ConfigurationError,
-    Decision,
+    MarkovCalibrator,
     MarkovRefine,
     NotCalibratedError,
     RoundZeroError,
     StateError,
     TransitionModel,
 )
-from markovscale_dspy.testing import SimulatedWorld
+from markovscale_dspy.integrations.lms import build_lm
+from markovscale_dspy.testing import FAULT_KINDS, SimulatedWorld
 
 
 def ask(module, w, i=0):
     return module(**w.examples[i].inputs())
 
 
-# Construction --------------------------------------------------------------------------------------------------
+# Construction ------------------------------------------------------------------------------------------------------
 
 
 def test_refiner_sees_previous_answer_and_produces_answer():
@@ -93,81 +106,7 @@ def test_model_setter_rejects_other_types():
         refine().model = {"p0": 0.5}
 
 
-# Policies --------------------------------------------------------------------------------------------------------
-
-
-def test_uncalibrated_closed_form_answers_in_one_call_and_says_so():
-    w = world()
-    with dspy.context(lm=w.lm()), pytest.warns(UserWarning, match="not calibrated.*MarkovCalibrator"):
-        pred = ask(refine(), w)
-    assert w.calls == 1 and pred.stop_reason == "uncalibrated"
-
-
-def test_not_calibrated_error_is_a_value_error():
-    assert issubclass(NotCalibratedError, ValueError)
-
-
-def test_fixed_policy_runs_max_rounds():
-    w = world()
-    with dspy.context(lm=w.lm()):
-        pred = ask(refine(policy="fixed", max_rounds=3), w)
-    assert (pred.rounds, pred.stop_reason, w.calls) == (3, "max_rounds", 4)
-
-
-def test_fixed_policy_with_zero_rounds_is_one_call():
-    w = world()
-    with dspy.context(lm=w.lm()):
-        pred = ask(refine(policy="fixed", max_rounds=0), w)
-    assert (pred.rounds, w.calls) == (0, 1)
-
-
-def test_closed_form_on_degrading_model_makes_one_call():
-    w = world(**DEGRADING)
-    module = refine(max_rounds=4)
-    module.model = model_from_rates(**DEGRADING)
-    with dspy.context(lm=w.lm()):
-        pred = ask(module, w)
-    assert (pred.rounds, pred.stop_reason, w.calls) == (0, "degrading", 1)
-
-
-def test_closed_form_runs_the_optimal_rounds():
-    w = world()
-    module = refine(max_rounds=8, round_cost=0.01)
-    module.model = model_from_rates(**IMPROVING)
-    with dspy.context(lm=w.lm()):
-        pred = ask(module, w)
-    assert pred.rounds == module.model.optimal_rounds(0.01, 8) == 6 and pred.stop_reason == "optimal_rounds"
-
-
-def test_closed_form_reports_cost_when_gain_too_small():
-    module = refine(round_cost=0.5)
-    module.model = model_from_rates(**IMPROVING)
-    w = world()
-    with dspy.context(lm=w.lm()):
-        assert ask(module, w).stop_reason == "cost"
-
-
-def test_custom_policy_object_plugs_in():
-    class OneRound:
-        requires_model = False
-
-        def decide(self, context):
-            return Decision(context.rounds_done < 1, "one_round")
-
-    w = world()
-    with dspy.context(lm=w.lm()):
-        pred = ask(refine(policy=OneRound(), max_rounds=5), w)
-    assert (pred.rounds, pred.stop_reason) == (1, "one_round")
-
-
-def test_model_can_be_shared_between_modules():
-    fitted = model_from_rates(**IMPROVING)
-    a, b = refine(round_cost=0.0, max_rounds=3), refine(round_cost=0.06, max_rounds=3)  # gains .14 .084 .05
-    a.model = b.model = fitted
-    assert (a.planned_rounds(), b.planned_rounds()) == (3, 2)
-
-
-# The chain -----------------------------------------------------------------------------------------------------
+# The chain ---------------------------------------------------------------------------------------------------------
 
 
 def test_prediction_carries_answer_rounds_reason_and_trajectory():
@@ -214,6 +153,47 @@ def test_pinned_program_lm_is_used_for_every_round():
     assert (w.calls, other.calls) == (3, 0)
 
 
+def test_missing_input_is_named():
+    w = world()
+    with dspy.context(lm=w.lm()), pytest.raises(ConfigurationError, match=r"missing input field\(s\) \['question'\]"):
+        refine(policy="fixed")(query="hi")
+
+
+def test_refiner_calls_are_traced_for_optimizers():
+    w = world()
+    with dspy.context(lm=w.lm(), trace=[]):
+        ask(refine(policy="fixed", max_rounds=2), w)
+        names = [",".join(p.signature.input_fields) for p, _, _ in dspy.settings.trace]
+        assert all(isinstance(p, dspy.Predict) for p, _, _ in dspy.settings.trace)
+    assert names == ["question", "question,previous_answer", "question,previous_answer"]
+
+
+def attribute_snapshot(module):
+    """Every attribute of a module (but its call history) by value: sub-modules and the state by their dumped state."""
+    return {
+        name: value.dump_state() if hasattr(value, "dump_state") else copy.deepcopy(value)
+        for name, value in module.__dict__.items()
+        if name != "history"
+    }
+
+
+def test_forward_does_not_mutate_the_module():
+    w = world()
+    module = refine(max_rounds=3)
+    module.model = model_from_rates(**IMPROVING)
+    before = copy.deepcopy({k: v for k, v in module.__dict__.items() if k != "history"})
+    state = module.dump_state()
+    snapshot = attribute_snapshot(module)
+    with dspy.context(lm=w.lm(), disable_history=True):
+        ask(module, w)
+    assert module.dump_state() == state
+    assert attribute_snapshot(module) == snapshot  # every attribute's value, not just the attribute names
+    assert module.model == before["markov"].model and module.max_rounds == 3
+
+
+# Failed rounds -----------------------------------------------------------------------------------------------------
+
+
 def test_refinement_failure_keeps_the_previous_answer():
     w = world()
     module = refine(policy="fixed", max_rounds=2)
@@ -240,35 +220,51 @@ def test_round_zero_failure_raises_with_the_cause():
     assert isinstance(info.value.__cause__, dspy.LMError)
 
 
-def test_missing_input_is_named():
+@pytest.mark.parametrize("kind", FAULT_KINDS)
+def test_each_fault_in_a_refinement_round_keeps_the_previous_answer(kind):
+    w = world(3)
+    module = refine(policy="fixed", max_rounds=2)
+    module.refiner.lm = w.lm(faults={kind: 1.0})
+    with dspy.context(lm=w.lm()):
+        pred = module(**w.examples[0].inputs())
+    assert pred.failed_rounds == 2 and pred.answer == pred.trajectory[0]["outputs"]["answer"]
+    assert pred.trajectory[1]["error_kind"] in {"lm", "parse", "empty"}
+
+
+def test_round_zero_fault_is_a_clear_exception():
+    w = world(3)
+    with dspy.context(lm=w.lm(faults={"timeout": 1.0})), pytest.raises(RoundZeroError, match="round 0 .* failed"):
+        refine(policy="fixed")(**w.examples[0].inputs())
+
+
+# Answer selection --------------------------------------------------------------------------------------------------
+
+
+def test_select_best_returns_the_round_with_the_highest_smoothed_posterior(hetero_model):
+    module = refine(policy="fixed", max_rounds=4, select="best")
+    module.model = hetero_model
+    w = preset_world("heterogeneous", 40, seed=12)
+    with dspy.context(lm=w.lm()):
+        preds = [module(**e.inputs()) for e in w.examples]
+    chains = hetero_model.hidden_chains()
+    for pred in preds:
+        # Oracle: P(round t's answer is correct | every round's same/changed answer), summed over every hidden path
+        # of every question type -- not the module's own forward-backward pass.
+        posteriors = brute_force_posteriors(chains, observations_from(pred.trajectory))
+        assert pred.posteriors == pytest.approx(posteriors, abs=1e-12)
+        chosen = pred.selected_round
+        assert posteriors[chosen] >= max(posteriors) - 1e-12  # a round with the highest posterior ...
+        assert all(p < posteriors[chosen] for p in posteriors[chosen + 1 :])  # ... the latest of any tied ones
+        assert pred.answer == pred.trajectory[chosen]["outputs"]["answer"]
+
+
+def test_select_best_needs_a_calibrated_model():
     w = world()
-    with dspy.context(lm=w.lm()), pytest.raises(ConfigurationError, match=r"missing input field\(s\) \['question'\]"):
-        refine(policy="fixed")(query="hi")
+    with dspy.context(lm=w.lm()), pytest.raises(NotCalibratedError, match="select='best'"):
+        refine(policy="fixed", select="best")(**w.examples[0].inputs())
 
 
-def test_refiner_calls_are_traced_for_optimizers():
-    w = world()
-    with dspy.context(lm=w.lm(), trace=[]):
-        ask(refine(policy="fixed", max_rounds=2), w)
-        names = [",".join(p.signature.input_fields) for p, _, _ in dspy.settings.trace]
-        assert all(isinstance(p, dspy.Predict) for p, _, _ in dspy.settings.trace)
-    assert names == ["question", "question,previous_answer", "question,previous_answer"]
-
-
-def test_forward_does_not_mutate_the_module():
-    w = world()
-    module = refine(max_rounds=3)
-    module.model = model_from_rates(**IMPROVING)
-    before = copy.deepcopy({k: v for k, v in module.__dict__.items() if k != "history"})
-    state = module.dump_state()
-    with dspy.context(lm=w.lm(), disable_history=True):
-        ask(module, w)
-    assert module.dump_state() == state
-    assert {k: v for k, v in module.__dict__.items() if k != "history"}.keys() == before.keys()
-    assert module.model == before["markov"].model and module.max_rounds == 3
-
-
-# Async -----------------------------------------------------------------------------------------------------------
+# Async and threads -------------------------------------------------------------------------------------------------
 
 
 def run_sync_and_async(module, n=20):
@@ -303,7 +299,58 @@ def test_acall_wraps_a_sync_only_program():
     assert sync == async_
 
 
-# Save / load -----------------------------------------------------------------------------------------------------
+def answers(program, seed, mode):
+    w = SimulatedWorld.homogeneous(200, seed=seed, **IMPROVING)
+    with dspy.context(lm=w.lm()):
+        if mode == "sequential":
+            return [program(**ex.inputs()).answer for ex in w.examples]
+        if mode == "evaluate":
+            result = dspy.Evaluate(devset=w.examples, metric=w.metric, num_threads=8)(program)
+            return [pred.answer for _, pred, _ in result.results]
+
+        async def run():
+            return [p.answer for p in await asyncio.gather(*(program.acall(**ex.inputs()) for ex in w.examples))]
+
+        return asyncio.run(run())
+
+
+@pytest.mark.slow
+def test_evaluate_with_8_threads_and_acall_match_sequential_calls():
+    program = calibrate_one_type(IMPROVING, seed=5, max_rounds=4)
+    sequential = answers(program, 6, "sequential")
+    assert answers(program, 6, "evaluate") == sequential
+    assert answers(program, 6, "async") == sequential
+
+
+def answers_and_model(threads, mode="threads"):
+    w = SimulatedWorld.homogeneous(500, seed=60, **IMPROVING)
+    calibrator = MarkovCalibrator(w.metric, rounds=3, num_threads=threads, store_traces=False, question_types=1)
+    with dspy.context(lm=w.lm()):
+        program = calibrator.compile(refine(max_rounds=3), trainset=w.examples)
+    test = SimulatedWorld.homogeneous(500, seed=61, **IMPROVING)
+    with dspy.context(lm=test.lm()):
+        if mode == "async":
+
+            async def run():
+                return await asyncio.gather(*(program.acall(**e.inputs()) for e in test.examples))
+
+            predictions = asyncio.run(run())
+        else:
+            predictions = program.batch(test.examples, num_threads=threads, disable_progress_bar=True)
+    return program.model, [(p.answer, p.rounds) for p in predictions]
+
+
+@pytest.mark.slow
+def test_sixteen_threads_give_the_sequential_results():
+    assert answers_and_model(16) == answers_and_model(1)
+
+
+@pytest.mark.slow
+def test_asyncio_gives_the_sequential_results():
+    assert answers_and_model(1, mode="async") == answers_and_model(1)
+
+
+# Save / load -------------------------------------------------------------------------------------------------------
 
 
 def test_save_load_restores_the_model_exactly(tmp_path):
@@ -340,3 +387,91 @@ def test_uncalibrated_state_round_trips_as_none(tmp_path):
     fresh.model = model_from_rates(**IMPROVING)
     fresh.load(tmp_path / "state.json")
     assert fresh.model is None
+
+
+@pytest.mark.slow
+def test_save_then_load_in_a_fresh_module_gives_identical_predictions(tmp_path):
+    program = calibrate_one_type(IMPROVING, seed=7, max_rounds=4)
+    program.save(tmp_path / "refine.json")
+    fresh = refine(max_rounds=4)
+    fresh.load(tmp_path / "refine.json")
+    assert fresh.model == program.model
+    assert answers(fresh, 8, "sequential") == answers(program, 8, "sequential")
+
+
+# Bad and unsafe state files ----------------------------------------------------------------------------------------
+
+
+def saved(tmp_path, name="s.json"):
+    module = refine()
+    module.model = model_from_rates(**IMPROVING)
+    module.save(tmp_path / name)
+    return tmp_path / name
+
+
+def test_corrupt_state_file_is_a_state_error_and_leaves_the_module_alone(tmp_path):
+    path = saved(tmp_path)
+    path.write_text(path.read_text()[:50])
+    module = refine()
+    module.model = model_from_rates(0.5, 0.1, 0.1)
+    before = module.model
+    with pytest.raises(StateError, match="is not valid JSON .* the file is corrupt"):
+        module.load(path)
+    assert module.model is before
+
+
+def test_edited_state_is_detected(tmp_path):
+    path = saved(tmp_path)
+    state = json.loads(path.read_text())
+    state["markov"]["model"]["estimates"]["p_wc"] = 0.99
+    path.write_text(json.dumps(state))
+    with pytest.raises(StateError, match="disagrees with its counts"):
+        refine().load(path)
+
+
+def test_state_from_an_incompatible_version_is_named(tmp_path):
+    path = saved(tmp_path)
+    state = json.loads(path.read_text())
+    state["markov"]["format"] = "markovscale.state/99"
+    path.write_text(json.dumps(state))
+    with pytest.raises(StateError, match="format 'markovscale.state/99'"):
+        refine().load(path)
+
+
+def test_state_of_a_plain_dspy_program_is_named(tmp_path):
+    dspy.Predict("question -> answer").save(tmp_path / "p.json")
+    with pytest.raises(StateError, match="holds no MarkovRefine state"):
+        refine().load(tmp_path / "p.json")
+
+
+def test_missing_state_file_is_named(tmp_path):
+    with pytest.raises(StateError, match="no state file at"):
+        refine().load(tmp_path / "nope.json")
+
+
+def test_pickle_is_refused_both_ways(tmp_path):
+    with pytest.raises(StateError, match="JSON only"):
+        refine().save(tmp_path / "s.pkl")
+    with pytest.raises(StateError, match="never pickles"):
+        refine().load(tmp_path / "s.pkl")
+
+
+def test_save_is_atomic_and_leaves_no_temporary_file(tmp_path):
+    saved(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_api_key_and_endpoint_never_reach_state_or_report(tmp_path, caplog):
+    secret_key, secret_host = "sk-FAKE-9f8e7d", "secret-gpu-box.internal"
+    program = dspy.Predict("question -> answer")
+    program.lm = build_lm("hosted_vllm/qwen", api_base=f"http://{secret_host}:8000/v1", api_key=secret_key)
+    module = MarkovRefine(program)
+    module.model = model_from_rates(**IMPROVING)
+    with caplog.at_level(logging.DEBUG):
+        module.save(tmp_path / "state.json")
+        text = (tmp_path / "state.json").read_text()
+        from markovscale_dspy.calibrate.traces import chain_key
+
+        key = chain_key(module, 3, world(1).examples[0])
+    assert secret_key not in text and secret_host not in text and "qwen" in text
+    assert secret_key not in caplog.text and secret_host not in caplog.text and secret_key not in key

@@ -43,13 +43,22 @@ def test_accuracy_at_matches_monte_carlo(p0, p_cw, p_wc):
     assert np.all(np.abs(observed - predicted) <= 4 * se + 1e-12)
 
 
+def closed_form(t, p0, p_cw, p_wc):
+    """The paper's closed form written out: pi + (p0 - pi) * (1 - p_cw - p_wc) ** t, pi = p_wc / (p_cw + p_wc)."""
+    pi = p_wc / (p_cw + p_wc)
+    return pi + (p0 - pi) * (1 - p_cw - p_wc) ** t
+
+
 def test_accuracy_at_scalar_returns_float():
-    assert isinstance(theory.accuracy_at(3, 0.4, 0.1, 0.3), float)
+    value = theory.accuracy_at(3, 0.4, 0.1, 0.3)
+    assert type(value) is float and value == pytest.approx(0.75 - 0.35 * 0.6**3, abs=1e-15)
 
 
 def test_accuracy_at_broadcasts_over_arrays():
     t = np.array([[0, 1], [2, 3]])
-    assert theory.accuracy_at(t, 0.4, 0.1, 0.3).shape == (2, 2)
+    got = theory.accuracy_at(t, 0.4, 0.1, 0.3)
+    assert got.shape == (2, 2)
+    assert got == pytest.approx(closed_form(t, 0.4, 0.1, 0.3), abs=1e-15)
 
 
 def test_accuracy_at_round_zero_is_p0():
