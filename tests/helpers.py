@@ -105,3 +105,8 @@ def brute_force_belief_and_gain(chains, observations):
     last = brute_force_joint(chains, observations)[-1]
     gain = float((last[:, 0] * chains.p_wc - last[:, 1] * chains.p_cw).sum())
     return float(last[:, 1].sum()), gain
+
+
+def ask(module, w, i=0):
+    """Call ``module`` on the ``i``-th question of world ``w``."""
+    return module(**w.examples[i].inputs())

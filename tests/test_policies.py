@@ -9,6 +9,7 @@ import pytest
 from helpers import (
     DEGRADING,
     IMPROVING,
+    ask,
     brute_force_belief_and_gain,
     calibrate_one_type,
     calibrated_model,
@@ -23,11 +24,6 @@ from benchmarks.worlds import preset_world
 from markovscale_dspy import Decision, NotCalibratedError, theory
 from markovscale_dspy.reporting.compare import frontier_at
 from markovscale_dspy.testing import SimulatedWorld
-
-
-def ask(module, w, i=0):
-    return module(**w.examples[i].inputs())
-
 
 # Fixed and closed form -------------------------------------------------------------------------------------------
 

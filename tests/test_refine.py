@@ -10,6 +10,7 @@ import dspy
 import pytest
 from helpers import (
     IMPROVING,
+    ask,
     brute_force_posteriors,
     calibrate_one_type,
     model_from_rates,
@@ -30,11 +31,6 @@ from markovscale_dspy import (
 )
 from markovscale_dspy.integrations.lms import build_lm
 from markovscale_dspy.testing import FAULT_KINDS, SimulatedWorld
-
-
-def ask(module, w, i=0):
-    return module(**w.examples[i].inputs())
-
 
 # Construction ------------------------------------------------------------------------------------------------------
 
