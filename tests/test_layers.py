@@ -34,6 +34,7 @@ WITHIN = {
     "reporting/report": 0.5,
     "reporting/plots": 0.5,
     "reporting/compare": 0.25,
+    "reporting/configurations": 0.75,  # reads reports and draws figures
 }
 
 
