@@ -282,3 +282,117 @@ def test_no_secret_reaches_a_state_a_report_or_a_log(tmp_path, caplog):
     for text in (files, caplog.text, str(caught.value)):
         assert SECRET not in text
     assert "127.0.0.1:9" not in files and "127.0.0.1:9" not in str(caught.value)
+
+
+# The command line ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def router_yaml(tmp_path):
+    import yaml
+
+    cfg = config(
+        deployment("cheap", model="openai/cheap-model", answer='{"answer": "A"}', **PRICED),
+        deployment("strong", base="http://127.0.0.1:10/v1", model="openai/strong-model", answer='{"answer": "B"}'),
+        num_retries=0,
+    )
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_cli_calibrates_through_a_router_group_with_another_refiner(router_yaml, tmp_path, capsys, caplog):
+    from markovscale_dspy.cli import main
+
+    state = tmp_path / "state.json"
+    with caplog.at_level(logging.DEBUG):
+        code = main(
+            [
+                "calibrate",
+                "--router-config",
+                str(router_yaml),
+                "--model",
+                "cheap",
+                "--refiner-model",
+                "strong",
+                "--task",
+                "winogrande",
+                "--train",
+                "4",
+                "--rounds",
+                "1",
+                "--out",
+                str(state),
+                "--fresh",
+                "--value-per-correct",
+                "0.05",
+            ]
+        )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "A refinement round cost $0 on average" in out  # the strong group is self-hosted, without prices
+    markov = json.loads(state.read_text())["markov"]
+    assert markov["calibrated_for"]["refiner"] == "router/strong [openai/strong-model]"
+    written = "".join(p.read_text() for p in tmp_path.iterdir() if p.suffix in (".json", ".md"))
+    for text in (out, written, caplog.text):
+        assert SECRET not in text
+
+
+def test_cli_compare_configs_writes_states_and_a_recommendation(router_yaml, tmp_path, capsys):
+    from markovscale_dspy.cli import main
+
+    out_dir = tmp_path / "out"
+    code = main(
+        [
+            "compare-configs",
+            "--router-config",
+            str(router_yaml),
+            "--config",
+            "cheap",
+            "--config",
+            "mixed=cheap+strong",
+            "--task",
+            "winogrande",
+            "--train",
+            "4",
+            "--test",
+            "2",
+            "--rounds",
+            "1",
+            "--out",
+            str(out_dir),
+            "--value-per-correct",
+            "0.01",
+            "--fresh",
+            "--min-prob-improves",
+            "0",
+        ]
+    )
+    assert code == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "cheap.json",
+        "compare.json",
+        "compare.md",
+        "compare.png",
+        "mixed.json",
+    ]
+    report = json.loads((out_dir / "compare.json").read_text())
+    assert report["recommended"] in ("cheap", "mixed") and len(report["results"]) == 2
+    assert "## Calibrated chains" in (out_dir / "compare.md").read_text()
+    assert SECRET not in (out_dir / "compare.md").read_text() + (out_dir / "compare.json").read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--router-config", "R"], "--router-config needs --model naming the model_name group"),
+        (["--router-config", "R", "--model", "openai/gpt-4o"], "model 'openai/gpt-4o' is not a group"),
+        (["--router-config", "R", "--model", "cheap", "--api-base", "http://x/v1"], "drop --api-base"),
+    ],
+)
+def test_cli_router_mistakes_are_named(router_yaml, capsys, argv, message):
+    from markovscale_dspy.cli import main
+
+    argv = [str(router_yaml) if a == "R" else a for a in argv]
+    assert main(["calibrate", *argv, "--train", "2", "--rounds", "1"]) == 2
+    assert message in capsys.readouterr().err

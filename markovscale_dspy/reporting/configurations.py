@@ -236,6 +236,8 @@ def compare_configurations(
                 calibrated.value_per_correct, calibrated.round_cost = None, 0.0
             model = calibrated.model
             rounds = model.optimal_rounds(stopping or 0.0, max_rounds)
+            if min_prob_improves and model.prob_improves() < min_prob_improves:
+                rounds = 0  # the confidence gate holds refinement back until a calibration is surer
             held_out = None
             if testset:
                 held_out = evaluate(calibrated, list(testset), metric, name=configuration.name, num_threads=num_threads)
