@@ -434,6 +434,7 @@ class RouterEngine:
         self.supports_response_schema = structured
         self.deployment_calls: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._capabilities: tuple[frozenset[str], bool] | None = None
 
     def __deepcopy__(self, memo: dict) -> RouterEngine:
         return self  # a shared service: Module.deepcopy() must not clone the Router or its counters
@@ -457,31 +458,36 @@ class RouterEngine:
         ]
         return list(dict.fromkeys(names))
 
+    def _capability(self) -> tuple[frozenset[str], bool]:
+        """(OpenAI parameters every deployment takes, whether all call functions), looked up once: DSPy's adapters
+        read them on every call."""
+        if self._capabilities is None:
+            litellm = _litellm()
+            sets, functions = [], True
+            for d in self.config.deployments_of(self.group):
+                model = d["litellm_params"]["model"]
+                try:
+                    sets.append(set(litellm.get_supported_openai_params(model=model) or ()))
+                except Exception:
+                    sets.append(set())
+                try:
+                    functions = functions and bool(litellm.supports_function_calling(model=model))
+                except Exception:
+                    functions = False
+            params = set.intersection(*sets) if sets else set()
+            if self.supports_response_schema:
+                params.add("response_format")
+            self._capabilities = (frozenset(params), functions)
+        return self._capabilities
+
     @property
     def supported_params(self) -> frozenset[str]:
         """OpenAI parameters every deployment of the group takes (DSPy's adapters read this)."""
-        litellm = _litellm()
-        sets = []
-        for d in self.config.deployments_of(self.group):
-            try:
-                sets.append(set(litellm.get_supported_openai_params(model=d["litellm_params"]["model"]) or ()))
-            except Exception:
-                sets.append(set())
-        params = set.intersection(*sets) if sets else set()
-        if self.supports_response_schema:
-            params.add("response_format")
-        return frozenset(params)
+        return self._capability()[0]
 
     @property
     def supports_function_calling(self) -> bool:
-        litellm = _litellm()
-        try:
-            return all(
-                litellm.supports_function_calling(model=d["litellm_params"]["model"])
-                for d in self.config.deployments_of(self.group)
-            )
-        except Exception:
-            return False
+        return self._capability()[1]
 
     def dump_state(self) -> dict[str, Any]:
         """What DSPy saves for a pinned router LM: the group and its models, never endpoints or keys."""
