@@ -396,3 +396,17 @@ def test_cli_router_mistakes_are_named(router_yaml, capsys, argv, message):
     argv = [str(router_yaml) if a == "R" else a for a in argv]
     assert main(["calibrate", *argv, "--train", "2", "--rounds", "1"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_pinned_router_lm_saves_without_secrets_and_loads_unpinned_with_a_warning(tmp_path):
+    lm = build_lm("pool", router_config=config())
+    module = MarkovRefine(dspy.Predict("question -> answer"))
+    module.program.set_lm(lm)
+    module.refiner.set_lm(lm)
+    module.save(tmp_path / "state.json")
+    text = (tmp_path / "state.json").read_text()
+    assert SECRET not in text and "127.0.0.1" not in text and "router/pool" in text
+    fresh = MarkovRefine(dspy.Predict("question -> answer"))
+    with pytest.warns(UserWarning, match="router group, which a file cannot restore"):
+        fresh.load(tmp_path / "state.json")
+    assert fresh.program.lm is None and fresh.refiner.lm is None

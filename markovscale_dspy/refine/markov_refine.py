@@ -21,7 +21,7 @@ from markovscale_dspy.core.validation import check_callable, check_int, check_nu
 from markovscale_dspy.refine.budget import BudgetResult, allocate
 from markovscale_dspy.refine.loop import SELECT_MODES, Call, ChainState, Outcome, run_chain
 from markovscale_dspy.refine.signatures import answer_fields, infer_signature, refinement_signature, uses_reasoning
-from markovscale_dspy.refine.state import MarkovState, read_state_file, scrub_lm_state
+from markovscale_dspy.refine.state import MarkovState, drop_unrestorable_lms, read_state_file, scrub_lm_state
 from markovscale_dspy.refine.usage import measure
 
 __all__ = ["MarkovRefine"]
@@ -241,6 +241,14 @@ class MarkovRefine(dspy.Module):
         state = read_state_file(path)
         MarkovState.parse(state["markov"], self.markov.input_fields, self.markov.answer_fields)  # fail early
         state.setdefault("metadata", {"dependency_versions": {}})
+        for where in drop_unrestorable_lms(state):
+            warnings.warn(
+                f"{Path(path).name}: the LM pinned at {where} is a router group, which a file cannot restore (it "
+                "holds no endpoints or keys); it is left unpinned: pin it again with set_lm(build_lm(group, "
+                "router_config=...)) or pass it in dspy.context(lm=...)",
+                UserWarning,
+                stacklevel=2,
+            )
         try:
             self.load_state(state, allow_unsafe_lm_state=allow_unsafe_lm_state)
         except StateError:

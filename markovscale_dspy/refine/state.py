@@ -18,7 +18,7 @@ from markovscale_dspy._exceptions import StateError
 from markovscale_dspy._version import __version__
 from markovscale_dspy.core.model import TransitionModel
 
-__all__ = ["ENDPOINT_KEYS", "STATE_FORMAT", "MarkovState", "read_state_file", "scrub_lm_state"]
+__all__ = ["ENDPOINT_KEYS", "STATE_FORMAT", "MarkovState", "drop_unrestorable_lms", "read_state_file", "scrub_lm_state"]
 
 #: Version 2 adds what the calibration was fitted for (``calibrated_for``: LM names) and what it spent
 #: (``spend``: calls, tokens and dollars per question and per refinement round). Version 1 states still load.
@@ -43,6 +43,32 @@ def scrub_lm_state(state: Any) -> Any:
     if isinstance(state, list):
         return [scrub_lm_state(v) for v in state]
     return state
+
+
+def drop_unrestorable_lms(state: Any, path: str = "") -> list[str]:
+    """Unpin, in place, saved LMs that no file can restore: engines holding no endpoint or key (``restorable =
+    False`` on the engine class, e.g. a LiteLLM Router group). Returns ``"<where>: <model>"`` for each one."""
+    dropped: list[str] = []
+    if isinstance(state, dict):
+        for key, value in list(state.items()):
+            if key == "lm" and isinstance(value, dict) and _unrestorable(value):
+                dropped.append(f"{path or 'program'}: {value.get('model')}")
+                state[key] = None
+            else:
+                dropped += drop_unrestorable_lms(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(state, list):
+        for i, value in enumerate(state):
+            dropped += drop_unrestorable_lms(value, f"{path}[{i}]")
+    return dropped
+
+
+def _unrestorable(lm_state: dict[str, Any]) -> bool:
+    engine = lm_state.get("engine")
+    return isinstance(engine, dict) and str(engine.get("class", "")).endswith(UNRESTORABLE_ENGINES)
+
+
+#: Engine classes whose saved LM cannot be rebuilt from a file (their endpoints and keys are never saved).
+UNRESTORABLE_ENGINES = (":RouterEngine",)
 
 
 def read_state_file(path: str | os.PathLike) -> dict[str, Any]:

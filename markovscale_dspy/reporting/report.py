@@ -242,15 +242,16 @@ def paired_markdown(results: Sequence[MethodResult], baseline: MethodResult, lev
 def format_comparison(results: Sequence[MethodResult]) -> str:
     """Side-by-side table of methods: accuracy with intervals, calls, tokens, time."""
     header = (
-        f"  {'method':<28} {'accuracy (95% CI)':<24} {'LM calls/q':>10} {'tokens/q':>9} {'rounds/q':>9} "
-        f"{'wall s':>7} {'failed':>6}"
+        f"  {'method':<28} {'accuracy (95% CI)':<24} {'LM calls/q':>10} {'tokens/q':>9} {'$/q':>10} "
+        f"{'rounds/q':>9} {'wall s':>7} {'failed':>6}"
     )
     lines = [header]
     for r in results:
         lo, hi = r.interval
         lines.append(
             f"  {r.name:<28} {_pct(r.accuracy):>6} [{_pct(lo)}, {_pct(hi)}]   {r.mean_calls:>10.2f} "
-            f"{r.mean_tokens:>9.0f} {r.mean_rounds:>9.2f} {r.seconds:>7.1f} {r.failures:>6}"
+            f"{r.mean_tokens:>9.0f} {dollars(r.mean_cost):>10} {r.mean_rounds:>9.2f} {r.seconds:>7.1f} "
+            f"{r.failures:>6}"
         )
     return "\n".join(lines)
 
