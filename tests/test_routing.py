@@ -410,3 +410,19 @@ def test_a_pinned_router_lm_saves_without_secrets_and_loads_unpinned_with_a_warn
     with pytest.warns(UserWarning, match="router group, which a file cannot restore"):
         fresh.load(tmp_path / "state.json")
     assert fresh.program.lm is None and fresh.refiner.lm is None
+
+
+def test_a_self_hosted_deployment_without_a_key_gets_a_placeholder():
+    """OpenAI-compatible local servers take any key, but LiteLLM's OpenAI client refuses to send none."""
+    from benchmarks.throughput import LatencyServer
+
+    with LatencyServer(0.0) as server:
+        cfg = {
+            "model_list": [
+                {"model_name": "local", "litellm_params": {"model": "openai/x", "api_base": server.api_base}}
+            ]
+        }
+        lm = build_lm("local", router_config=cfg, cache=False)
+        with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+            assert dspy.Predict("question -> answer")(question="A or B?").answer == "A"
+        assert server.requests == 1

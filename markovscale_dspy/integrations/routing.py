@@ -357,13 +357,15 @@ def _self_hosted(params: Mapping[str, Any], litellm: Any) -> bool:
 
 def _router_model_list(config: RouterConfig, litellm: Any) -> list[dict[str, Any]]:
     """The deployments as the Router takes them: stable ids (``group#i``, no endpoint), and self-hosted ones
-    declared schema-capable and free unless their ``model_info`` gives prices."""
+    declared schema-capable, free unless their ``model_info`` gives prices, and given a placeholder key."""
     model_list = []
     for i, entry in enumerate(config.deployments):
         entry = copy.deepcopy(entry)
         info = entry["model_info"]
         info.setdefault("id", f"{entry['model_name']}#{i}")
         if _self_hosted(entry["litellm_params"], litellm):
+            # OpenAI-compatible local servers want some key and never check it (as build_lm does for one server).
+            entry["litellm_params"].setdefault("api_key", "sk-local")
             info.setdefault("supports_response_schema", True)
             for key in (*_PRICE_KEYS, "cache_creation_input_token_cost", "cache_read_input_token_cost"):
                 info.setdefault(key, 0.0)
