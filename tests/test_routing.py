@@ -426,3 +426,21 @@ def test_a_self_hosted_deployment_without_a_key_gets_a_placeholder():
         with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
             assert dspy.Predict("question -> answer")(question="A or B?").answer == "A"
         assert server.requests == 1
+
+
+def test_routers_built_one_after_another_each_reach_their_own_servers():
+    """Regression: LiteLLM caches clients per deployment id process-wide, and registers deployments' model_info
+    globally; a second Router with the same group names must neither reuse the first's ids nor stop counting its
+    deployments as self-hosted (it then sent no key)."""
+    from benchmarks.throughput import LatencyServer
+
+    build_lm("openai/seq-model", api_base="http://127.0.0.1:9/v1")  # a single-server LM registers the name first
+    for _ in range(2):
+        with LatencyServer(0.0) as server:
+            deployments = [
+                {"model_name": "seq", "litellm_params": {"model": "openai/seq-model", "api_base": server.api_base}}
+            ]
+            lm = build_lm("seq", router_config={"model_list": deployments * 2}, cache=False)
+            for i in range(3):
+                lm(f"hello {i}")
+            assert server.requests == 3 and lm.supports_response_schema

@@ -65,7 +65,7 @@ def test_a_calibration_spreads_over_both_servers_and_refine_runs_through_the_rou
     assert len(lm.engine.deployment_calls) == 2 and min(lm.engine.deployment_calls.values()) >= 3
     assert sorted(c["index"] for c in report.chains) == list(range(12)) and report.failures["chains_failed"] == 0
     assert report.usage["calls"] == 12 * 3 and report.calibrated_for["program"] == [f"router/{GROUP} [openai/smollm2]"]
-    assert all(p.answer in {"A", "B"} for p in predictions)
+    assert all(p.answer in {"A", "B", "C", "D", "E"} for p in predictions)  # the schema held (grammar)
 
 
 def test_one_server_killed_mid_calibration_loses_and_duplicates_no_chain_and_resumes(task, tmp_path):

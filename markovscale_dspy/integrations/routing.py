@@ -110,6 +110,10 @@ class RouterConfig:
     def __repr__(self) -> str:
         return f"RouterConfig(source={self.source!r}, groups={self.groups()})"
 
+    def digest(self) -> str:
+        """A hash of the whole config (secrets included, never shown): one Router per distinct config."""
+        return _digest([list(self.deployments), self.settings])
+
     def groups(self) -> list[str]:
         """The ``model_name`` groups, in the order they first appear."""
         return list(dict.fromkeys(d["model_name"] for d in self.deployments))
@@ -344,25 +348,44 @@ _routers: dict[str, Any] = {}
 _routers_lock = threading.Lock()
 
 
+_known_models: frozenset[str] | None = None
+
+
+def _priced_by_litellm(model: str, litellm: Any) -> bool:
+    """Whether LiteLLM's *shipped* cost map knows ``model``. Not ``litellm.get_model_info``: the Router registers
+    every deployment's model_info there, so the answer would change after the first Router was built."""
+    global _known_models
+    if _known_models is None:
+        try:
+            _known_models = frozenset(litellm.get_model_cost_map(url=litellm.model_cost_map_url))
+        except Exception:
+            _known_models = frozenset(litellm.model_cost)
+    return model in _known_models or model.split("/", 1)[-1] in _known_models
+
+
 def _self_hosted(params: Mapping[str, Any], litellm: Any) -> bool:
-    """A deployment on the user's own server (an endpoint, and a model LiteLLM has no price for)."""
+    """A deployment on the user's own server: an endpoint, and a model LiteLLM has no price for."""
     if not (params.get("api_base") or params.get("base_url")):
         return False
-    try:
-        litellm.get_model_info(params["model"])
-        return False
-    except Exception:
-        return True
+    return not _priced_by_litellm(str(params["model"]), litellm)
+
+
+def _deployment_id(config: RouterConfig, i: int) -> str:
+    """``group#i@<config digest>``: readable, without endpoint, and unique per config -- LiteLLM keeps deployments'
+    clients in process-wide caches keyed by id, so two Routers must never share one (the second would get the
+    first's clients, or none)."""
+    entry = config.deployments[i]
+    return str(entry["model_info"].get("id") or f"{entry['model_name']}#{i}@{config.digest()[:12]}")
 
 
 def _router_model_list(config: RouterConfig, litellm: Any) -> list[dict[str, Any]]:
-    """The deployments as the Router takes them: stable ids (``group#i``, no endpoint), and self-hosted ones
-    declared schema-capable, free unless their ``model_info`` gives prices, and given a placeholder key."""
+    """The deployments as the Router takes them: ids from :func:`_deployment_id`, and self-hosted ones declared
+    schema-capable, free unless their ``model_info`` gives prices, and given a placeholder key."""
     model_list = []
     for i, entry in enumerate(config.deployments):
         entry = copy.deepcopy(entry)
         info = entry["model_info"]
-        info.setdefault("id", f"{entry['model_name']}#{i}")
+        info["id"] = _deployment_id(config, i)
         if _self_hosted(entry["litellm_params"], litellm):
             # OpenAI-compatible local servers want some key and never check it (as build_lm does for one server).
             entry["litellm_params"].setdefault("api_key", "sk-local")
@@ -379,7 +402,7 @@ def _router_model_list(config: RouterConfig, litellm: Any) -> list[dict[str, Any
 def build_router(config: RouterConfig) -> Any:
     """The ``litellm.Router`` of ``config``; one per distinct config in a process, so LMs built from the same config
     (a drafter group and a refiner group, say) share cooldowns and rate-limit counts."""
-    key = _digest([list(config.deployments), config.settings])
+    key = config.digest()
     with _routers_lock:
         router = _routers.get(key)
         if router is None:
@@ -528,9 +551,7 @@ class RouterEngine:
         cost = hidden.get("response_cost")
         if cost is None and deployment is not None:
             cost = self._price(deployment, response.usage)
-        label = (
-            f"{deployment['model_info'].get('id')} {deployment['litellm_params']['model']}" if deployment else "unknown"
-        )
+        label = f"{deployment['label']} {deployment['litellm_params']['model']}" if deployment else "unknown"
         with self._lock:
             self.deployment_calls[label] += 1
         record_cost(request.model, None if cost is None else float(cost))
@@ -538,11 +559,13 @@ class RouterEngine:
         return replace(response, provider_data={**(response.provider_data or {}), **extra})
 
     def _deployment(self, model_id: Any) -> dict[str, Any] | None:
+        """The deployment LiteLLM says answered, with its readable ``label`` (``group#i``, or the user's id)."""
         if model_id is None:
             return None
         for i, d in enumerate(self.config.deployments):
-            if str(d["model_info"].get("id", f"{d['model_name']}#{i}")) == str(model_id):
-                return {**d, "model_info": {"id": f"{d['model_name']}#{i}", **d["model_info"]}}
+            if _deployment_id(self.config, i) == str(model_id):
+                label = str(d["model_info"].get("id") or f"{d['model_name']}#{i}")
+                return {**d, "label": label}
         return None
 
     @staticmethod
