@@ -13,8 +13,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import dspy
 
 from markovscale_dspy import MarkovCalibrator, MarkovRefine
-from markovscale_dspy.datasets import load_task
-from markovscale_dspy.local import LocalModel
+from markovscale_dspy.integrations.datasets import load_task
+from markovscale_dspy.integrations.local import LocalModel
 
 task = load_task("winogrande")
 train, test = task.split(12, 4, seed=0)

@@ -10,8 +10,8 @@ With 200 questions x 5 calls that is 1,000 calls; start small and watch calibrat
 import dspy
 
 from markovscale_dspy import MarkovCalibrator, MarkovRefine
-from markovscale_dspy.datasets import load_task
-from markovscale_dspy.lms import build_lm
+from markovscale_dspy.integrations.datasets import load_task
+from markovscale_dspy.integrations.lms import build_lm
 
 lm = build_lm("openai/gpt-4o-mini", temperature=0.7)  # key from $OPENAI_API_KEY; never written to state
 task = load_task("gsm8k")

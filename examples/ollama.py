@@ -9,8 +9,8 @@ Ollama's native API lives at http://localhost:11434 (no /v1) for LiteLLM's ollam
 import dspy
 
 from markovscale_dspy import MarkovCalibrator, MarkovRefine
-from markovscale_dspy.datasets import load_task
-from markovscale_dspy.lms import build_lm
+from markovscale_dspy.integrations.datasets import load_task
+from markovscale_dspy.integrations.lms import build_lm
 
 lm = build_lm("ollama_chat/llama3.2", api_base="http://localhost:11434", temperature=0.7)
 task = load_task("gsm8k")

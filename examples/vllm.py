@@ -13,8 +13,8 @@ import os
 import dspy
 
 from markovscale_dspy import MarkovCalibrator, MarkovRefine
-from markovscale_dspy.datasets import load_task
-from markovscale_dspy.lms import build_lm
+from markovscale_dspy.integrations.datasets import load_task
+from markovscale_dspy.integrations.lms import build_lm
 
 # hosted_vllm/ is LiteLLM's prefix for vLLM's OpenAI server; api_base comes from $MARKOVSCALE_API_BASE if unset.
 # build_lm declares the model schema-capable, so DSPy's JSONAdapter asks for grammar-constrained JSON.

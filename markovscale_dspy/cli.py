@@ -7,6 +7,11 @@
 * ``markovscale report STATE`` -- what a saved state says: estimates, regime, bounds, rounds for given costs.
 * ``markovscale run STATE`` -- answer questions with a calibrated state.
 * ``markovscale bench`` -- every method side by side on your model and task (held-out questions, same samples).
+* ``markovscale compare-configs`` -- which model should draft and which should refine: calibrate each pair on the
+  same questions, one state each, and a report of accuracy against dollars (or calls) with a recommendation.
+
+Wherever ``--model`` is taken, ``--router-config PATH`` (LiteLLM's proxy-config format) makes ``--model`` name a
+``model_name`` group whose deployments LiteLLM's Router balances, retries and falls back over.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch Lit
 
 import dspy
 
-from markovscale_dspy._exceptions import MarkovScaleError, StateError
+from markovscale_dspy._exceptions import ConfigurationError, MarkovScaleError, StateError
 from markovscale_dspy._version import __version__
 from markovscale_dspy.calibrate.calibrator import MarkovCalibrator
 from markovscale_dspy.calibrate.report import CalibrationReport
@@ -35,12 +40,14 @@ from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.theory import BOUND_KIND
 from markovscale_dspy.integrations.datasets import available_tasks, load_task
 from markovscale_dspy.integrations.lms import ROUTES, build_lm, redact
+from markovscale_dspy.integrations.routing import load_router_config
 from markovscale_dspy.refine.markov_refine import MarkovRefine
 from markovscale_dspy.refine.state import MarkovState, read_state_file
 from markovscale_dspy.reporting.evaluation import evaluate
 from markovscale_dspy.reporting.report import (
     calibration_markdown,
     comparison_markdown,
+    dollars,
     format_calibration,
     format_comparison,
     format_model,
@@ -53,6 +60,10 @@ from markovscale_dspy.reporting.report import (
 __all__ = ["main"]
 
 
+#: Retries of transient errors for a direct LM (a router LM's Router retries instead; see --router-config).
+DEFAULT_RETRIES = 2
+
+
 def _say(text: str = "") -> None:
     print(text, flush=True)
 
@@ -60,33 +71,80 @@ def _say(text: str = "") -> None:
 # LMs -------------------------------------------------------------------------------------------------------------
 
 
+def _named_lm(name: str, args: argparse.Namespace, *, group_only: bool = False) -> dspy.LM:
+    """The LM called ``name``: a group of ``--router-config`` if it is one, else a LiteLLM model string.
+
+    With ``group_only`` (``--model`` beside ``--router-config``), a name that is no group is an error naming the
+    groups, not a silent switch to a direct connection.
+    """
+    common: dict[str, Any] = {
+        "temperature": args.temperature,
+        "max_tokens": args.max_tokens,
+        "cache": not args.no_cache,
+    }
+    if args.router_config:
+        config = load_router_config(args.router_config)
+        if group_only or name in config.groups():
+            if args.api_base or args.api_key_env or args.route != "litellm":
+                raise ConfigurationError(
+                    "--router-config takes endpoints and keys from the file (use os.environ/NAME for keys): drop "
+                    "--api-base, --api-key-env and --route"
+                )
+            retries = {} if args.retries is None else {"num_retries": args.retries}
+            return build_lm(config.require_group(name), router_config=config, **common, **retries)
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    retries = DEFAULT_RETRIES if args.retries is None else args.retries
+    return build_lm(name, api_base=args.api_base, api_key=api_key, route=args.route, num_retries=retries, **common)
+
+
+def _refiner_from_args(args: argparse.Namespace) -> dspy.LM | None:
+    """``--refiner-model``: the LM of refinement rounds (a router group or a LiteLLM string), if given."""
+    name = getattr(args, "refiner_model", None)
+    return _named_lm(name, args) if name else None
+
+
 @contextlib.contextmanager
 def _lm_from_args(args: argparse.Namespace) -> Iterator[tuple[dspy.LM, str]]:
-    """The LM the user asked for: ``--model`` (any LiteLLM string) or, by default, the embedded model."""
+    """The LM the user asked for: ``--model`` (any LiteLLM string, or a group of ``--router-config``) or, by
+    default, the embedded model."""
+    if args.router_config and not args.model:
+        raise ConfigurationError("--router-config needs --model naming the model_name group to call")
+    if args.model:
+        yield _named_lm(args.model, args, group_only=True), args.model
+        return
+    with _embedded_lm(args) as lm:
+        yield lm, f"{lm.model} (embedded SmolLM2-135M-Instruct Q4_1)"
+
+
+@contextlib.contextmanager
+def _embedded_lm(args: argparse.Namespace) -> Iterator[dspy.LM]:
+    """The embedded model's LM, its llama.cpp server running for the block."""
     common = {
         "temperature": args.temperature,
         "max_tokens": args.max_tokens,
         "cache": not args.no_cache,
-        "num_retries": args.retries,
+        "num_retries": DEFAULT_RETRIES if args.retries is None else args.retries,
     }
-    if args.model:
-        api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
-        lm = build_lm(args.model, api_base=args.api_base, api_key=api_key, route=args.route, **common)
-        yield lm, args.model
-        return
     from markovscale_dspy.integrations.local import LocalModel
 
     _say("Starting the embedded model (SmolLM2-135M-Instruct, llama.cpp server from xllamacpp) ...")
     started = time.perf_counter()
     with LocalModel(n_parallel=args.threads) as server:
         _say(f"  ready on 127.0.0.1:{server.port} in {time.perf_counter() - started:.1f} s")
-        yield server.lm(route=args.route, **common), f"{server.model} (embedded SmolLM2-135M-Instruct Q4_1)"
+        yield server.lm(route=args.route, **common)
 
 
 def _add_lm_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (default: the embedded SmolLM2-135M, offline)")
     group.add_argument(
         "--model", help="LiteLLM model string, e.g. hosted_vllm/Qwen2.5-7B, ollama_chat/llama3.2, openai/gpt-4o-mini"
+    )
+    group.add_argument(
+        "--router-config",
+        metavar="PATH",
+        help="LiteLLM Router config (YAML/JSON, LiteLLM's proxy-config format); --model then names a model_name "
+        "group, whose deployments the Router balances, retries and falls back over. A LiteLLM proxy needs none of "
+        "this: --model openai/<model_name> --api-base http://proxy:4000",
     )
     group.add_argument("--api-base", help="server URL, e.g. http://localhost:8000/v1 (or $MARKOVSCALE_API_BASE)")
     group.add_argument(
@@ -97,7 +155,13 @@ def _add_lm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--route", choices=ROUTES, default="litellm", help="how calls reach the server")
     group.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     group.add_argument("--max-tokens", type=int, default=256)
-    group.add_argument("--retries", type=int, default=2, help="retries of transient LM errors")
+    group.add_argument(
+        "--retries",
+        type=int,
+        default=None,
+        help=f"retries of transient LM errors (default {DEFAULT_RETRIES}; with --router-config the Router "
+        "retries, by default as many times as the file's num_retries)",
+    )
     group.add_argument("--no-cache", action="store_true", help="disable DSPy's LM cache")
     group.add_argument(
         "--adapter",
@@ -119,11 +183,14 @@ def _calibrate(
     task_name: str, lm: dspy.LM, args: argparse.Namespace, train: list[dspy.Example]
 ) -> tuple[MarkovRefine, MarkovCalibrator]:
     task = load_task(task_name)
+    value = getattr(args, "value_per_correct", None)
     student = MarkovRefine(
         task.program(reasoning=args.reasoning),
         max_rounds=args.rounds,
-        round_cost=args.round_cost,
+        round_cost=None if value is not None else args.round_cost,
+        value_per_correct=value,
         min_prob_improves=args.min_prob_improves,
+        refiner_lm=_refiner_from_args(args),
     )
     calibrator = MarkovCalibrator(
         task.metric,
@@ -135,6 +202,14 @@ def _calibrate(
     )
     with dspy.context(lm=lm, adapter=_adapter(args.adapter)):
         program = calibrator.compile(student, trainset=train)
+    if value is not None:
+        # The reports speak of a round cost in accuracy: the measured dollars per round over the value of a correct
+        # answer (a StateError-like refusal when the dollars are unknown comes from stopping_cost).
+        args.round_cost = program.stopping_cost()
+        _say(
+            f"A refinement round cost {dollars(program.markov.dollars_per_round())} on average; with a correct answer "
+            f"worth ${value:g}, a round must add {args.round_cost:.4g} accuracy to pay."
+        )
     return program, calibrator
 
 
@@ -147,6 +222,13 @@ def _context(args: argparse.Namespace, model_name: str, task: Any, n_train: int,
         "refinement rounds per chain": args.rounds,
         "temperature": args.temperature,
         "adapter": args.adapter,
+        **({"refiner model": args.refiner_model} if getattr(args, "refiner_model", None) else {}),
+        **({"router config": Path(args.router_config).name} if getattr(args, "router_config", None) else {}),
+        **(
+            {"value of a correct answer": f"${args.value_per_correct:g}"}
+            if getattr(args, "value_per_correct", None) is not None
+            else {}
+        ),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "markovscale-dspy": __version__,
@@ -389,7 +471,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     refine = MarkovRefine(
         task.program(reasoning=args.reasoning),
         max_rounds=args.max_rounds,
-        round_cost=args.round_cost,
+        round_cost=None if args.value_per_correct is not None else args.round_cost,
+        value_per_correct=args.value_per_correct,
         policy=args.policy,
         min_prob_improves=args.min_prob_improves,
     )
@@ -399,6 +482,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         _, examples = task.split(0, args.n, seed=args.seed)
     with _lm_from_args(args) as (lm, _), dspy.context(lm=lm, adapter=_adapter(args.adapter)):
+        refine.refiner_lm = _refiner_from_args(args)
         correct = graded = 0
         for example in examples:
             try:
@@ -420,8 +504,107 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configuration_spec(spec: str) -> tuple[str, str, str | None]:
+    """``[NAME=]ROUND0[+REFINER]`` -> (name, round-0 model, refiner model or None)."""
+    name, _, models = spec.rpartition("=") if "=" in spec else ("", "", spec)
+    round0, _, refiner = models.partition("+")
+    if not round0.strip() or (_ and not refiner.strip()):
+        raise ConfigurationError(
+            f"--config {spec!r}: expected [NAME=]MODEL[+REFINER_MODEL], e.g. draft=openai/gpt-4o-mini+openai/gpt-4o "
+            "(models are LiteLLM strings, groups of --router-config, or 'embedded')"
+        )
+    return (name.strip() or models.strip(), round0.strip(), refiner.strip() or None)
+
+
+def cmd_compare_configs(args: argparse.Namespace) -> int:
+    from markovscale_dspy.reporting.configurations import (
+        Configuration,
+        compare_configurations,
+        comparison_figure,
+        configurations_markdown,
+    )
+
+    specs = [_configuration_spec(spec) for spec in args.config]
+    task = load_task(args.task)
+    train, test = task.split(args.train, args.test, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _say(
+        f"markovscale compare-configs: {len(specs)} configurations on {task.name}, {len(train)} calibration + "
+        f"{len(test)} held-out questions"
+    )
+    with contextlib.ExitStack() as stack:
+        lms: dict[str, dspy.LM] = {}
+
+        def lm_for(name: str) -> dspy.LM:
+            if name not in lms:
+                lms[name] = stack.enter_context(_embedded_lm(args)) if name == "embedded" else _named_lm(name, args)
+            return lms[name]
+
+        configurations = [Configuration(name, lm_for(r0), lm_for(ref) if ref else None) for name, r0, ref in specs]
+
+        def show(r: Any) -> None:
+            held = r.held_out
+            scored = f"{held.correct}/{held.n} held out" if held is not None else "not evaluated"
+            _say(
+                f"  {r.name}: p0 {r.report.estimates['p0']['mean']:.3f}, p_cw {r.report.estimates['p_cw']['mean']:.3f},"
+                f" p_wc {r.report.estimates['p_wc']['mean']:.3f} ({r.report.regime}); {r.rounds} round(s); {scored}; "
+                f"{dollars(r.dollars)} and {r.calls:.2f} calls per question"
+            )
+
+        with dspy.context(adapter=_adapter(args.adapter)):
+            result = compare_configurations(
+                lambda: task.program(reasoning=args.reasoning),
+                configurations,
+                train,
+                task.metric,
+                testset=test,
+                max_rounds=args.rounds,
+                round_cost=None if args.value_per_correct is not None else args.round_cost,
+                value_per_correct=args.value_per_correct,
+                out_dir=out,
+                num_threads=args.threads,
+                resume=not args.fresh,
+                trace_dir=args.trace_dir,
+                min_prob_improves=args.min_prob_improves,
+                on_result=show,
+            )
+    context = {
+        "task": f"{task.name}: {task.description}",
+        "data": task.source,
+        "configurations": "; ".join(f"{n} = {r0}" + (f" + {ref}" if ref else "") for n, r0, ref in specs),
+        "calibration questions": len(train),
+        "held-out questions": len(test),
+        "refinement rounds": args.rounds,
+        "temperature": args.temperature,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "markovscale-dspy": __version__,
+        "seed": args.seed,
+    }
+    figure = None
+    try:
+        figure = comparison_figure(result, out / "compare.png", title=f"Configurations on {task.name}").name
+    except MarkovScaleError as exc:
+        _say(f"  (no figure: {exc})")
+    markdown = [f"# markovscale compare-configs: {task.name}", "", *(f"- **{k}**: {v}" for k, v in context.items())]
+    markdown += ["", configurations_markdown(result, figure=figure)]
+    (out / "compare.md").write_text("\n".join(markdown))
+    (out / "compare.json").write_text(json.dumps({"context": context, **result.to_dict()}, indent=1, default=str))
+    _say(
+        "\nRecommended: "
+        + (result.recommended or "none (no configuration's cost is known)")
+        + f" ({result.criterion})."
+    )
+    _say(f"Wrote {out / 'compare.md'}, {out / 'compare.json'} and one state per configuration in {out}.")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from markovscale_dspy.reporting.compare import compare_methods
+
+    if args.value_per_correct is not None:
+        raise ConfigurationError("bench compares methods at --round-cost; --value-per-correct is for calibrate/run")
 
     task = load_task(args.task)
     train, test = task.split(args.train, args.test, seed=args.seed)
@@ -487,6 +670,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reasoning", action="store_true", help="use ChainOfThought instead of Predict")
         p.add_argument("--round-cost", type=float, default=0.01, help="accuracy one round must buy (default 0.01)")
         p.add_argument(
+            "--value-per-correct",
+            type=float,
+            metavar="DOLLARS",
+            help="instead of --round-cost: dollars a correct answer is worth; a round must then buy its measured "
+            "dollars / DOLLARS of accuracy",
+        )
+        p.add_argument(
             "--min-prob-improves",
             type=float,
             default=0.9,
@@ -532,6 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", default="markovscale-state.json", help="state file to write")
     trace_options(cal, fresh=False)  # a paid-for calibration resumes where it stopped
     _add_lm_options(cal)
+    cal.add_argument(
+        "--refiner-model", help="LM of refinement rounds (LiteLLM string or router group); default --model"
+    )
     cal.set_defaults(func=cmd_calibrate)
 
     rep = sub.add_parser("report", help="print what a saved state says")
@@ -551,6 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", default="closed_form", help="stopping policy (default closed_form)")
     run.add_argument("--max-rounds", type=int, default=4)
     _add_lm_options(run)
+    run.add_argument(
+        "--refiner-model", help="LM of refinement rounds (LiteLLM string or router group); default --model"
+    )
     run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser(
@@ -566,6 +762,29 @@ def build_parser() -> argparse.ArgumentParser:
     trace_options(bench, fresh=True)
     _add_lm_options(bench)
     bench.set_defaults(func=cmd_bench, no_cache=True)
+
+    cmp = sub.add_parser(
+        "compare-configs",
+        help="which model drafts and which refines: calibrate each configuration on the same questions, one state "
+        "each, and a report of accuracy against dollars with a recommendation",
+    )
+    task_options(cmp, DEMO_TASK)
+    cmp.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        metavar="[NAME=]MODEL[+REFINER]",
+        help="a configuration (repeat): round-0 model and optionally a refiner model; each a LiteLLM string, a "
+        "group of --router-config, or 'embedded'. E.g. --config cheap=openai/gpt-4o-mini --config "
+        "mixed=openai/gpt-4o-mini+openai/gpt-4o",
+    )
+    cmp.add_argument("--train", type=int, default=60, help="calibration questions (default 60)")
+    cmp.add_argument("--test", type=int, default=40, help="held-out questions (default 40)")
+    cmp.add_argument("--rounds", type=int, default=3, help="refinement rounds (default 3)")
+    cmp.add_argument("--out", default="markovscale-configs", help="output folder (default markovscale-configs)")
+    trace_options(cmp, fresh=False)
+    _add_lm_options(cmp)
+    cmp.set_defaults(func=cmd_compare_configs, no_cache=True)
     return parser
 
 

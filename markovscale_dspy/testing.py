@@ -40,6 +40,7 @@ from dspy.lm15 import Message, Response, TextPart, Usage
 
 from markovscale_dspy._exceptions import ConfigurationError
 from markovscale_dspy.core.answers import normalize_answer
+from markovscale_dspy.refine.usage import record_cost
 
 __all__ = [
     "FAULT_KINDS",
@@ -212,13 +213,22 @@ class SimulatedEngine:
                 + "\n\n[[ ## completed ## ]]"
             )
         usage = Usage(input_tokens=len((system + user).split()), output_tokens=len(text.split()))
-        return Response(
-            id=f"sim-{self.calls}",
-            model=request.model,
-            message=Message.assistant(TextPart(text)),
-            finish_reason="stop",
-            usage=usage,
+        return self._priced(
+            Response(
+                id=f"sim-{self.calls}",
+                model=request.model,
+                message=Message.assistant(TextPart(text)),
+                finish_reason="stop",
+                usage=usage,
+            )
         )
+
+    def _priced(self, response: Response) -> Response:
+        """Report the call's dollars at the LM's price (as a paid API's engine would)."""
+        price_in, price_out = self.world.prices.get(response.model, (0.0, 0.0))
+        usage = response.usage
+        record_cost(response.model, price_in * (usage.input_tokens or 0) + price_out * (usage.output_tokens or 0))
+        return response
 
     def _draw_fault(self, rng: random.Random) -> str | None:
         if not self.faults:
@@ -247,12 +257,14 @@ class SimulatedEngine:
         if kind == "context_window":
             raise ContextLengthError("simulated context window exceeded", provider=provider, status=400)
         text = "I'm ready to help. What's your next question?" if kind == "garbage" else ""
-        return Response(
-            id="sim-fault",
-            model=request.model,
-            message=Message.assistant(TextPart(text or " ")),
-            finish_reason="stop",
-            usage=Usage(input_tokens=1, output_tokens=len(text.split())),
+        return self._priced(
+            Response(
+                id="sim-fault",
+                model=request.model,
+                message=Message.assistant(TextPart(text or " ")),
+                finish_reason="stop",
+                usage=Usage(input_tokens=1, output_tokens=len(text.split())),
+            )
         )
 
 
@@ -298,6 +310,7 @@ class SimulatedWorld:
         self.question_field = question_field
         self.answer_field = answer_field
         self._by_id = {q.id: q for q in self.questions}
+        self.prices: dict[str, tuple[float, float]] = {}
         self.engine = SimulatedEngine(self)
 
     # Construction ------------------------------------------------------------------------------------------------
@@ -366,9 +379,11 @@ class SimulatedWorld:
 
     def fresh(self) -> SimulatedWorld:
         """The same questions and seed with a new engine: replays exactly the same answers to the same prompts."""
-        return SimulatedWorld(
+        world = SimulatedWorld(
             self.questions, seed=self.seed, question_field=self.question_field, answer_field=self.answer_field
         )
+        world.prices = dict(self.prices)
+        return world
 
     # What users touch --------------------------------------------------------------------------------------------
 
@@ -382,20 +397,33 @@ class SimulatedWorld:
             for q in self.questions
         ]
 
-    def lm(self, *, faults: Mapping[str, float] | None = None, **kwargs: Any) -> dspy.LM:
+    def lm(
+        self,
+        *,
+        faults: Mapping[str, float] | None = None,
+        name: str = "world",
+        price: tuple[float, float] = (0.0, 0.0),
+        **kwargs: Any,
+    ) -> dspy.LM:
         """A ``dspy.LM`` backed by this world's engine (``kwargs`` go to ``dspy.LM``; retries default to 0).
 
         With ``faults``, the LM gets its own engine that fails at those rates (see :data:`FAULT_KINDS`); the
         world's call counter then counts only fault-free engines, and the LM's engine is ``lm.engine``-reachable
         via :attr:`last_fault_engine`.
+
+        Args:
+            faults: ``{kind: rate}`` of injected failures.
+            name: The LM is ``simulated/<name>`` (give a drafter and a refiner different names).
+            price: Dollars per prompt and per completion token, reported for every call (see ``measure``).
         """
+        self.prices[f"simulated/{name}"] = (float(price[0]), float(price[1]))
         engine = self.engine if faults is None else SimulatedEngine(self, faults)
         if faults is not None:
             self.last_fault_engine = engine
         kwargs.setdefault("temperature", 0.7)
         kwargs.setdefault("num_retries", 0)
         kwargs.setdefault("cache", False)
-        return dspy.LM("simulated/world", engine=engine, async_engine=_AsyncSimulatedEngine(engine), **kwargs)
+        return dspy.LM(f"simulated/{name}", engine=engine, async_engine=_AsyncSimulatedEngine(engine), **kwargs)
 
     @property
     def calls(self) -> int:

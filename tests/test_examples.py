@@ -112,3 +112,21 @@ def test_vllm_example_runs_offline(monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "P(helps) =" in out and f"{refine.model.prob_improves()}" in out
     assert loaded_model(tmp_path / "qwen-arc-challenge.json", ns["task"].program(reasoning=True)) == refine.model
+
+
+@pytest.mark.parametrize("name", ["router_vllm.py", "draft_and_refine.py"])
+def test_router_examples_compile(name):
+    """They need vLLM replicas and a hosted key; the config they load is checked below."""
+    compile((EXAMPLES / name).read_text(), name, "exec")
+
+
+def test_router_example_config_is_valid(monkeypatch):
+    from markovscale_dspy.integrations.lms import build_lm
+    from markovscale_dspy.integrations.routing import load_router_config
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-example")
+    config = load_router_config(EXAMPLES / "router.yaml")
+    assert config.groups() == ["qwen", "hosted"] and config.fallback_groups("qwen") == ["hosted"]
+    lm = build_lm("qwen", router_config=config)
+    assert lm.engine.model_names == ["hosted_vllm/Qwen/Qwen2.5-7B-Instruct", "openai/gpt-4o-mini"]
+    assert lm.supports_response_schema  # replicas are self-hosted; gpt-4o-mini takes JSON schemas

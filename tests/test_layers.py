@@ -28,10 +28,13 @@ FOLDERS = {"core": None, "refine": 5, "integrations": 5, "calibrate": 6, "report
 TOP = {"_exceptions": -1, "_version": -1, "testing": 7, "cli": 8, "__init__": 9}
 # Where a layer is shared by several modules of one folder, their order inside it.
 WITHIN = {
+    "refine/usage": -0.4,  # the meter (calls, tokens, dollars): a leaf that engines report dollars to
+    "integrations/routing": -0.25,  # the Router engine: below lms, which builds router LMs
     "integrations/datasets": 0.5,  # builds DSPy programs: above lms
     "reporting/report": 0.5,
     "reporting/plots": 0.5,
     "reporting/compare": 0.25,
+    "reporting/configurations": 0.75,  # reads reports and draws figures
 }
 
 

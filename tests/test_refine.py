@@ -364,7 +364,7 @@ def test_saved_state_is_plain_json(tmp_path):
     module = refine()
     module.model = model_from_rates(**IMPROVING)
     module.save(tmp_path / "state.json")
-    assert json.loads((tmp_path / "state.json").read_text())["markov"]["format"] == "markovscale.state/1"
+    assert json.loads((tmp_path / "state.json").read_text())["markov"]["format"] == "markovscale.state/2"
 
 
 def test_loading_a_state_from_another_program_fails_clearly(tmp_path):

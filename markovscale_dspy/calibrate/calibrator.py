@@ -16,7 +16,7 @@ from dspy.utils.parallelizer import ParallelExecutor
 
 from markovscale_dspy._exceptions import CalibrationError, ConfigurationError, DataError
 from markovscale_dspy.calibrate.records import ChainRecord, jsonable
-from markovscale_dspy.calibrate.report import CalibrationReport, build_report
+from markovscale_dspy.calibrate.report import CalibrationReport, build_report, spend_of
 from markovscale_dspy.calibrate.traces import TraceStore, UnknownLMIdentityError, chain_key
 from markovscale_dspy.core.mixture import ChainMixture, chain_statistics, fit_mixture, select_mixture
 from markovscale_dspy.core.model import TransitionModel
@@ -166,8 +166,12 @@ class MarkovCalibrator(Teleprompter):
         # Not marked _compiled: a calibrated MarkovRefine stays visible to parents (save/load, named_predictors,
         # set_lm) and to prompt optimizers run after calibration, which keep its model (see MarkovState.reset).
         program.model = model
+        # What the rates were fitted for (names only) and what a round cost, for warnings and value_per_correct.
+        program.markov.calibrated_for = program.lm_names()
+        program.markov.spend = spend_of(records)
+        lms = program.markov.calibrated_for
         if model.n_transitions == 0:
-            self.report = build_report(model, records, rounds, time.perf_counter() - started, None, store_dir)
+            self.report = build_report(model, records, rounds, time.perf_counter() - started, None, store_dir, lms)
             errors = Counter(e.split(":", 1)[0] for r in records for e in r.errors if e)
             raise CalibrationError(
                 "no refinement round succeeded, so p_cw and p_wc cannot be estimated "
@@ -180,7 +184,7 @@ class MarkovCalibrator(Teleprompter):
             valset_result = _evaluate(
                 program, _check_examples(valset, student, "valset"), self.metric, self.threshold, self.num_threads
             )
-        self.report = build_report(model, records, rounds, time.perf_counter() - started, valset_result, store_dir)
+        self.report = build_report(model, records, rounds, time.perf_counter() - started, valset_result, store_dir, lms)
         logger.info("MarkovCalibrator: %r", model)
         return program
 
@@ -295,7 +299,9 @@ class MarkovCalibrator(Teleprompter):
     def _label(self, record: ChainRecord, example: dspy.Example, trajectory: list[dict[str, Any]]) -> None:
         usage = Usage()
         for entry in trajectory:
-            usage = usage + Usage.from_dict(entry.get("usage"))
+            spent = Usage.from_dict(entry.get("usage"))
+            usage = usage + spent
+            record.round_usage.append(spent.to_dict())
             record.errors.append(entry["error"])
             record.answers.append(jsonable(entry["answer_key"]))
             label = None

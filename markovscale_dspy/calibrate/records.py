@@ -19,7 +19,8 @@ class ChainRecord:
         errors: Per round, the failure that kept the previous answer (``None`` if the round succeeded).
         failure: Why the whole chain is missing (round 0 or the worker failed), else ``None``.
         metric_error: The metric's exception on this example, if it raised.
-        usage: LM calls and tokens spent on the chain (when it was first run, if reused).
+        usage: LM calls, tokens and dollars spent on the chain (when it was first run, if reused).
+        round_usage: The same per round (round 0 first).
         reused: Whether the chain came from the trace store instead of the LM.
     """
 
@@ -29,7 +30,8 @@ class ChainRecord:
     errors: list[str | None] = field(default_factory=list)
     failure: str | None = None
     metric_error: str | None = None
-    usage: dict[str, int] = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)
+    round_usage: list[dict[str, Any]] = field(default_factory=list)
     reused: bool = False
 
     def observed(self) -> list[tuple[bool, Any]]:

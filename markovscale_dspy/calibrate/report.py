@@ -12,7 +12,7 @@ from markovscale_dspy.core.model import PARAMETERS, TransitionModel
 from markovscale_dspy.core.statistics import binomial_interval, homogeneity_test
 from markovscale_dspy.refine.usage import Usage
 
-__all__ = ["REPORT_COSTS", "CalibrationReport", "build_report"]
+__all__ = ["REPORT_COSTS", "CalibrationReport", "build_report", "spend_of"]
 
 #: Round costs the report gives the recommended number of rounds for.
 REPORT_COSTS = (0.0, 0.005, 0.01, 0.02, 0.05)
@@ -45,6 +45,8 @@ class CalibrationReport:
     trace_store: str | None = None
     reused_usage: dict[str, int] = field(default_factory=dict)
     drift: dict[str, Any] = field(default_factory=dict)
+    calibrated_for: dict[str, Any] | None = None
+    spend: dict[str, Any] | None = None
     chains: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +84,33 @@ def _drift(by_round: list[dict[str, int]]) -> dict[str, Any]:
     return out
 
 
+def _mean(usages: list[Usage]) -> dict[str, Any]:
+    n = len(usages)
+    total = sum(usages, Usage())
+    return {
+        "n": n,
+        "calls": total.calls / n if n else None,
+        "prompt_tokens": total.prompt_tokens / n if n else None,
+        "completion_tokens": total.completion_tokens / n if n else None,
+        "cost": total.cost / n if n and total.cost is not None else None,
+    }
+
+
+def spend_of(records: list[ChainRecord]) -> dict[str, Any]:
+    """Mean calls, tokens and dollars of round 0 and of one refinement round, over rounds that reached the LM.
+
+    Rounds served from DSPy's cache cost nothing and say nothing about the price, so they are left out; ``cost``
+    is ``None`` when some round's price is unknown.
+    """
+    first, later = [], []
+    for r in records:
+        for t, data in enumerate(r.round_usage):
+            usage = Usage.from_dict(data)
+            if usage.calls:
+                (later if t else first).append(usage)
+    return {"round0": _mean(first), "refinement": _mean(later)}
+
+
 def build_report(
     model: TransitionModel,
     records: list[ChainRecord],
@@ -89,6 +118,7 @@ def build_report(
     seconds: float,
     valset: dict[str, Any] | None,
     trace_store: str | None = None,
+    calibrated_for: dict[str, Any] | None = None,
 ) -> CalibrationReport:
     observed = []
     by_round = []
@@ -161,6 +191,8 @@ def build_report(
         chains_reused=sum(r.reused for r in records),
         trace_store=trace_store,
         drift=drift,
+        calibrated_for=calibrated_for,
+        spend=spend_of(records) if records else None,
         reused_usage=reused.to_dict(),
         chains=[asdict(r) for r in records],
     )

@@ -5,6 +5,10 @@ one more thing to answer DSPy's structured prompts reliably: the server must be 
 JSON (``response_format: json_schema``), which llama.cpp and vLLM enforce by grammar. LiteLLM only sends it for
 models it knows support it, so :func:`declare_structured_outputs` tells LiteLLM (and DSPy's native engine) so.
 
+With ``router_config=``, the LM calls a group of deployments through LiteLLM's Router instead (load balancing,
+retries, fallbacks, cooldowns; see :mod:`markovscale_dspy.integrations.routing`). A LiteLLM *proxy* needs nothing
+special: it is an OpenAI-compatible server, so ``build_lm("openai/<model_name>", api_base="http://proxy:4000")``.
+
 Secrets: ``api_key`` is read from the argument or the environment and handed to ``dspy.LM``; DSPy never writes it
 to saved state, and this package never logs or reports it (nor ``api_base``, which may embed credentials).
 """
@@ -18,6 +22,8 @@ from typing import Any
 import dspy
 
 from markovscale_dspy._exceptions import ConfigurationError
+from markovscale_dspy.integrations.routing import RouterConfig, router_lm
+from markovscale_dspy.refine.usage import register_price
 
 __all__ = ["ROUTES", "build_lm", "declare_structured_outputs", "redact"]
 
@@ -67,6 +73,7 @@ def declare_structured_outputs(model: str) -> None:
         litellm.register_model(
             {model: {"litellm_provider": provider, "mode": "chat", "supports_response_schema": True, **zero}}
         )
+        register_price(model, 0.0, 0.0)
         _declared.add(model)
 
 
@@ -106,6 +113,7 @@ def build_lm(
     api_key: str | None = None,
     route: str = "litellm",
     structured: bool | None = None,
+    router_config: dict[str, Any] | str | os.PathLike | RouterConfig | None = None,
     **kwargs: Any,
 ) -> dspy.LM:
     """A ``dspy.LM`` for a LiteLLM model string, with endpoint and key from arguments or the environment.
@@ -113,6 +121,7 @@ def build_lm(
     Args:
         model: LiteLLM model string: ``openai/NAME`` or ``hosted_vllm/NAME`` (OpenAI-compatible servers: llama.cpp,
             vLLM, SGLang), ``ollama_chat/NAME``, or a hosted model (``openai/gpt-4o-mini``, ``anthropic/...``).
+            With ``router_config``, the ``model_name`` group to call.
         api_base: Server URL; defaults to ``$MARKOVSCALE_API_BASE`` (then the provider's own default).
         api_key: Key; defaults to ``$MARKOVSCALE_API_KEY``, then the provider's usual variable (``OPENAI_API_KEY``,
             ...); local servers get a placeholder.
@@ -120,10 +129,27 @@ def build_lm(
         structured: Declare that the model honours JSON-schema outputs. Default: yes when ``api_base`` is set (a
             self-hosted server: llama.cpp and vLLM enforce schemas by grammar), no for hosted models, which LiteLLM
             already knows.
+        router_config: A LiteLLM Router config (dict, YAML/JSON path in LiteLLM's proxy-config format): the LM, named
+            ``router/<model>``, calls that group through ``litellm.Router``. Endpoints and keys then come from the
+            config's deployments only; the Router owns retries (``num_retries`` sets them, the LM gets 0).
         **kwargs: Passed to ``dspy.LM`` (``temperature``, ``max_tokens``, ``cache``, ``num_retries``, ...).
+
+    Example:
+        >>> lm = build_lm("pool", router_config={"model_list": [
+        ...     {"model_name": "pool", "litellm_params": {"model": "openai/m", "api_base": "http://a:8000/v1"}},
+        ...     {"model_name": "pool", "litellm_params": {"model": "openai/m", "api_base": "http://b:8000/v1"}}]})
+        >>> lm.model, lm.num_retries, lm.supports_response_schema
+        ('router/pool', 0, True)
     """
     if not isinstance(model, str) or not model.strip():
         raise ConfigurationError(f"model must be a LiteLLM model string such as 'openai/gpt-4o-mini', got {model!r}")
+    if router_config is not None:
+        if api_base is not None or api_key is not None or route != "litellm":
+            raise ConfigurationError(
+                "with router_config, endpoints and keys belong to the deployments' litellm_params and calls go "
+                "through the Router: drop api_base, api_key and route"
+            )
+        return router_lm(model, router_config, structured=structured, **kwargs)
     if route not in ROUTES:
         raise ConfigurationError(f"route must be one of {ROUTES}, got {route!r}")
     api_base = api_base or os.environ.get("MARKOVSCALE_API_BASE") or None
@@ -135,6 +161,7 @@ def build_lm(
             raise ConfigurationError("route='native' talks to an OpenAI-compatible server: pass api_base")
         if structured:
             _register_native_provider()
+            register_price(f"{_NATIVE_PROVIDER}/{_model_name(model)}", 0.0, 0.0)
             keyed = {"api_key": api_key} if api_key else {}  # an explicit None would count as an empty key
             return dspy.LM(f"{_NATIVE_PROVIDER}/{_model_name(model)}", api_base=api_base, **keyed, **kwargs)
         return dspy.LM(model, api_base=api_base, api_key=api_key or "EMPTY", **kwargs)

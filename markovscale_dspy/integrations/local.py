@@ -213,6 +213,24 @@ class LocalModel:
         except (urllib.error.URLError, OSError):
             return False
 
+    def metrics(self) -> dict[str, float]:
+        """The server's counters from ``/metrics`` (e.g. ``"prompt_tokens_total"``, ``"tokens_predicted_total"``,
+        ``"n_decode_total"``), without the ``llamacpp:`` prefix; an empty dict if the server does not answer."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except (urllib.error.URLError, OSError):
+            return {}
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#") and " " in line:
+                name, _, value = line.rpartition(" ")
+                try:
+                    values[name.removeprefix("llamacpp:")] = float(value)
+                except ValueError:
+                    continue
+        return values
+
     def lm(self, *, route: str = "litellm", **kwargs: Any) -> dspy.LM:
         """A ``dspy.LM`` for the running server (see :func:`markovscale_dspy.integrations.lms.build_lm` for routes)."""
         kwargs.setdefault("max_tokens", 256)
@@ -243,6 +261,7 @@ def _start_server(path: Path, alias: str, port: int, n_ctx: int, n_parallel: int
     params.n_parallel = n_parallel
     params.cpuparams.n_threads = params.cpuparams_batch.n_threads = n_threads
     params.verbosity = 0  # llama.cpp logs every request to stderr otherwise
+    params.endpoint_metrics = True  # /metrics (Prometheus text): how much work this server did (loopback only)
     return xllamacpp.Server(params)
 
 

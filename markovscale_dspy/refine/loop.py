@@ -51,6 +51,8 @@ def describe(error: BaseException) -> str:
 class Refinement:
     """MarkovRefine's account of one answer: how many rounds ran, why it stopped, what every round did.
 
+    ``calls`` and ``cost`` (dollars) add up the usage of every round.
+
     Attributes:
         rounds: Refinement rounds attempted (0 = the wrapped program's answer alone).
         stop_reason: Why refinement stopped (``"max_rounds"``, ``"degrading"``, ``"stable_answer"``, ...).
@@ -75,6 +77,16 @@ class Refinement:
     def calls(self) -> int:
         """LM calls that reached a provider over all rounds (cache hits are free)."""
         return sum((entry.get("usage") or {}).get("calls", 0) for entry in self.trajectory)
+
+    @property
+    def cost(self) -> float | None:
+        """Dollars over all rounds (``None`` when some call's price is unknown; cache hits are free)."""
+        total: float | None = 0.0
+        for entry in self.trajectory:
+            usage = entry.get("usage") or {}
+            spent = usage.get("cost", 0.0 if not usage.get("calls") else None)
+            total = None if total is None or spent is None else total + spent
+        return total
 
 
 #: Compatibility fields: set on the prediction only when the wrapped program has no output of that name.

@@ -21,7 +21,7 @@ from markovscale_dspy.core.validation import check_callable, check_int, check_nu
 from markovscale_dspy.refine.budget import BudgetResult, allocate
 from markovscale_dspy.refine.loop import SELECT_MODES, Call, ChainState, Outcome, run_chain
 from markovscale_dspy.refine.signatures import answer_fields, infer_signature, refinement_signature, uses_reasoning
-from markovscale_dspy.refine.state import MarkovState, read_state_file, scrub_lm_state
+from markovscale_dspy.refine.state import MarkovState, drop_unrestorable_lms, read_state_file, scrub_lm_state
 from markovscale_dspy.refine.usage import measure
 
 __all__ = ["MarkovRefine"]
@@ -57,7 +57,10 @@ class MarkovRefine(dspy.Module):
         program: The DSPy program to refine (e.g. ``dspy.ChainOfThought("question -> answer")``).
         signature: The program's task signature; inferred when the program has a single predictor.
         max_rounds: Largest number of refinement rounds.
-        round_cost: Accuracy (0.01 = one point) a round must be expected to add to be worth its cost.
+        round_cost: Accuracy (0.01 = one point) a round must be expected to add to be worth its cost (default 0).
+        value_per_correct: Instead of ``round_cost``: dollars a correct answer is worth. The stopping cost is then
+            the calibration's measured dollars per refinement round divided by this (a round costing $0.002 when a
+            correct answer is worth $0.20 must add a point of accuracy). Needs a calibration that measured dollars.
         policy: ``"closed_form"``, ``"belief"``, ``"fixed"``, another registered name, or a policy object.
         temperature: Sampling temperature of refinement rounds (must be > 0).
         answer_key: Maps a round's answer fields to its identity (whether two rounds gave "the same answer");
@@ -69,9 +72,11 @@ class MarkovRefine(dspy.Module):
             posterior of being correct (forward-backward over the rounds).
         rollout_seed: Namespace of this module's rollout ids (change it to draw different samples).
         instructions: Replaces the default refinement instructions.
-        refiner_lm: LM for refinement rounds (e.g. a stronger model than the drafter). By default the refiner
-            uses its own pinned LM if any (``set_lm``), then ``refiner_lm``, then the wrapped program's single LM,
-            then ``dspy.settings.lm``; with none of these the first refinement round raises ConfigurationError.
+        refiner_lm: LM for refinement rounds (e.g. a stronger model than the drafter, or a cheaper one). By default
+            the refiner uses its own pinned LM if any (``set_lm``), then ``refiner_lm``, then the wrapped program's
+            single LM, then ``dspy.settings.lm``; with none of these the first refinement round raises
+            ConfigurationError. The transition rates belong to the (round-0 LM, refiner LM) pair: a calibration
+            records both names, and running with other LMs warns.
 
     Example:
         >>> import dspy
@@ -92,7 +97,7 @@ class MarkovRefine(dspy.Module):
         *,
         signature: str | type[dspy.Signature] | None = None,
         max_rounds: int = 4,
-        round_cost: float = 0.0,
+        round_cost: float | None = None,
         policy: str | Policy = "closed_form",
         temperature: float = 0.7,
         answer_key: AnswerKey | None = None,
@@ -101,12 +106,19 @@ class MarkovRefine(dspy.Module):
         rollout_seed: int = 0,
         instructions: str | None = None,
         refiner_lm: dspy.BaseLM | None = None,
+        value_per_correct: float | None = None,
     ):
         super().__init__()
         task = infer_signature(program, signature)
         check_int("max_rounds", max_rounds, 0, MAX_ROUNDS_LIMIT)
         check_int("rollout_seed", rollout_seed, 0)
-        check_number("round_cost", round_cost, 0, 1, hi_open=True, unit="accuracy per round")
+        check_number("round_cost", round_cost, 0, 1, hi_open=True, unit="accuracy per round", none_ok=True)
+        check_number("value_per_correct", value_per_correct, 0, lo_open=True, unit="dollars", none_ok=True)
+        if round_cost is not None and value_per_correct is not None:
+            raise ConfigurationError(
+                f"give round_cost ({round_cost}) or value_per_correct ({value_per_correct}), not both: "
+                "value_per_correct derives the round cost from the calibration's measured dollars per round"
+            )
         check_number("temperature", temperature, 0, lo_open=True, unit="refinement rounds must be fresh samples")
         if answer_key is not None:
             check_callable("answer_key", answer_key, "answer_key(outputs dict) -> hashable")
@@ -122,7 +134,8 @@ class MarkovRefine(dspy.Module):
         self.program = program
         self.signature = task
         self.max_rounds = max_rounds
-        self.round_cost = float(round_cost)
+        self.round_cost = 0.0 if round_cost is None else float(round_cost)
+        self.value_per_correct = None if value_per_correct is None else float(value_per_correct)
         self.policy = policy
         self.temperature = float(temperature)
         self.answer_key = answer_key
@@ -147,9 +160,51 @@ class MarkovRefine(dspy.Module):
 
     @model.setter
     def model(self, value: TransitionModel | None) -> None:
+        """Assigning a model forgets what the previous one was fitted for and spent (a calibration sets both)."""
         if value is not None and not isinstance(value, TransitionModel):
             raise ConfigurationError(f"model must be a TransitionModel or None, got {type(value).__name__}")
         self.markov.model = value
+        self.markov.calibrated_for = None
+        self.markov.spend = None
+
+    def lm_names(self) -> dict[str, Any]:
+        """The names of the LMs this module runs with now: ``{"program": [round 0's], "refiner": refiner's}``.
+
+        Names only (``lm.model``, plus the models behind a router group), never endpoints or keys; ``None`` where
+        no LM resolves. A calibration records them, and :meth:`forward` warns when they differ.
+        """
+        program = sorted(
+            {_lm_name(p.lm or dspy.settings.lm) or "none" for _, p in self.program.named_predictors()}
+        ) or [_lm_name(dspy.settings.lm) or "none"]
+        try:
+            refiner = _lm_name(self._refiner_lm()[1])
+        except ConfigurationError:
+            refiner = None
+        return {"program": program, "refiner": refiner}
+
+    def stopping_cost(self) -> float:
+        """The cost one refinement round must beat, in accuracy: ``round_cost``, or with ``value_per_correct`` the
+        calibration's dollars per refinement round divided by the value of a correct answer.
+
+        Raises:
+            NotCalibratedError: ``value_per_correct`` is set but the calibration measured no dollars (none run, or
+                the LM's price is unknown).
+        """
+        if self.value_per_correct is None:
+            return self.round_cost
+        dollars = self.markov.dollars_per_round()
+        if dollars is None:
+            raise NotCalibratedError(
+                f"value_per_correct={self.value_per_correct} needs the dollars one refinement round costs, and "
+                + (
+                    "this MarkovRefine is not calibrated"
+                    if self.model is None
+                    else "its calibration measured none (the LM's price is unknown to LiteLLM)"
+                )
+                + ": calibrate with an LM whose price LiteLLM knows, give prices in the router config's model_info "
+                "(input_cost_per_token, output_cost_per_token) or with litellm.register_model, or use round_cost"
+            )
+        return dollars / self.value_per_correct
 
     # Saving and loading -------------------------------------------------------------------------------------------
 
@@ -186,6 +241,14 @@ class MarkovRefine(dspy.Module):
         state = read_state_file(path)
         MarkovState.parse(state["markov"], self.markov.input_fields, self.markov.answer_fields)  # fail early
         state.setdefault("metadata", {"dependency_versions": {}})
+        for where in drop_unrestorable_lms(state):
+            warnings.warn(
+                f"{Path(path).name}: the LM pinned at {where} is a router group, which a file cannot restore (it "
+                "holds no endpoints or keys); it is left unpinned: pin it again with set_lm(build_lm(group, "
+                "router_config=...)) or pass it in dspy.context(lm=...)",
+                UserWarning,
+                stacklevel=2,
+            )
         try:
             self.load_state(state, allow_unsafe_lm_state=allow_unsafe_lm_state)
         except StateError:
@@ -199,7 +262,7 @@ class MarkovRefine(dspy.Module):
 
     def planned_rounds(self) -> int:
         """Rounds the closed-form rule runs for this module's cost and cap (raises if not calibrated)."""
-        return self._require_model("closed_form").optimal_rounds(self.round_cost, self.max_rounds)
+        return self._require_model("closed_form").optimal_rounds(self.stopping_cost(), self.max_rounds)
 
     def _require_model(self, policy_name: str) -> TransitionModel:
         if self.model is None:
@@ -303,7 +366,7 @@ class MarkovRefine(dspy.Module):
             states,
             model,
             self.max_rounds,
-            self.round_cost,
+            self.stopping_cost(),
             budget,
             self._call,
             num_threads,
@@ -327,6 +390,7 @@ class MarkovRefine(dspy.Module):
                 stacklevel=4,
             )
             return Abstain("uncalibrated")
+        self._check_lms()
         threshold = self.min_prob_improves
         if threshold is None:
             threshold = getattr(policy, "min_prob_improves", 0.0)
@@ -337,6 +401,24 @@ class MarkovRefine(dspy.Module):
                 reason = "uncertain" if regime == "improving" else regime
                 return Abstain(reason, {"prob_improves": p, "min_prob_improves": threshold})
         return policy
+
+    def _check_lms(self) -> None:
+        """Warn when the LMs in use are not the ones the calibration was fitted for (the rates belong to them)."""
+        fitted = self.markov.calibrated_for
+        if not fitted:
+            return
+        now = self.lm_names()
+        if now["program"] == fitted.get("program") and now["refiner"] == fitted.get("refiner"):
+            return
+        warnings.warn(
+            f"MarkovRefine was calibrated with round 0 on {_names(fitted.get('program'))} and refinement on "
+            f"{fitted.get('refiner')!r}, but runs round 0 on {_names(now['program'])} and refinement on "
+            f"{now['refiner']!r}. p0, p_cw and p_wc belong to the (round-0 LM, refiner LM) pair, so its stopping "
+            "decisions may be wrong for these LMs: recalibrate with them (MarkovCalibrator(metric).compile(...)) or "
+            "run with the calibrated ones",
+            UserWarning,
+            stacklevel=5,
+        )
 
     def _check_inputs(self, inputs: dict[str, Any]) -> None:
         missing = [name for name in self.signature.input_fields if name not in inputs]
@@ -351,7 +433,8 @@ class MarkovRefine(dspy.Module):
     ) -> Generator[Call, Outcome, Any]:
         self._check_inputs(inputs)
         state = ChainState(dict(inputs), self.answer_fields, self.answer_key or default_answer_key)
-        return run_chain(state, policy, self.model, max_rounds, self.round_cost, select or self.select)
+        cost = self.stopping_cost() if policy.requires_model else self.round_cost
+        return run_chain(state, policy, self.model, max_rounds, cost, select or self.select)
 
     def _refiner_lm(self) -> tuple[Any, Any]:
         """``(lm to pass, lm that will answer)`` for refinement rounds.
@@ -431,6 +514,19 @@ class ScrubbedPredict(dspy.Predict):
 
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
         return scrub_lm_state(super().dump_state(json_mode=json_mode))
+
+
+def _lm_name(lm: Any) -> str | None:
+    """An LM's name for the record: its model string, plus the models behind a router group (never endpoints)."""
+    if lm is None:
+        return None
+    name = str(getattr(lm, "model", type(lm).__name__))
+    models = getattr(getattr(lm, "engine", None), "model_names", None)
+    return f"{name} [{', '.join(models)}]" if isinstance(models, list) and models else name
+
+
+def _names(names: Any) -> str:
+    return ", ".join(repr(n) for n in names) if isinstance(names, list) else repr(names)
 
 
 def _refiner_predict(refiner: dspy.Module) -> dspy.Predict:

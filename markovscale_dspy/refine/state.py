@@ -18,9 +18,12 @@ from markovscale_dspy._exceptions import StateError
 from markovscale_dspy._version import __version__
 from markovscale_dspy.core.model import TransitionModel
 
-__all__ = ["ENDPOINT_KEYS", "STATE_FORMAT", "MarkovState", "read_state_file", "scrub_lm_state"]
+__all__ = ["ENDPOINT_KEYS", "STATE_FORMAT", "MarkovState", "drop_unrestorable_lms", "read_state_file", "scrub_lm_state"]
 
-STATE_FORMAT = "markovscale.state/1"
+#: Version 2 adds what the calibration was fitted for (``calibrated_for``: LM names) and what it spent
+#: (``spend``: calls, tokens and dollars per question and per refinement round). Version 1 states still load.
+STATE_FORMAT = "markovscale.state/2"
+READABLE_FORMATS = ("markovscale.state/1", STATE_FORMAT)
 
 #: LM settings that locate an endpoint or carry credentials: never written to a state, a trace key or a report.
 ENDPOINT_KEYS = frozenset({"api_key", "api_base", "base_url", "extra_headers", "headers", "model_list"})
@@ -42,6 +45,32 @@ def scrub_lm_state(state: Any) -> Any:
     return state
 
 
+def drop_unrestorable_lms(state: Any, path: str = "") -> list[str]:
+    """Unpin, in place, saved LMs that no file can restore: engines holding no endpoint or key (``restorable =
+    False`` on the engine class, e.g. a LiteLLM Router group). Returns ``"<where>: <model>"`` for each one."""
+    dropped: list[str] = []
+    if isinstance(state, dict):
+        for key, value in list(state.items()):
+            if key == "lm" and isinstance(value, dict) and _unrestorable(value):
+                dropped.append(f"{path or 'program'}: {value.get('model')}")
+                state[key] = None
+            else:
+                dropped += drop_unrestorable_lms(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(state, list):
+        for i, value in enumerate(state):
+            dropped += drop_unrestorable_lms(value, f"{path}[{i}]")
+    return dropped
+
+
+def _unrestorable(lm_state: dict[str, Any]) -> bool:
+    engine = lm_state.get("engine")
+    return isinstance(engine, dict) and str(engine.get("class", "")).endswith(UNRESTORABLE_ENGINES)
+
+
+#: Engine classes whose saved LM cannot be rebuilt from a file (their endpoints and keys are never saved).
+UNRESTORABLE_ENGINES = (":RouterEngine",)
+
+
 def read_state_file(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON object in a state file that holds a MarkovRefine state (a ``"markov"`` entry), or StateError."""
     path = Path(path)
@@ -61,12 +90,30 @@ def read_state_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 class MarkovState(Parameter):
-    """Holds the fitted TransitionModel (or None) and the field names of the program it belongs to."""
+    """Holds the fitted TransitionModel (or None) and the field names of the program it belongs to.
+
+    Attributes:
+        model: The calibrated chain.
+        calibrated_for: The LM names the chain was fitted for: ``{"program": [names of round 0's LMs], "refiner":
+            name of the refiner's LM}``; ``None`` when unknown (a version-1 state, a model assigned by hand).
+            Names only (``lm.model``, e.g. ``"openai/gpt-4o-mini"`` or ``"router/pool"``), never endpoints or keys.
+        spend: What calibration measured per question (``"round0"``) and per refinement round (``"refinement"``):
+            mean ``calls``, ``prompt_tokens``, ``completion_tokens`` and ``cost`` (dollars; ``None`` if unknown)
+            over the calls that reached the LM (cache hits excluded), and ``n`` such rounds.
+    """
 
     def __init__(self, input_fields: list[str], answer_fields: list[str]):
         self.input_fields = list(input_fields)
         self.answer_fields = list(answer_fields)
         self.model: TransitionModel | None = None
+        self.calibrated_for: dict[str, Any] | None = None
+        self.spend: dict[str, Any] | None = None
+
+    def dollars_per_round(self) -> float | None:
+        """Measured dollars of one refinement round (``None`` if not measured or the price is unknown)."""
+        refinement = (self.spend or {}).get("refinement") or {}
+        cost = refinement.get("cost")
+        return None if cost is None else float(cost)
 
     def reset(self) -> None:
         """Keep the calibration: DSPy's prompt optimizers reset every parameter of their student (``reset_copy``)
@@ -79,10 +126,14 @@ class MarkovState(Parameter):
             "markovscale_version": __version__,
             "program": {"inputs": self.input_fields, "answers": self.answer_fields},
             "model": self.model.to_dict() if self.model is not None else None,
+            "calibrated_for": self.calibrated_for,
+            "spend": self.spend,
         }
 
     def load_state(self, state: Any) -> MarkovState:
         self.model = self.parse(state, self.input_fields, self.answer_fields)
+        self.calibrated_for = _mapping_or_none(state.get("calibrated_for"), "calibrated_for")
+        self.spend = _mapping_or_none(state.get("spend"), "spend")
         return self
 
     @staticmethod
@@ -91,11 +142,11 @@ class MarkovState(Parameter):
         if not isinstance(state, dict):
             raise StateError(f"MarkovRefine state must be a JSON object, got {type(state).__name__}")
         found = state.get("format")
-        if found != STATE_FORMAT:
+        if found not in READABLE_FORMATS:
             raise StateError(
                 f"MarkovRefine state has format {found!r}, this markovscale_dspy ({__version__}) reads "
-                f"{STATE_FORMAT!r}; recalibrate with this version or load it with the version that wrote it "
-                f"({state.get('markovscale_version', 'unknown')})"
+                f"{' and '.join(map(repr, READABLE_FORMATS))}; recalibrate with this version or load it with the "
+                f"version that wrote it ({state.get('markovscale_version', 'unknown')})"
             )
         program = state.get("program") or {}
         saved = (program.get("inputs"), program.get("answers"))
@@ -106,3 +157,9 @@ class MarkovState(Parameter):
             )
         model = state.get("model")
         return None if model is None else TransitionModel.from_dict(model)
+
+
+def _mapping_or_none(value: Any, name: str) -> dict[str, Any] | None:
+    if value is None or isinstance(value, dict):
+        return value
+    raise StateError(f"MarkovRefine state field {name!r} must be an object or null, got {type(value).__name__}")

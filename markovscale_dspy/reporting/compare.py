@@ -153,6 +153,7 @@ def read_off(
         calls=usage.calls,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
+        cost=usage.cost,
         seconds=run.seconds * usage.calls / max(run.calls, 1),
         rounds=rounds,
         failures=failures,

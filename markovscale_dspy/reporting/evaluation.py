@@ -35,6 +35,7 @@ class MethodResult:
     seconds: float
     rounds: int
     failures: int
+    cost: float | None = None
     labels: list[bool] = field(default_factory=list, repr=False)
     errors: list[str] = field(default_factory=list, repr=False)
     predictions: list[Any] = field(default_factory=list, repr=False)
@@ -56,6 +57,11 @@ class MethodResult:
         return (self.prompt_tokens + self.completion_tokens) / self.n if self.n else float("nan")
 
     @property
+    def mean_cost(self) -> float | None:
+        """Dollars per question (``None`` when some call's price is unknown)."""
+        return self.cost / self.n if self.n and self.cost is not None else None
+
+    @property
     def mean_rounds(self) -> float:
         return self.rounds / self.n if self.n else float("nan")
 
@@ -67,6 +73,7 @@ class MethodResult:
             interval=list(self.interval),
             mean_calls=self.mean_calls,
             mean_tokens=self.mean_tokens,
+            mean_cost=self.mean_cost,
             mean_rounds=self.mean_rounds,
         )
         return data
@@ -124,6 +131,7 @@ def evaluate(
         calls=usage.calls,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
+        cost=usage.cost,
         seconds=seconds,
         rounds=sum(r["rounds"] for r in results),
         failures=sum(r["error"] is not None for r in results),

@@ -20,10 +20,12 @@ __all__ = [
     "calibration_markdown",
     "comparison_markdown",
     "difference_interval",
+    "dollars",
     "drift_words",
     "format_calibration",
     "format_comparison",
     "format_model",
+    "lms_and_spend_markdown",
     "markdown_table",
     "paired_markdown",
     "paired_words",
@@ -39,6 +41,18 @@ _LABELS = {
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def dollars(x: float | None) -> str:
+    """Dollars for a report: ``$0.00123`` (4 significant digits), or ``unknown`` when the price is unknown.
+
+    Example:
+        >>> dollars(0.0012345), dollars(None), dollars(0.0)
+        ('$0.001234', 'unknown', '$0')
+    """
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "unknown"
+    return f"${x:.4g}"
 
 
 def verdict(
@@ -108,7 +122,7 @@ def format_calibration(
     lines = [
         f"Calibration: {report.chains_used} of {report.examples} chains used, round 0 + {report.rounds} refinement "
         f"rounds each ({usage.get('calls', 0)} LM calls, {usage.get('total_tokens', 0)} tokens, "
-        f"{report.seconds:.0f} s"
+        f"{dollars(usage.get('cost'))}, {report.seconds:.0f} s"
         + (f"; {report.chains_reused} chains reused from {report.trace_store}" if report.chains_reused else "")
         + ("; chains not stored (no trace store, or an LM without identity)" if report.trace_store is None else "")
         + ")",
@@ -228,22 +242,31 @@ def paired_markdown(results: Sequence[MethodResult], baseline: MethodResult, lev
 def format_comparison(results: Sequence[MethodResult]) -> str:
     """Side-by-side table of methods: accuracy with intervals, calls, tokens, time."""
     header = (
-        f"  {'method':<28} {'accuracy (95% CI)':<24} {'LM calls/q':>10} {'tokens/q':>9} {'rounds/q':>9} "
-        f"{'wall s':>7} {'failed':>6}"
+        f"  {'method':<28} {'accuracy (95% CI)':<24} {'LM calls/q':>10} {'tokens/q':>9} {'$/q':>10} "
+        f"{'rounds/q':>9} {'wall s':>7} {'failed':>6}"
     )
     lines = [header]
     for r in results:
         lo, hi = r.interval
         lines.append(
             f"  {r.name:<28} {_pct(r.accuracy):>6} [{_pct(lo)}, {_pct(hi)}]   {r.mean_calls:>10.2f} "
-            f"{r.mean_tokens:>9.0f} {r.mean_rounds:>9.2f} {r.seconds:>7.1f} {r.failures:>6}"
+            f"{r.mean_tokens:>9.0f} {dollars(r.mean_cost):>10} {r.mean_rounds:>9.2f} {r.seconds:>7.1f} "
+            f"{r.failures:>6}"
         )
     return "\n".join(lines)
 
 
 def comparison_markdown(results: Sequence[MethodResult]) -> str:
     """Side-by-side Markdown table of methods (the Markdown twin of :func:`format_comparison`)."""
-    header = ["method", "accuracy", "95% CI", "LM calls / question", "tokens / question", "rounds / question"]
+    header = [
+        "method",
+        "accuracy",
+        "95% CI",
+        "LM calls / question",
+        "tokens / question",
+        "$ / question",
+        "rounds / question",
+    ]
     rows = []
     for r in results:
         lo, hi = r.interval
@@ -254,6 +277,7 @@ def comparison_markdown(results: Sequence[MethodResult]) -> str:
                 f"{_pct(lo)} – {_pct(hi)}",
                 f"{r.mean_calls:.2f}",
                 f"{r.mean_tokens:.0f}",
+                dollars(r.mean_cost),
                 f"{r.mean_rounds:.2f}",
                 f"{r.seconds:.1f}",
                 r.failures,
@@ -350,10 +374,51 @@ def calibration_markdown(
         f"- metric errors: {len(f['metric_errors'])}",
         "",
     ]
+    out += lms_and_spend_markdown(report)
     usage = report.usage
     out += [
         f"Cost: {usage.get('calls', 0)} LM calls, {usage.get('prompt_tokens', 0)} prompt + "
-        f"{usage.get('completion_tokens', 0)} completion tokens, {report.seconds:.0f} s.",
+        f"{usage.get('completion_tokens', 0)} completion tokens, {dollars(usage.get('cost'))}, "
+        f"{report.seconds:.0f} s.",
         "",
     ]
     return "\n".join(out)
+
+
+def lms_and_spend_markdown(report: CalibrationReport) -> list[str]:
+    """Which LMs the calibration was fitted for (names only) and what round 0 and a refinement round cost."""
+    out: list[str] = []
+    lms = report.calibrated_for or {}
+    if lms:
+        out += [
+            "## Fitted for",
+            "",
+            f"- round 0 (the program): {', '.join(f'`{n}`' for n in lms.get('program') or []) or 'unknown'}",
+            f"- refinement rounds (the refiner): `{lms.get('refiner')}`",
+            "",
+            "The transition rates belong to this pair of LMs: MarkovRefine warns when it runs with others.",
+            "",
+        ]
+    spend = report.spend or {}
+    rows = []
+    for key, label in (("round0", "round 0"), ("refinement", "one refinement round")):
+        row = spend.get(key) or {}
+        if row.get("n"):
+            rows.append(
+                [
+                    label,
+                    f"{row['calls']:.2f}",
+                    f"{row['prompt_tokens']:.0f}",
+                    f"{row['completion_tokens']:.0f}",
+                    dollars(row.get("cost")),
+                    row["n"],
+                ]
+            )
+    if rows:
+        out += [
+            "## What a round costs (measured on calls that reached the LM)",
+            "",
+            markdown_table(["round", "LM calls", "prompt tokens", "completion tokens", "dollars", "n"], rows),
+            "",
+        ]
+    return out
