@@ -21,6 +21,8 @@ class ChainRecord:
         metric_error: The metric's exception on this example, if it raised.
         usage: LM calls and tokens spent on the chain (when it was first run, if reused).
         reused: Whether the chain came from the trace store instead of the LM.
+        samples: Independent round-0 samples of the example (``parallel_samples``), each a dict with its
+            ``label``, normalised ``answer``, ``error``, ``usage`` and whether it was ``reused``.
     """
 
     index: int
@@ -31,6 +33,7 @@ class ChainRecord:
     metric_error: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
     reused: bool = False
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
     def observed(self) -> list[tuple[bool, Any]]:
         """The (label, answer) pairs the fit may use: failed rounds dropped (they kept the previous answer, so the
@@ -47,6 +50,14 @@ class ChainRecord:
     def observed_chain(self) -> list[bool]:
         """The labels of :meth:`observed`."""
         return [label for label, _ in self.observed()]
+
+    def graded_samples(self) -> list[tuple[bool, Any]]:
+        """The (label, answer) pairs of the samples that produced a gradable answer (failed ones do not vote)."""
+        return [
+            (s["label"], _hashable(s["answer"]))
+            for s in self.samples
+            if s.get("error") is None and s.get("label") is not None
+        ]
 
 
 def _hashable(value: Any) -> Any:
