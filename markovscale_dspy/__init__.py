@@ -53,8 +53,8 @@ from markovscale_dspy.core.policies import (
     available_policies,
     register_policy,
 )
-from markovscale_dspy.refine.budget import BudgetResult
 from markovscale_dspy.core.voting import VoteModel
+from markovscale_dspy.refine.budget import BudgetResult
 from markovscale_dspy.refine.markov_refine import MarkovRefine
 from markovscale_dspy.refine.markov_scale import MarkovScale, ScaleAccount
 from markovscale_dspy.refine.usage import Usage, measure
