@@ -27,7 +27,7 @@ from markovscale_dspy.core.validation import check_callable, check_int, check_nu
 from markovscale_dspy.core.voting import VoteModel
 from markovscale_dspy.refine.loop import describe, error_kind
 from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine
-from markovscale_dspy.refine.markov_scale import MAX_SAMPLES, MarkovScale, fresh_sample
+from markovscale_dspy.refine.markov_scale import MAX_SAMPLES, MarkovScale, fresh_sample, has_pinned_lm
 from markovscale_dspy.refine.usage import Usage, measure
 
 __all__ = ["MarkovCalibrator"]
@@ -294,12 +294,13 @@ class MarkovCalibrator(Teleprompter):
         store = (
             TraceStore(self.trace_dir) if self.store_traces and self._identifiable(program, rounds, examples) else None
         )
+        pinned = has_pinned_lm(program.program)  # once: walking the program costs as much as its history
 
         def work(job: tuple[int, dspy.Example, int | None]) -> Any:
             index, example, sample = job
             if sample is None:
                 return self._chain(program, store, rounds, index, example)
-            return self._sample(program, store, index, example, sample)
+            return self._sample(program, store, index, example, sample, pinned)
 
         try:
             results = executor.execute(work, jobs)
@@ -320,7 +321,13 @@ class MarkovCalibrator(Teleprompter):
         return records, None if store is None else str(store.directory)
 
     def _sample(
-        self, program: MarkovRefine, store: TraceStore | None, index: int, example: dspy.Example, sample: int
+        self,
+        program: MarkovRefine,
+        store: TraceStore | None,
+        index: int,
+        example: dspy.Example,
+        sample: int,
+        pinned: bool,
     ) -> dict[str, Any]:
         """Worker: independent round-0 sample ``sample`` of one example, graded. Pure, like :meth:`_chain`."""
         key = None
@@ -333,7 +340,7 @@ class MarkovCalibrator(Teleprompter):
         entry = stored[0] if stored else None
         if entry is None:
             with dspy.context(trace=[]):
-                outcome = fresh_sample(program, sample, dict(example.inputs()))
+                outcome = fresh_sample(program, sample, dict(example.inputs()), pinned)
             entry = _sample_entry(program, outcome)
             if key is not None and entry.get("error_kind") in (None, "parse", "empty"):
                 store.put(key, [entry])

@@ -12,14 +12,17 @@ vote          n x 0                      n
 refine_vote   n x T  (n >= 2, T >= 1)    n (1 + T)
 ============  =========================  ==========================================
 
-Predictions come from a calibrated :class:`~markovscale_dspy.core.model.TransitionModel`: one chain (single and
-refine) is the plain program followed by refinement, exactly as calibrated, so its accuracy is ``accuracy_at(T)``.
-A vote draws its samples afresh; the vote model (``model.votes``) gives the per-question accuracy of a sample,
-``theta ~ Beta(a, b)``, and how wrong answers agree. A chain started from a sample and refined ``T`` rounds is
-correct with probability ``pi + (theta - pi) lam**T`` (the chain's one-step map applied ``T`` times to the
-question's own starting accuracy), and its wrong final answers are draws from the same distractors, so the vote
-over ``n`` refined chains is :func:`~markovscale_dspy.core.voting.vote_accuracy` with that affine map (checked
-against Monte Carlo in the tests). Assumed: the refinement rates do not depend on the question.
+Every chain starts from a fresh sample of the program (its own rollout id, at the module's temperature), so all
+strategies are built from the same kind of answer and their predictions are comparable. Predictions come from a
+calibrated :class:`~markovscale_dspy.core.model.TransitionModel` with a vote model (``model.votes``): a sample is
+correct with its question's own probability ``theta ~ Beta(a, b)``, and a chain started from a sample and refined
+``T`` rounds is correct with probability ``pi + (theta - pi) lam**T`` (the chain's one-step map applied ``T`` times
+to the question's own starting accuracy), with its wrong final answers drawn from the question's distractors like a
+sample's. So every strategy -- one chain or ``n`` voted ones, refined or not -- is
+:func:`~markovscale_dspy.core.voting.vote_accuracy` with that affine map (``n = 1`` gives ``pi + (E[theta] - pi)
+lam**T``, the chain's own ``accuracy_at(T)`` from the samples' mean accuracy; the vote over refined chains is checked
+against Monte Carlo in the tests). Assumed: the refinement rates do not depend on the question. Without a vote model
+only the single call and refinement are planned, from the chain's ``p0``.
 
 Uncertainty: every prediction is recomputed under paired draws of the chain's Beta posteriors and the vote model's
 parametric-bootstrap refits; the interval is the central part of those values. The plan maximises predicted
@@ -308,7 +311,7 @@ def predict(
     rows = []
     for strategy in candidates(max_calls, kinds):
         n, t = strategy.samples, strategy.rounds
-        if n == 1:
+        if votes is None:  # single and refine only, from the chain's own round 0
             point = float(model.accuracy_at(t))
             draws = np.asarray(_chain_accuracy(chain["p0"], chain["p_cw"], chain["p_wc"], t), dtype=float)
         else:

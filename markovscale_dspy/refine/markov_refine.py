@@ -359,23 +359,26 @@ class MarkovRefine(dspy.Module):
             "refine.refiner.set_lm(lm), or dspy.configure(lm=...)"
         )
 
-    def _refine_kwargs(self, call: Call, outer: Any = _FROM_LM) -> dict[str, Any]:
+    def _refine_kwargs(
+        self, call: Call, outer: Any = _FROM_LM, refiner: tuple[Any, Any] | None = None
+    ) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(call.kwargs)
-        lm, answering = self._refiner_lm()
+        lm, answering = refiner if refiner is not None else self._refiner_lm()
         if lm is not None:
             kwargs["lm"] = lm
         # Compose with the answering LM's own rollout id (BestOfN/Refine give each attempt one), so every outer
         # attempt samples fresh refinements instead of replaying the first attempt's from the cache. A caller
-        # running several chains of one question (MarkovScale) passes each chain's own ``outer``.
+        # running several chains of one question (MarkovScale) passes each chain's own ``outer``, and may pass
+        # the ``refiner`` it resolved once (resolving walks the program, whose history grows with every call).
         own = self.rollout_seed * ROLLOUT_STRIDE + call.round
         if outer is _FROM_LM:
             outer = (getattr(answering, "kwargs", None) or {}).get("rollout_id")
         kwargs["config"] = {"rollout_id": compose_rollout(outer, own), "temperature": self.temperature}
         return kwargs
 
-    def _call(self, call: Call, outer: Any = _FROM_LM) -> Outcome:
+    def _call(self, call: Call, outer: Any = _FROM_LM, refiner: tuple[Any, Any] | None = None) -> Outcome:
         # Resolving the refiner's LM raises on a misconfiguration: that is the user's to fix, not a failed round.
-        kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call, outer)
+        kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call, outer, refiner)
         with measure() as usage:
             try:
                 prediction = self.program(**kwargs) if call.round == 0 else self.refiner(**kwargs)
@@ -384,8 +387,8 @@ class MarkovRefine(dspy.Module):
                 prediction, error = None, exc
         return Outcome(prediction, error, usage.to_dict())
 
-    async def _acall(self, call: Call, outer: Any = _FROM_LM) -> Outcome:
-        kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call, outer)
+    async def _acall(self, call: Call, outer: Any = _FROM_LM, refiner: tuple[Any, Any] | None = None) -> Outcome:
+        kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call, outer, refiner)
         with measure() as usage:
             try:
                 if call.round > 0:

@@ -25,9 +25,17 @@ from markovscale_dspy.core.voting import plurality_winner
 from markovscale_dspy.refine.loop import Call, Outcome, Refinement, describe
 from markovscale_dspy.refine.markov_refine import ROLLOUT_STRIDE, MarkovRefine, _adrive, _drive, compose_rollout
 from markovscale_dspy.refine.state import MarkovState, read_state_file, scrub_lm_state
-from markovscale_dspy.refine.usage import Usage, measure
+from markovscale_dspy.refine.usage import measure
 
-__all__ = ["MarkovScale", "ScaleAccount", "ScaledPrediction", "afresh_sample", "fresh_sample", "sample_rollout"]
+__all__ = [
+    "MarkovScale",
+    "SampleChain",
+    "ScaleAccount",
+    "ScaledPrediction",
+    "afresh_sample",
+    "fresh_sample",
+    "sample_rollout",
+]
 
 #: Most independent samples per question (calibration or inference).
 MAX_SAMPLES = ROLLOUT_STRIDE - 1
@@ -44,12 +52,20 @@ def _rollout_of(lm: Any) -> Any:
     return (getattr(lm, "kwargs", None) or {}).get("rollout_id")
 
 
+def has_pinned_lm(program: dspy.Module) -> bool:
+    """Whether any predictor of ``program`` has its own LM (then samples need a copy of the program)."""
+    return any(p.lm is not None for _, p in program.named_predictors())
+
+
 @contextlib.contextmanager
-def _fresh_program(program: dspy.Module, own: int, temperature: float) -> Iterator[dspy.Module]:
+def _fresh_program(
+    program: dspy.Module, own: int, temperature: float, pinned: bool | None = None
+) -> Iterator[dspy.Module]:
     """The program set up to draw fresh sample ``own`` at ``temperature``: the configured LM through
-    ``dspy.context``, and every pinned LM through a copy of the program (its other LMs keep their own settings)."""
+    ``dspy.context``, and every pinned LM through a copy of the program (its other LMs keep their own settings).
+    ``pinned`` is :func:`has_pinned_lm` if the caller knows it (walking the program costs as much as its history)."""
     module = program
-    if any(p.lm is not None for _, p in program.named_predictors()):
+    if has_pinned_lm(program) if pinned is None else pinned:
         module = program.deepcopy()
         for _, predictor in module.named_predictors():
             if predictor.lm is not None:
@@ -63,25 +79,27 @@ def _fresh_program(program: dspy.Module, own: int, temperature: float) -> Iterat
         yield module
 
 
-def fresh_sample(refine: MarkovRefine, index: int, inputs: dict[str, Any]) -> Outcome:
+def fresh_sample(refine: MarkovRefine, index: int, inputs: dict[str, Any], pinned: bool | None = None) -> Outcome:
     """Independent round-0 sample ``index`` of the program ``refine`` wraps: its own rollout id (composed with the
     LM's), ``refine.temperature``. What calibration draws and what votes use, so the two agree."""
     own = sample_rollout(refine.rollout_seed, index)
     with measure() as usage:
         try:
-            with _fresh_program(refine.program, own, refine.temperature) as program:
+            with _fresh_program(refine.program, own, refine.temperature, pinned) as program:
                 prediction, error = program(**inputs), None
         except Exception as exc:  # a failed sample is data: it does not vote
             prediction, error = None, exc
     return Outcome(prediction, error, usage.to_dict())
 
 
-async def afresh_sample(refine: MarkovRefine, index: int, inputs: dict[str, Any]) -> Outcome:
+async def afresh_sample(
+    refine: MarkovRefine, index: int, inputs: dict[str, Any], pinned: bool | None = None
+) -> Outcome:
     """Async twin of :func:`fresh_sample`."""
     own = sample_rollout(refine.rollout_seed, index)
     with measure() as usage:
         try:
-            with _fresh_program(refine.program, own, refine.temperature) as program:
+            with _fresh_program(refine.program, own, refine.temperature, pinned) as program:
                 if hasattr(program, "aforward"):
                     prediction = await program.acall(**inputs)
                 else:
@@ -147,11 +165,13 @@ class ScaledPrediction(dspy.Prediction):
 
 
 @dataclass
-class _ChainRun:
+class SampleChain:
+    """One chain started from a fresh sample: its prediction (``None`` if the sample failed, then ``error`` says
+    why) and the LM calls and tokens it used."""
+
     prediction: Any = None
     error: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
-    fatal: BaseException | None = None
 
 
 class MarkovScale(dspy.Module):
@@ -353,17 +373,16 @@ class MarkovScale(dspy.Module):
         strategy = self._strategy(samples, rounds)
         return await self._arun(strategy, "requested", self._predicted_for(strategy), inputs)
 
-    def run_samples(self, rounds: Sequence[int], **inputs: Any) -> list[Any]:
-        """Independent chains from fresh samples, chain ``j`` refined ``rounds[j]`` rounds, no vote: the raw
-        material of every vote and hybrid strategy (benchmarks read strategies off it). Returns each chain's
-        prediction (with ``.markovscale``), or the error message of a chain whose sample failed."""
+    def run_samples(self, rounds: Sequence[int], **inputs: Any) -> list[SampleChain]:
+        """Independent chains from fresh samples ``j = 0, 1, ...``, chain ``j`` refined ``rounds[j]`` rounds, and no
+        vote: the raw material of every vote and hybrid strategy (the strategy ``n x T`` is the vote over chains
+        ``0..n-1`` at round ``T``, exactly as :meth:`run_strategy` draws it)."""
         self.refine._check_inputs(inputs)
-        runs = self._sample_chains([check_int("rounds", r, 0, MAX_SAMPLES) for r in rounds], dict(inputs))
-        return [run.prediction if run.error is None else run.error for run in runs]
+        return self._sample_chains([check_int("rounds", r, 0, MAX_SAMPLES) for r in rounds], dict(inputs))
 
     def _strategy(self, samples: int, rounds: int) -> Strategy:
         check_int("samples", samples, 1, MAX_SAMPLES)
-        check_int("rounds", rounds, 0, self.refine.max_rounds if samples == 1 else MAX_SAMPLES)
+        check_int("rounds", rounds, 0, MAX_SAMPLES)
         return Strategy(samples, rounds)
 
     def _predicted_for(self, strategy: Strategy) -> dict[str, Any] | None:
@@ -375,85 +394,80 @@ class MarkovScale(dspy.Module):
             return None
 
     def _run(self, strategy: Strategy, reason: str, predicted: Any, inputs: dict[str, Any]) -> ScaledPrediction:
-        if strategy.samples == 1:
-            with measure() as usage:
-                chain = self.refine.run_chain(strategy.rounds, **inputs)
-            return self._finish(strategy, reason, predicted, [_ChainRun(chain, None, usage.to_dict())])
         self.refine._check_inputs(inputs)
         runs = self._sample_chains([strategy.rounds] * strategy.samples, dict(inputs))
         return self._finish(strategy, reason, predicted, runs)
 
     async def _arun(self, strategy: Strategy, reason: str, predicted: Any, inputs: dict[str, Any]) -> ScaledPrediction:
-        if strategy.samples == 1:
-            with measure() as usage:
-                chain = await self.refine.arun_chain(strategy.rounds, **inputs)
-            return self._finish(strategy, reason, predicted, [_ChainRun(chain, None, usage.to_dict())])
         self.refine._check_inputs(inputs)
         gate = asyncio.Semaphore(self._threads(strategy.samples))
+        setup = self._setup([strategy.rounds])
 
-        async def one(index: int) -> _ChainRun:
+        async def one(index: int) -> SampleChain:
             async with gate:
-                return await self._asample_chain(index, strategy.rounds, dict(inputs))
+                return await self._asample_chain(index, strategy.rounds, dict(inputs), setup)
 
         runs = list(await asyncio.gather(*(one(j) for j in range(strategy.samples))))
-        _raise_fatal(runs)
         return self._finish(strategy, reason, predicted, runs)
 
     def _threads(self, jobs: int) -> int:
         return max(1, min(jobs, self.num_threads or dspy.settings.num_threads or jobs))
 
-    def _chain_outer(self, own: int) -> Any:
-        """Outer rollout id of the refinements of the chain started from sample ``own``: one namespace per chain,
-        so chains that reach the same answer still refine it independently."""
-        _, answering = self.refine._refiner_lm()
-        return compose_rollout(_rollout_of(answering), own)
+    def _setup(self, rounds: Sequence[int]) -> tuple[bool, tuple[Any, Any] | None]:
+        """What every chain of one call shares, resolved once: whether the program pins LMs, and the refiner's
+        ``(lm to pass, answering lm)`` (only when some chain refines; a misconfiguration raises here)."""
+        return has_pinned_lm(self.program), self.refine._refiner_lm() if any(rounds) else None
 
-    def _sample_chain(self, index: int, rounds: int, inputs: dict[str, Any]) -> _ChainRun:
-        """Worker: sample ``index``, refined ``rounds`` rounds. Never raises (the executor may re-run it);
-        a misconfiguration comes back as ``fatal`` for the caller to raise."""
+    def _sample_chain(
+        self, index: int, rounds: int, inputs: dict[str, Any], setup: tuple[bool, tuple[Any, Any] | None]
+    ) -> SampleChain:
+        """Worker: sample ``index``, refined ``rounds`` rounds. Never raises (the executor may re-run it)."""
+        pinned, refiner = setup
         own = sample_rollout(self.rollout_seed, index)
+        # The chain's refinements get their own namespace, so chains that reach the same answer still refine it
+        # independently.
+        outer = compose_rollout(_rollout_of(refiner[1]), own) if refiner is not None else None
 
         def run(call: Call) -> Outcome:
             if call.round == 0:
-                return fresh_sample(self.refine, index, call.kwargs)
-            return self.refine._call(call, outer=self._chain_outer(own))
+                return fresh_sample(self.refine, index, call.kwargs, pinned)
+            return self.refine._call(call, outer=outer, refiner=refiner)
 
         with measure() as usage:
             try:
                 prediction = _drive(self.refine._chain(inputs, FixedPolicy(), rounds, "last"), run)
             except RoundZeroError as exc:
-                return _ChainRun(None, describe(exc.__cause__ or exc), usage.to_dict())
-            except ConfigurationError as exc:
-                return _ChainRun(None, describe(exc), usage.to_dict(), fatal=exc)
-        return _ChainRun(prediction, None, usage.to_dict())
+                return SampleChain(None, describe(exc.__cause__ or exc), usage.to_dict())
+        return SampleChain(prediction, None, usage.to_dict())
 
-    async def _asample_chain(self, index: int, rounds: int, inputs: dict[str, Any]) -> _ChainRun:
+    async def _asample_chain(
+        self, index: int, rounds: int, inputs: dict[str, Any], setup: tuple[bool, tuple[Any, Any] | None]
+    ) -> SampleChain:
+        pinned, refiner = setup
         own = sample_rollout(self.rollout_seed, index)
+        outer = compose_rollout(_rollout_of(refiner[1]), own) if refiner is not None else None
 
         async def run(call: Call) -> Outcome:
             if call.round == 0:
-                return await afresh_sample(self.refine, index, call.kwargs)
-            return await self.refine._acall(call, outer=self._chain_outer(own))
+                return await afresh_sample(self.refine, index, call.kwargs, pinned)
+            return await self.refine._acall(call, outer=outer, refiner=refiner)
 
         with measure() as usage:
             try:
                 prediction = await _adrive(self.refine._chain(inputs, FixedPolicy(), rounds, "last"), run)
             except RoundZeroError as exc:
-                return _ChainRun(None, describe(exc.__cause__ or exc), usage.to_dict())
-            except ConfigurationError as exc:
-                return _ChainRun(None, describe(exc), usage.to_dict(), fatal=exc)
-        return _ChainRun(prediction, None, usage.to_dict())
+                return SampleChain(None, describe(exc.__cause__ or exc), usage.to_dict())
+        return SampleChain(prediction, None, usage.to_dict())
 
-    def _sample_chains(self, rounds: list[int], inputs: dict[str, Any]) -> list[_ChainRun]:
+    def _sample_chains(self, rounds: list[int], inputs: dict[str, Any]) -> list[SampleChain]:
         """Chains ``j = 0..len(rounds)-1`` concurrently; their LM usage is added to the caller's tracker (DSPy's
         trackers do not see worker threads)."""
-        jobs = [lambda j=j, r=r: self._sample_chain(j, r, inputs) for j, r in enumerate(rounds)]
+        setup = self._setup(rounds)
+        jobs = [lambda j=j, r=r: self._sample_chain(j, r, inputs, setup) for j, r in enumerate(rounds)]
         results = _run_isolated(jobs, self._threads(len(jobs)))
-        runs = [r if isinstance(r, _ChainRun) else _ChainRun(None, f"executor: {r!r}") for r in results]
-        _raise_fatal(runs)
-        return runs
+        return [r if isinstance(r, SampleChain) else SampleChain(None, f"executor: {r!r}") for r in results]
 
-    def _finish(self, strategy: Strategy, reason: str, predicted: Any, runs: list[_ChainRun]) -> ScaledPrediction:
+    def _finish(self, strategy: Strategy, reason: str, predicted: Any, runs: list[SampleChain]) -> ScaledPrediction:
         keys = [
             None if run.error is not None else run.prediction.markovscale.trajectory[-1]["answer_key"] for run in runs
         ]
@@ -487,12 +501,6 @@ def _predicted(prediction: Any) -> dict[str, Any]:
     return {"strategy": prediction.name, "accuracy": prediction.accuracy, "interval": list(prediction.interval)}
 
 
-def _raise_fatal(runs: list[_ChainRun]) -> None:
-    fatal = next((run.fatal for run in runs if run.fatal is not None), None)
-    if fatal is not None:
-        raise fatal
-
-
 def _run_isolated(jobs: list[Callable[[], Any]], threads: int) -> list[Any]:
     """Run ``jobs`` on up to ``threads`` threads with DSPy's settings, each under its own usage tracker, and add
     what they used to the caller's tracker (so ``dspy.track_usage`` and evaluations count every call once)."""
@@ -519,8 +527,3 @@ def _run_isolated(jobs: list[Callable[[], Any]], threads: int) -> list[Any]:
         else:
             results.append(outcome)
     return results
-
-
-def total_usage(account: ScaleAccount) -> Usage:
-    """Calls and tokens of every chain of an answer."""
-    return sum((Usage.from_dict(u) for u in account.usage), Usage())
