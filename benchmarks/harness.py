@@ -292,7 +292,8 @@ def run_planner(
 ) -> ComparisonResult:
     """Calibrate MarkovScale on one world of ``preset``, then on a disjoint world of the same make-up run the plan,
     MarkovRefine (closed form), self-consistency and ``dspy.BestOfN`` (self-judge) at each budget in
-    ``baselines_at`` (default: ``max_calls``), and measure every strategy the planner considered."""
+    ``baselines_at`` (default: ``max_calls``; ``()``: none), and measure every strategy the planner considered.
+    Question types are not fitted (neither the planner nor the closed form uses them)."""
     from markovscale_dspy import MarkovScale
     from markovscale_dspy.reporting.compare import SelfConsistency, self_judge_reward, strategy_results
 
@@ -300,7 +301,9 @@ def run_planner(
     train = preset_world(preset, n_train, seed=seed)
     test = preset_world(preset, n_test, seed=seed + 1)
     rounds = max_calls - 1 if rounds is None else rounds
-    calibrator = MarkovCalibrator(train.metric, rounds=rounds, parallel_samples=parallel_samples, num_threads=1)
+    calibrator = MarkovCalibrator(
+        train.metric, rounds=rounds, parallel_samples=parallel_samples, num_threads=1, question_types=1
+    )
     student = MarkovScale(make(), max_calls=max_calls, call_cost=call_cost, min_prob_gain=min_prob_gain, num_threads=1)
     with dspy.context(lm=train.lm()):
         scale = calibrator.compile(student, trainset=train.examples)
@@ -308,7 +311,7 @@ def run_planner(
     refine = MarkovRefine(make(), max_rounds=max_calls - 1, round_cost=call_cost)
     refine.model = scale.model
     methods: dict[str, dspy.Module] = {f"MarkovScale ({plan.chosen.name})": scale, "MarkovRefine closed_form": refine}
-    for n in baselines_at or (max_calls,):
+    for n in (max_calls,) if baselines_at is None else baselines_at:
         methods[f"self-consistency (N={n})"] = SelfConsistency(make(), n=n)
         methods[f"dspy.BestOfN (N={n}, self-judge)"] = dspy.BestOfN(
             make(), N=n, reward_fn=self_judge_reward(), threshold=1.0
