@@ -418,3 +418,54 @@ def test_where_both_help_the_best_strategy_is_chosen_and_lands_in_its_predicted_
     observed = {r.name: r for r in result.strategies}
     mine, theirs = observed[chosen.name], observed[pure.name]
     assert mine.accuracy - theirs.accuracy >= -_paired_difference_bound(mine, theirs)
+
+
+def test_markovscale_bench_reports_the_plan_with_predicted_and_observed_accuracy(tmp_path, monkeypatch):
+    """`markovscale bench` on a simulated task (the LM and the task are swapped in): the planner's row, the plan
+    table with observed accuracy per strategy, and the figure."""
+    import contextlib
+
+    from markovscale_dspy import cli
+    from markovscale_dspy.integrations.datasets import Task
+
+    world = SimulatedWorld.mixture(90, [(1.0, HURTS)], seed=8)
+
+    class Sig(dspy.Signature):
+        """Answer the question."""
+
+        question: str = dspy.InputField()
+        answer: str = dspy.OutputField()
+
+    task = Task("winogrande", "simulated", Sig, world.examples, world.metric, "SimulatedWorld")
+    monkeypatch.setattr(cli, "load_task", lambda name: task)
+
+    @contextlib.contextmanager
+    def simulated_lm(args):
+        yield world.lm(), "simulated/world"
+
+    monkeypatch.setattr(cli, "_lm_from_args", simulated_lm)
+    out = tmp_path / "bench"
+    argv = ["bench", "--train", "60", "--test", "30", "--rounds", "2", "--no-baselines", "--threads", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main([*argv, "--adapter", "chat", "--out", str(out)]) == 0
+    text = (out / "bench.md").read_text()
+    assert "MarkovScale (" in text and "## The plan" in text and "**(chosen)**" in text and "observed 95% CI" in text
+    assert (out / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((out / "bench.json").read_text())
+    assert data["plan"]["max_calls"] == 3 and len(data["strategies"]) == len(data["plan"]["predictions"])
+
+
+def test_the_calibration_report_shows_the_vote_model_and_the_plan(tmp_path):
+    pytest.importorskip("matplotlib")
+    from markovscale_dspy.reporting.plots import strategy_figure
+    from markovscale_dspy.reporting.report import calibration_markdown, format_calibration, observed_in_calibration
+
+    _, scale, calibrator = small()
+    report = calibrator.report
+    observed = observed_in_calibration(report)
+    assert set(observed) >= {"single", "refine T=1", "vote n=2", "vote n=3"}
+    png = strategy_figure(report.plan, tmp_path / "plan.png", observed=observed)
+    text = calibration_markdown(report, plan_figure=png.name)
+    assert "## Voting over independent samples" in text and "## The plan" in text and "plan.png" in text
+    assert "Chosen: vote n=3" in format_calibration(report)
