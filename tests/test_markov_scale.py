@@ -461,7 +461,7 @@ def test_the_calibration_report_shows_the_vote_model_and_the_plan(tmp_path):
     from markovscale_dspy.reporting.plots import strategy_figure
     from markovscale_dspy.reporting.report import calibration_markdown, format_calibration, observed_in_calibration
 
-    _, scale, calibrator = small()
+    *_, calibrator = small()
     report = calibrator.report
     observed = observed_in_calibration(report)
     assert set(observed) >= {"single", "refine T=1", "vote n=2", "vote n=3"}
