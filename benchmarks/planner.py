@@ -23,6 +23,7 @@ import dspy
 
 from benchmarks.harness import run_planner, run_real_planner
 from benchmarks.worlds import PLANNER_PRESETS, PRESETS
+from markovscale_dspy import TransitionModel
 from markovscale_dspy.reporting.compare import ComparisonResult
 
 #: (world, call budget, budgets the baselines run at): the comparisons BENCHMARKS.md reports.
@@ -94,12 +95,35 @@ def _figure(result: ComparisonResult, path: Path, title: str) -> Path | None:
         return None
 
 
+def model_summary(model: TransitionModel) -> dict[str, Any]:
+    """The fitted numbers of a model (not its data: the calibration questions and bootstrap refits stay out)."""
+    out: dict[str, Any] = {"repr": repr(model), "p0": model.p0, "p_cw": model.p_cw, "p_wc": model.p_wc}
+    votes = model.votes
+    if votes is not None:
+        out["votes"] = {
+            "mean_accuracy": votes.mean_accuracy,
+            "accuracy_sd": votes.accuracy_sd,
+            "a": votes.a,
+            "b": votes.b,
+            "distractors": votes.distractors,
+            "alpha": votes.alpha,
+            "wrong_agreement": votes.agreement,
+            "questions": len(votes.questions),
+        }
+    return out
+
+
+def _aggregate(result: Any) -> dict[str, Any]:
+    """A method's numbers without its per-question labels (the run reproduces them)."""
+    return {k: v for k, v in result.to_dict().items() if k not in ("labels", "errors")}
+
+
 def _record(result: ComparisonResult) -> dict[str, Any]:
     return {
-        "model": result.model.to_dict(),
+        "model": model_summary(result.model),
         "plan": result.plan.to_dict(),
-        "methods": [r.to_dict() for r in result.results],
-        "strategies": [r.to_dict() for r in result.strategies],
+        "methods": [_aggregate(r) for r in result.results],
+        "strategies": [_aggregate(r) for r in result.strategies],
         "settings": {k: v for k, v in result.settings.items() if k != "calibration"},
         "world": result.world,
     }
