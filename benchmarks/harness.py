@@ -271,3 +271,138 @@ async def _async_chains(task: Any, examples: Sequence[dspy.Example], rounds: int
         return sum((e.get("usage") or {}).get("calls", 0) for e in pred.markovscale.trajectory)
 
     return sum(await asyncio.gather(*(one(e) for e in examples)))
+
+
+# The planner (MarkovScale) on simulated worlds ----------------------------------------------------------------------
+
+
+def run_planner(
+    preset: str,
+    *,
+    n_train: int = 600,
+    n_test: int = 1000,
+    max_calls: int = 8,
+    parallel_samples: int = 8,
+    rounds: int | None = None,
+    call_cost: float = 0.0,
+    min_prob_gain: float = 0.9,
+    seed: int = 0,
+    baselines_at: Sequence[int] | None = None,
+    make: Callable[[], dspy.Module] | None = None,
+) -> ComparisonResult:
+    """Calibrate MarkovScale on one world of ``preset``, then on a disjoint world of the same make-up run the plan,
+    MarkovRefine (closed form), self-consistency and ``dspy.BestOfN`` (self-judge) at each budget in
+    ``baselines_at`` (default: ``max_calls``; ``()``: none), and measure every strategy the planner considered.
+    Question types are not fitted (neither the planner nor the closed form uses them)."""
+    from markovscale_dspy import MarkovScale
+    from markovscale_dspy.reporting.compare import SelfConsistency, self_judge_reward, strategy_results
+
+    make = make or (lambda: dspy.Predict("question -> answer"))
+    train = preset_world(preset, n_train, seed=seed)
+    test = preset_world(preset, n_test, seed=seed + 1)
+    rounds = max_calls - 1 if rounds is None else rounds
+    calibrator = MarkovCalibrator(
+        train.metric, rounds=rounds, parallel_samples=parallel_samples, num_threads=1, question_types=1
+    )
+    student = MarkovScale(make(), max_calls=max_calls, call_cost=call_cost, min_prob_gain=min_prob_gain, num_threads=1)
+    with dspy.context(lm=train.lm()):
+        scale = calibrator.compile(student, trainset=train.examples)
+    plan = scale.plan()
+    refine = MarkovRefine(make(), max_rounds=max_calls - 1, round_cost=call_cost)
+    refine.model = scale.model
+    methods: dict[str, dspy.Module] = {f"MarkovScale ({plan.chosen.name})": scale, "MarkovRefine closed_form": refine}
+    for n in (max_calls,) if baselines_at is None else baselines_at:
+        methods[f"self-consistency (N={n})"] = SelfConsistency(make(), n=n)
+        methods[f"dspy.BestOfN (N={n}, self-judge)"] = dspy.BestOfN(
+            make(), N=n, reward_fn=self_judge_reward(), threshold=1.0
+        )
+    results = []
+    for name, module in methods.items():
+        world = test.fresh()
+        with dspy.context(lm=world.lm()):
+            results.append(evaluate(module, world.examples, world.metric, name=name, num_threads=1))
+    world = test.fresh()
+    with dspy.context(lm=world.lm()):
+        strategies = strategy_results(scale, world.examples, world.metric, num_threads=1)
+    return ComparisonResult(
+        preset=preset,
+        model=scale.model,
+        results=results,
+        world=test.summary(),
+        settings={
+            "n_train": n_train,
+            "n_test": n_test,
+            "max_calls": max_calls,
+            "parallel_samples": parallel_samples,
+            "rounds": rounds,
+            "call_cost": call_cost,
+            "seed": seed,
+            "calibration": calibrator.report.to_dict() | {"chains": []},
+        },
+        plan=plan,
+        strategies=strategies,
+    )
+
+
+def run_real_planner(
+    task_name: str,
+    lm: dspy.LM,
+    *,
+    n_train: int = 100,
+    n_test: int = 60,
+    max_calls: int = 4,
+    parallel_samples: int = 4,
+    call_cost: float = 0.0,
+    min_prob_gain: float = 0.9,
+    seed: int = 0,
+    num_threads: int = 2,
+    adapter: dspy.Adapter | None = None,
+) -> ComparisonResult:
+    """The planner on a bundled task with a real LM: calibrate MarkovScale (round 0 + ``max_calls - 1`` rounds and
+    ``parallel_samples`` samples per question), then on disjoint questions run the plan, MarkovRefine (closed form),
+    self-consistency and ``dspy.BestOfN`` (self-judge) at ``max_calls``, and measure every strategy."""
+    from markovscale_dspy import MarkovScale
+    from markovscale_dspy.datasets import load_task
+    from markovscale_dspy.reporting.compare import SelfConsistency, self_judge_reward, strategy_results
+
+    task = load_task(task_name)
+    train, test = task.split(n_train, n_test, seed=seed)
+    with dspy.context(lm=lm, adapter=adapter or dspy.JSONAdapter(), warn_on_type_mismatch=False):
+        calibrator = MarkovCalibrator(
+            task.metric, parallel_samples=parallel_samples, num_threads=num_threads, question_types=1
+        )
+        student = MarkovScale(task.program(), max_calls=max_calls, call_cost=call_cost, min_prob_gain=min_prob_gain)
+        scale = calibrator.compile(student, trainset=train)
+        plan = scale.plan()
+        refine = MarkovRefine(task.program(), max_rounds=max_calls - 1, round_cost=call_cost)
+        refine.model = scale.model
+        methods: dict[str, dspy.Module] = {
+            f"MarkovScale ({plan.chosen.name})": scale,
+            "MarkovRefine closed_form": refine,
+            f"self-consistency (N={max_calls})": SelfConsistency(task.program(), n=max_calls),
+            f"dspy.BestOfN (N={max_calls}, self-judge)": dspy.BestOfN(
+                task.program(), N=max_calls, reward_fn=self_judge_reward(), threshold=1.0
+            ),
+        }
+        results = [
+            evaluate(module, test, task.metric, name=name, num_threads=num_threads) for name, module in methods.items()
+        ]
+        strategies = strategy_results(scale, test, task.metric, num_threads=num_threads)
+    return ComparisonResult(
+        preset=task_name,
+        model=scale.model,
+        results=results,
+        world={"task": task.description, "source": task.source},
+        settings={
+            "n_train": n_train,
+            "n_test": n_test,
+            "max_calls": max_calls,
+            "parallel_samples": parallel_samples,
+            "rounds": max_calls - 1,
+            "call_cost": call_cost,
+            "seed": seed,
+            "calibration": calibrator.report.to_dict() | {"chains": []},
+        },
+        plan=plan,
+        strategies=strategies,
+    )

@@ -17,12 +17,12 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import dspy
 from dspy.utils.parallelizer import ParallelExecutor
-from markovscale_dspy.datasets import load_task
-from markovscale_dspy.lms import build_lm
-from markovscale_dspy.local import LocalModel
 from scipy import stats
 
 from markovscale_dspy import MarkovRefine
+from markovscale_dspy.datasets import load_task
+from markovscale_dspy.lms import build_lm
+from markovscale_dspy.local import LocalModel
 
 
 def interval(k, n):

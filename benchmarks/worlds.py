@@ -11,7 +11,7 @@ from typing import Any
 from markovscale_dspy import Decision, RoundContext, theory
 from markovscale_dspy.testing import SimulatedWorld
 
-__all__ = ["PRESETS", "ParameterOracle", "preset_world"]
+__all__ = ["PLANNER_PRESETS", "PRESETS", "ParameterOracle", "preset_world"]
 
 #: Named worlds: (weight, per-question parameters) components. ``p_same_wrong`` is how often a wrong answer that
 #: stays wrong is repeated verbatim.
@@ -31,11 +31,97 @@ PRESETS: dict[str, list[tuple[float, dict[str, Any]]]] = {
 }
 
 
+#: Worlds for the planner (MarkovScale): questions differ in difficulty (``p0`` drawn per question around the
+#: component's mean) and wrong answers come from a few weighted distractors, so wrong votes can agree.
+PLANNER_PRESETS: dict[str, list[tuple[float, dict[str, Any]]]] = {
+    # Refinement hurts; votes help, less than with no structure (hard questions and agreeing wrong answers).
+    "realistic-hurts": [
+        (
+            1.0,
+            {
+                "p0": 0.7,
+                "p_cw": 0.3,
+                "p_wc": 0.1,
+                "p_same_wrong": 0.5,
+                "kind": "hurts",
+                "p0_concentration": 4,
+                "n_distractors": 3,
+                "distractor_concentration": 1.0,
+            },
+        ),
+    ],
+    # Refinement helps; votes barely do: a dominant distractor per question and many hard questions.
+    "realistic-helps": [
+        (
+            1.0,
+            {
+                "p0": 0.4,
+                "p_cw": 0.1,
+                "p_wc": 0.3,
+                "p_same_wrong": 0.5,
+                "kind": "helps",
+                "p0_concentration": 2,
+                "n_distractors": 2,
+                "distractor_concentration": 0.3,
+            },
+        ),
+    ],
+    # Both help: refinement converges fast to 75%, and a vote over refined chains goes beyond.
+    "realistic-both": [
+        (
+            1.0,
+            {
+                "p0": 0.5,
+                "p_cw": 0.15,
+                "p_wc": 0.45,
+                "p_same_wrong": 0.5,
+                "kind": "both",
+                "p0_concentration": 4,
+                "n_distractors": 4,
+                "distractor_concentration": 1.0,
+            },
+        ),
+    ],
+    # Both help, but refinement works only on the easier questions (it breaks the planner's assumption that
+    # refinement rates do not depend on the question): a check of what the hybrid prediction misses.
+    "realistic-mixed": [
+        (
+            0.5,
+            {
+                "p0": 0.7,
+                "p_cw": 0.1,
+                "p_wc": 0.6,
+                "p_same_wrong": 0.5,
+                "kind": "easy",
+                "p0_concentration": 6,
+                "n_distractors": 4,
+                "distractor_concentration": 1.0,
+            },
+        ),
+        (
+            0.5,
+            {
+                "p0": 0.3,
+                "p_cw": 0.1,
+                "p_wc": 0.15,
+                "p_same_wrong": 0.7,
+                "kind": "hard",
+                "p0_concentration": 6,
+                "n_distractors": 4,
+                "distractor_concentration": 0.5,
+            },
+        ),
+    ],
+}
+
+
 def preset_world(name: str, n: int, *, seed: int = 0, **kwargs: Any) -> SimulatedWorld:
-    """A named world from :data:`PRESETS` (``helps``, ``hurts``, ``heterogeneous``, ``oscillating``)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-    return SimulatedWorld.mixture(n, PRESETS[name], seed=seed, **kwargs)
+    """A named world from :data:`PRESETS` (``helps``, ``hurts``, ``heterogeneous``, ``oscillating``) or
+    :data:`PLANNER_PRESETS` (``realistic-hurts``, ``realistic-helps``, ``realistic-both``, ``realistic-mixed``)."""
+    components = PRESETS.get(name) or PLANNER_PRESETS.get(name)
+    if components is None:
+        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join([*PRESETS, *PLANNER_PRESETS])}")
+    return SimulatedWorld.mixture(n, components, seed=seed, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Refinement is modelled as a two-state Markov chain over answer correctness (MarkovScale, arXiv 2602.01120):
 ``MarkovCalibrator`` learns ``p0``, ``p_cw`` and ``p_wc`` on a labelled trainset, and ``MarkovRefine`` refines only
-while refinement is expected to pay.
+while refinement is expected to pay. ``MarkovScale`` plans a whole call budget from the same calibration (with
+``parallel_samples``): a single call, refinement, a vote over samples, or votes over refined chains.
 
 Example:
     >>> import dspy
@@ -13,8 +14,9 @@ Example:
 
 Layout (a path tells its layer; nothing imports from a layer above it):
 
-* ``core/`` -- the maths, no DSPy: theory, belief filter, TransitionModel, question types, policies, statistics;
-* ``refine/`` -- the MarkovRefine module and its refinement loop;
+* ``core/`` -- the maths, no DSPy: theory, belief filter, TransitionModel, question types, policies, statistics,
+  the vote model and the planner;
+* ``refine/`` -- the MarkovRefine module and its refinement loop, and the MarkovScale planner module;
 * ``calibrate/`` -- the MarkovCalibrator teleprompter, its trace store and report;
 * ``reporting/`` -- evaluation, method comparison, text/Markdown reports, plots;
 * ``integrations/`` -- LMs (LiteLLM, Router), the embedded llama.cpp server, bundled datasets;
@@ -40,6 +42,7 @@ from markovscale_dspy.calibrate.report import CalibrationReport
 from markovscale_dspy.core import belief, theory
 from markovscale_dspy.core.answers import default_answer_key, normalize_answer
 from markovscale_dspy.core.model import TransitionModel
+from markovscale_dspy.core.planner import Plan, Strategy, StrategyPrediction
 from markovscale_dspy.core.policies import (
     BeliefPolicy,
     ClosedFormPolicy,
@@ -50,8 +53,10 @@ from markovscale_dspy.core.policies import (
     available_policies,
     register_policy,
 )
+from markovscale_dspy.core.voting import VoteModel
 from markovscale_dspy.refine.budget import BudgetResult
 from markovscale_dspy.refine.markov_refine import MarkovRefine
+from markovscale_dspy.refine.markov_scale import MarkovScale, ScaleAccount
 from markovscale_dspy.refine.usage import Usage, measure
 
 __all__ = [
@@ -67,14 +72,20 @@ __all__ = [
     "FixedPolicy",
     "MarkovCalibrator",
     "MarkovRefine",
+    "MarkovScale",
     "MarkovScaleError",
     "NotCalibratedError",
+    "Plan",
     "Policy",
     "RoundContext",
     "RoundZeroError",
+    "ScaleAccount",
     "StateError",
+    "Strategy",
+    "StrategyPrediction",
     "TransitionModel",
     "Usage",
+    "VoteModel",
     "__version__",
     "available_policies",
     "belief",

@@ -6,7 +6,8 @@
   bundled task -> state JSON + report.
 * ``markovscale report STATE`` -- what a saved state says: estimates, regime, bounds, rounds for given costs.
 * ``markovscale run STATE`` -- answer questions with a calibrated state.
-* ``markovscale bench`` -- every method side by side on your model and task (held-out questions, same samples).
+* ``markovscale bench`` -- every method side by side on your model and task (held-out questions, same samples),
+  with the planner (MarkovScale): what it chooses, every strategy's predicted against observed accuracy, a figure.
 * ``markovscale compare-configs`` -- which model should draft and which should refine: calibrate each pair on the
   same questions, one state each, and a report of accuracy against dollars (or calls) with a recommendation.
 
@@ -51,9 +52,11 @@ from markovscale_dspy.reporting.report import (
     format_calibration,
     format_comparison,
     format_model,
+    format_plan,
     markdown_table,
     paired_markdown,
     paired_words,
+    plan_markdown,
     verdict,
 )
 
@@ -610,6 +613,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     train, test = task.split(args.train, args.test, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    max_calls = None if args.no_planner else (args.max_calls or args.rounds + 1)
     _say(f"markovscale bench: every method on {task.name}, {len(train)} calibration + {len(test)} held-out questions")
     with _lm_from_args(args) as (lm, model_name), dspy.context(lm=lm, adapter=_adapter(args.adapter)):
         result = compare_methods(
@@ -625,10 +629,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             baseline_n=args.baseline_n,
             resume=not args.fresh,
             description={"task": task.description, "source": task.source},
+            max_calls=max_calls,
+            parallel_samples=args.parallel_samples,
+            call_cost=args.call_cost,
+            min_prob_gain=args.min_prob_gain,
         )
     _say("\n" + format_comparison(result.results))
     base = next(r for r in result.results if r.name == "fixed-0")
     paired = [paired_words(r, base) for r in result.results if r.name in ("closed_form", "belief")]
+    if result.plan is not None:
+        _say("\nThe planner (MarkovScale): " + format_plan(result.plan))
+        _say(format_comparison(result.strategies))
     _say("\nVerdict: " + verdict(result.model, args.round_cost, args.rounds, args.min_prob_improves))
     _say("Held-out check against no refinement (paired, same questions): " + " ".join(paired))
     context = _context(args, model_name, task, len(train), len(test))
@@ -644,10 +655,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
         markdown += [f"![accuracy vs LM calls]({png.name})", ""]
     except MarkovScaleError as exc:
         _say(f"  (no figure: {exc})")
+    if result.plan is not None:
+        markdown += [
+            plan_markdown(result.plan, result.strategies),
+            "",
+            "Observed: every strategy run on the held-out questions (one grid of fresh samples and chains per "
+            "question). Predicted: from the calibration alone.",
+            "",
+        ]
+        try:
+            from markovscale_dspy.reporting.plots import strategy_figure
+
+            png = strategy_figure(
+                result.plan, out / "plan.png", observed=result.strategies, title=f"{model_name} on {task.name}"
+            )
+            markdown += [f"![predicted vs observed accuracy by strategy]({png.name})", ""]
+        except MarkovScaleError as exc:
+            _say(f"  (no figure: {exc})")
     (out / "bench.md").write_text("\n".join(markdown))
+    extra: dict[str, Any] = {}
+    if result.plan is not None:
+        extra = {"plan": result.plan.to_dict(), "strategies": [r.to_dict() for r in result.strategies]}
     (out / "bench.json").write_text(
         json.dumps(
-            {"context": context, "model": result.model.to_dict(), "results": [r.to_dict() for r in result.results]},
+            {
+                "context": context,
+                "model": result.model.to_dict(),
+                "results": [r.to_dict() for r in result.results],
+                **extra,
+            },
             indent=1,
         )
     )
@@ -758,6 +794,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=3, help="refinement rounds (default 3)")
     bench.add_argument("--baseline-n", type=int, default=3, help="attempts of BestOfN, Refine, self-consistency")
     bench.add_argument("--no-baselines", action="store_true", help="only no refinement, fixed-N and MarkovRefine")
+    bench.add_argument(
+        "--max-calls", type=int, help="the planner's budget of LM calls per question (default: rounds + 1)"
+    )
+    bench.add_argument(
+        "--parallel-samples", type=int, help="independent samples per calibration question (default: max calls)"
+    )
+    bench.add_argument("--call-cost", type=float, default=0.0, help="accuracy one LM call must buy (default 0)")
+    bench.add_argument(
+        "--min-prob-gain",
+        type=float,
+        default=0.9,
+        help="the planner claims a gain over one call only with this posterior probability (default 0.9)",
+    )
+    bench.add_argument("--no-planner", action="store_true", help="leave out the planner (MarkovScale)")
     bench.add_argument("--out", default="markovscale-bench", help="output folder (default markovscale-bench)")
     trace_options(bench, fresh=True)
     _add_lm_options(bench)

@@ -74,10 +74,14 @@ class SimQuestion:
         p_cw: P(a refinement breaks a correct answer).
         p_wc: P(a refinement fixes a wrong answer).
         p_same_wrong: P(a wrong answer that stays wrong stays *the same* wrong answer); 1.0 = wrong answers stick.
+            (With distractors, a wrong answer that changes is redrawn from them and may land on the same one.)
         p_change_correct: P(a correct answer that stays correct is written differently, e.g. ``"42.0"``).
         judge_tpr: P(a self-judge calls a correct answer correct).
         judge_fpr: P(a self-judge calls a wrong answer correct).
         kind: Free label of the component this question was drawn from (for mixtures).
+        distractors: The wrong answers this question attracts (empty: any number near the gold answer, each
+            about equally likely, so wrong answers rarely agree).
+        distractor_weights: How often each distractor is chosen when an answer is wrong (normalised).
     """
 
     id: int
@@ -91,12 +95,24 @@ class SimQuestion:
     judge_tpr: float = 0.8
     judge_fpr: float = 0.3
     kind: str = "default"
+    distractors: tuple[str, ...] = ()
+    distractor_weights: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("p0", "p_cw", "p_wc", "p_same_wrong", "p_change_correct", "judge_tpr", "judge_fpr"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ConfigurationError(f"{name} of question {self.id} must be in [0, 1], got {value!r}")
+        object.__setattr__(self, "distractors", tuple(str(d) for d in self.distractors))
+        object.__setattr__(self, "distractor_weights", tuple(float(w) for w in self.distractor_weights))
+        weights = self.distractor_weights
+        if len(weights) != len(self.distractors) or any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
+            raise ConfigurationError(
+                f"question {self.id} needs one non-negative distractor weight per distractor (with a positive sum), "
+                f"got distractors {self.distractors} and weights {weights}"
+            )
+        if self.answer in self.distractors:
+            raise ConfigurationError(f"question {self.id}: the gold answer {self.answer!r} cannot be a distractor")
 
 
 def _output_fields(system: str) -> dict[str, str]:
@@ -128,6 +144,41 @@ def _system_text(request: Any) -> str:
     if isinstance(system, str):
         return system
     return "".join(getattr(part, "text", "") for part in system or ())
+
+
+#: Component keys that shape a world for voting (see :meth:`SimulatedWorld.mixture`).
+_STRUCTURE = ("p0_concentration", "n_distractors", "distractor_concentration")
+
+
+def _draw_structure(
+    structure: Mapping[str, Any], params: Mapping[str, Any], gold: str, rng: random.Random
+) -> dict[str, Any]:
+    """Per-question difficulty and distractors for one question (see :meth:`SimulatedWorld.mixture`)."""
+    out: dict[str, Any] = {}
+    concentration = structure.get("p0_concentration")
+    if concentration is not None:
+        mean = float(params.get("p0", 0.5))
+        if not (isinstance(concentration, (int, float)) and concentration > 0 and 0 < mean < 1):
+            raise ConfigurationError(
+                f"p0_concentration must be a positive number and p0 inside (0, 1), got {concentration!r}, {mean!r}"
+            )
+        out["p0"] = rng.betavariate(concentration * mean, concentration * (1 - mean))
+    count = structure.get("n_distractors")
+    if count is not None:
+        if not isinstance(count, int) or not 1 <= count <= 18:
+            raise ConfigurationError(f"n_distractors must be an integer in [1, 18], got {count!r}")
+        alpha = float(structure.get("distractor_concentration", 1.0))
+        if not alpha > 0:
+            raise ConfigurationError(f"distractor_concentration must be positive, got {alpha!r}")
+        near = [str(int(gold) + d) for d in (*range(-9, 0), *range(1, 10))]
+        out["distractors"] = tuple(rng.sample(near, count))
+        weights = [rng.gammavariate(alpha, 1.0) for _ in range(count)]
+        if sum(weights) <= 0:
+            weights = [1.0 if j == 0 else 0.0 for j in range(count)]
+        out["distractor_weights"] = tuple(w / sum(weights) for w in weights)
+    elif "distractor_concentration" in structure:
+        raise ConfigurationError("distractor_concentration needs n_distractors")
+    return out
 
 
 class SimulatedEngine:
@@ -162,6 +213,7 @@ class SimulatedEngine:
         """Identity of what this engine answers (world and faults), for caches such as the trace store."""
         world = [
             (q.question, q.answer, q.p0, q.p_cw, q.p_wc, q.p_same_wrong, q.p_change_correct)
+            + ((q.distractors, q.distractor_weights) if q.distractors else ())
             for q in self.world.questions
         ]
         text = json.dumps([self.world.seed, self.world.answer_field, world, sorted(self.faults.items())])
@@ -347,7 +399,16 @@ class SimulatedWorld:
         Args:
             n: Number of questions.
             components: ``(weight, params)`` pairs; params are SimQuestion fields (``p0``, ``p_cw``, ``p_wc``,
-                optionally ``p_same_wrong``, ``p_change_correct``, ``kind``).
+                optionally ``p_same_wrong``, ``p_change_correct``, ``kind``), plus optional structure that makes
+                the world realistic for voting (without these keys a component gives exactly the questions it
+                always gave):
+
+                * ``p0_concentration``: per-question difficulty -- each question's ``p0`` is drawn from
+                  ``Beta(c * p0, c * (1 - p0))`` (mean ``p0``; smaller ``c``, more spread);
+                * ``n_distractors``: each question gets this many distinct wrong answers, and every wrong answer
+                  (round 0, a broken answer, a wrong answer that changes) is one of them;
+                * ``distractor_concentration``: their weights are drawn from a symmetric Dirichlet with this
+                  parameter (default 1; small values make one distractor dominate, so wrong votes agree).
             seed: Seed of the draw and of the answers.
         """
         if not isinstance(n, int) or n < 1:
@@ -369,7 +430,10 @@ class SimulatedWorld:
         for i, index in enumerate(assignment):
             params = dict(components[index][1])
             params.setdefault("kind", f"component{index}")
+            structure = {key: params.pop(key) for key in _STRUCTURE if key in params}
             gold = str(rng.randint(10, 999))
+            if structure:  # its own random stream: worlds without structure keep their exact draws
+                params.update(_draw_structure(structure, params, gold, random.Random(f"world|{seed}|{i}|structure")))
             questions.append(
                 SimQuestion(
                     id=i, question=f"Simulated question #{i}: what is the hidden number?", answer=gold, **params
@@ -456,6 +520,8 @@ class SimulatedWorld:
     # The simulation ----------------------------------------------------------------------------------------------
 
     def _wrong(self, q: SimQuestion, rng: random.Random, avoid: str | None = None) -> str:
+        if q.distractors:  # a wrong answer that changes is redrawn from all distractors (it may land on the same)
+            return rng.choices(q.distractors, weights=q.distractor_weights)[0]
         gold = int(q.answer)
         while True:
             candidate = str(gold + rng.choice([-1, 1]) * rng.randint(1, 9))

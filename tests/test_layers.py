@@ -20,9 +20,11 @@ CORE = {
     "statistics": 0,
     "answers": 0,
     "belief": 1,
+    "voting": 1,
     "mixture": 2,
     "model": 3,
     "policies": 4,
+    "planner": 4,
 }
 FOLDERS = {"core": None, "refine": 5, "integrations": 5, "calibrate": 6, "reporting": 7}
 TOP = {"_exceptions": -1, "_version": -1, "testing": 7, "cli": 8, "__init__": 9}

@@ -1,4 +1,5 @@
-"""MarkovCalibrator: a DSPy optimizer that learns p0, p_cw and p_wc of a MarkovRefine from labelled chains."""
+"""MarkovCalibrator: a DSPy optimizer that learns p0, p_cw and p_wc of a MarkovRefine from labelled chains, and how
+voting over independent samples behaves for a MarkovScale."""
 
 from __future__ import annotations
 
@@ -18,12 +19,15 @@ from markovscale_dspy._exceptions import CalibrationError, ConfigurationError, D
 from markovscale_dspy.calibrate.records import ChainRecord, jsonable
 from markovscale_dspy.calibrate.report import CalibrationReport, build_report, spend_of
 from markovscale_dspy.calibrate.traces import TraceStore, UnknownLMIdentityError, chain_key
+from markovscale_dspy.core.answers import default_answer_key, is_empty_answer
 from markovscale_dspy.core.mixture import ChainMixture, chain_statistics, fit_mixture, select_mixture
 from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.statistics import PARTIAL_SCORE, binomial_interval, score_to_label
 from markovscale_dspy.core.validation import check_callable, check_int, check_number, check_prior
-from markovscale_dspy.refine.loop import describe
+from markovscale_dspy.core.voting import VoteModel
+from markovscale_dspy.refine.loop import describe, error_kind
 from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine
+from markovscale_dspy.refine.markov_scale import MAX_SAMPLES, MarkovScale, fresh_sample, has_pinned_lm
 from markovscale_dspy.refine.usage import Usage, measure
 
 __all__ = ["MarkovCalibrator"]
@@ -36,6 +40,12 @@ MIN_TRAINSET = 2
 #: ``question_types="auto"`` looks for latent types only with at least this many calibration chains.
 MIN_CHAINS_FOR_TYPES = 100
 
+#: Independent samples per question when a MarkovScale is calibrated without ``parallel_samples``.
+DEFAULT_PARALLEL_SAMPLES = 8
+
+#: Parametric-bootstrap refits of the vote model (its prediction intervals).
+VOTE_BOOTSTRAP = 200
+
 
 class MarkovCalibrator(Teleprompter):
     """Learn when refinement pays: run full refinement chains on a labelled trainset and fit the Markov chain.
@@ -45,14 +55,23 @@ class MarkovCalibrator(Teleprompter):
     :class:`TransitionModel` and returns a calibrated copy of the student (the student is left untouched). The
     calibrator keeps a :class:`CalibrationReport` in ``self.report``.
 
+    With ``parallel_samples=K`` it also draws ``K`` independent round-0 samples of every example (each its own
+    rollout id, at the student's temperature, concurrently with the chains and resumable like them), grades them
+    and fits a :class:`~markovscale_dspy.core.voting.VoteModel` -- how accuracy varies over questions and how wrong
+    answers agree -- which :class:`MarkovScale` plans votes from. The student may be a :class:`MarkovRefine` or a
+    :class:`MarkovScale` (which gets ``K = 8`` samples unless told otherwise).
+
     Calibrate with the LM, temperature and adapter you will use at inference: the transition rates belong to that
     decoding setup. Run prompt optimizers (which reset parameters) before calibrating, not after.
 
     Args:
         metric: ``metric(example, prediction, trace=None)`` returning a bool, a number (compared with
             ``threshold``) or a Prediction with ``.score``.
-        rounds: Refinement rounds per calibration chain; ``None`` (default) uses the student's ``max_rounds``.
-            A different number warns: rates fitted on fewer rounds than the module runs are extrapolated.
+        rounds: Refinement rounds per calibration chain; ``None`` (default) uses the student's ``max_rounds``
+            (``max_calls - 1`` for a MarkovScale). A different number warns: rates fitted on fewer rounds than the
+            module runs are extrapolated.
+        parallel_samples: Independent round-0 samples per example for the vote model (0: none, else at least 2);
+            ``None`` (default): 8 for a MarkovScale, 0 for a MarkovRefine.
         num_threads: Threads for DSPy's parallel executor (defaults to ``dspy.settings.num_threads``).
         prior: ``(alpha, beta)`` of the Beta prior on each parameter.
         threshold: A numeric score counts as correct when it is at least this. ``None`` (default) accepts only
@@ -87,6 +106,7 @@ class MarkovCalibrator(Teleprompter):
         metric: Callable[..., Any],
         *,
         rounds: int | None = None,
+        parallel_samples: int | None = None,
         num_threads: int | None = None,
         prior: tuple[float, float] = (1.0, 1.0),
         threshold: float | None = None,
@@ -100,12 +120,19 @@ class MarkovCalibrator(Teleprompter):
         super().__init__()
         check_callable("metric", metric, "metric(example, prediction)")
         check_int("rounds", rounds, 1, MAX_ROUNDS_LIMIT, none_ok=True)
+        check_int("parallel_samples", parallel_samples, 0, MAX_SAMPLES, none_ok=True)
+        if parallel_samples == 1:
+            raise ConfigurationError(
+                "parallel_samples=1 cannot tell how accuracy varies between questions; draw at least 2 (e.g. 8), "
+                "or 0 for none"
+            )
         check_int("num_threads", num_threads, 1, none_ok=True)
         check_number("threshold", threshold, none_ok=True)
         if question_types != "auto":
             check_int("question_types", question_types, 1, 8)
         self.metric = metric
         self.rounds = rounds
+        self.parallel_samples = parallel_samples
         self.num_threads = num_threads
         self.prior = check_prior(prior)
         self.threshold = threshold if threshold is None else float(threshold)
@@ -119,33 +146,38 @@ class MarkovCalibrator(Teleprompter):
 
     def compile(
         self,
-        student: MarkovRefine,
+        student: MarkovRefine | MarkovScale,
         *,
         trainset: Sequence[dspy.Example],
         valset: Sequence[dspy.Example] | None = None,
         **kwargs: Any,
-    ) -> MarkovRefine:
+    ) -> MarkovRefine | MarkovScale:
         """Calibrate a copy of ``student`` on ``trainset``; ``valset`` (optional) is only evaluated for the report.
 
         Raises:
-            ConfigurationError: ``student`` is not a MarkovRefine.
+            ConfigurationError: ``student`` is not a MarkovRefine or MarkovScale.
             DataError: the trainset is empty or its examples lack inputs or labels.
-            CalibrationError: no chain could be observed (every round 0 or every metric call failed).
+            CalibrationError: no chain could be observed (every round 0 or every metric call failed), or no
+                sample could be graded when samples were asked for.
         """
-        if not isinstance(student, MarkovRefine):
+        if not isinstance(student, (MarkovRefine, MarkovScale)):
             raise ConfigurationError(
                 f"MarkovCalibrator calibrates a MarkovRefine, got {type(student).__name__}; wrap your program: "
-                "MarkovRefine(program)"
+                "MarkovRefine(program) (or MarkovScale(program) to plan votes too)"
             )
-        examples = _check_examples(trainset, student, "trainset")
-        rounds = self._rounds_for(student)
+        chain_student = student.refine if isinstance(student, MarkovScale) else student
+        examples = _check_examples(trainset, chain_student, "trainset")
+        rounds = self._rounds_for(chain_student)
+        samples = self._samples_for(student)
         started = time.perf_counter()
         program = student.deepcopy()
-        program.model = None
-        records, store_dir = self._observe(program, examples, rounds)
+        refine = program.refine if isinstance(program, MarkovScale) else program
+        refine.model = None
+        records, store_dir = self._observe(refine, examples, rounds, samples)
         reused = sum(r.reused for r in records)
         logger.info("MarkovCalibrator: %d of %d chains reused from %s", reused, len(records), store_dir or "no store")
-        partial = next((r.metric_error for r in records if r.metric_error and PARTIAL_SCORE in r.metric_error), None)
+        metric_errors = [r.metric_error for r in records] + [s.get("metric_error") for r in records for s in r.samples]
+        partial = next((e for e in metric_errors if e and PARTIAL_SCORE in e), None)
         if partial is not None:
             raise ConfigurationError(
                 f"the metric gives partial credit ({partial.split(': ', 1)[-1]}). The finished chains are kept in "
@@ -163,13 +195,15 @@ class MarkovCalibrator(Teleprompter):
         answers = [[answer for _, answer in c] for c in usable]
         model = TransitionModel.fit(labels, prior=self.prior, answers=answers)
         model = model.with_mixture(self._question_types(labels, answers, rounds))
+        if samples:
+            model = model.with_votes(self._votes(records))
         # Not marked _compiled: a calibrated MarkovRefine stays visible to parents (save/load, named_predictors,
         # set_lm) and to prompt optimizers run after calibration, which keep its model (see MarkovState.reset).
-        program.model = model
+        refine.model = model
         # What the rates were fitted for (names only) and what a round cost, for warnings and value_per_correct.
-        program.markov.calibrated_for = program.lm_names()
-        program.markov.spend = spend_of(records)
-        lms = program.markov.calibrated_for
+        refine.markov.calibrated_for = refine.lm_names()
+        refine.markov.spend = spend_of(records)
+        lms = refine.markov.calibrated_for
         if model.n_transitions == 0:
             self.report = build_report(model, records, rounds, time.perf_counter() - started, None, store_dir, lms)
             errors = Counter(e.split(":", 1)[0] for r in records for e in r.errors if e)
@@ -184,9 +218,36 @@ class MarkovCalibrator(Teleprompter):
             valset_result = _evaluate(
                 program, _check_examples(valset, student, "valset"), self.metric, self.threshold, self.num_threads
             )
-        self.report = build_report(model, records, rounds, time.perf_counter() - started, valset_result, store_dir, lms)
+        plan = program.plan() if isinstance(program, MarkovScale) else None
+        self.report = build_report(
+            model, records, rounds, time.perf_counter() - started, valset_result, store_dir, lms, plan=plan
+        )
         logger.info("MarkovCalibrator: %r", model)
         return program
+
+    def _samples_for(self, student: MarkovRefine | MarkovScale) -> int:
+        if self.parallel_samples is not None:
+            if isinstance(student, MarkovScale) and self.parallel_samples == 0:
+                warnings.warn(
+                    "MarkovCalibrator(parallel_samples=0) calibrates a MarkovScale without samples, so it can only "
+                    "plan a single call or refinement; draw samples (e.g. parallel_samples=8) to consider votes",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return self.parallel_samples
+        return DEFAULT_PARALLEL_SAMPLES if isinstance(student, MarkovScale) else 0
+
+    def _votes(self, records: list[ChainRecord]) -> VoteModel:
+        graded = [r.graded_samples() for r in records]
+        if sum(len(g) >= 2 for g in graded) == 0:
+            reasons = Counter(
+                (s.get("error") or s.get("metric_error") or "").split(":", 1)[0] for r in records for s in r.samples
+            )
+            raise CalibrationError(
+                "no trainset example has two graded samples, so the vote model cannot be fitted (sample failures: "
+                f"{dict(reasons)}); fix the LM or the metric and re-run (finished samples come from the trace store)"
+            )
+        return VoteModel.fit(graded, bootstrap=VOTE_BOOTSTRAP, seed=0)
 
     def _rounds_for(self, student: MarkovRefine) -> int:
         """Chain length: ``rounds`` if given (warning when it differs from the student's cap), else the cap."""
@@ -226,26 +287,81 @@ class MarkovCalibrator(Teleprompter):
         return mixture if mixture.components > 1 else None
 
     def _observe(
-        self, program: MarkovRefine, examples: list[dspy.Example], rounds: int
+        self, program: MarkovRefine, examples: list[dspy.Example], rounds: int, samples: int = 0
     ) -> tuple[list[ChainRecord], str | None]:
+        # One job per chain and one per sample, all in one executor, so samples run as concurrently as chains.
+        jobs = [(i, example, None) for i, example in enumerate(examples)]
+        jobs += [(i, example, j) for j in range(samples) for i, example in enumerate(examples)]
         executor = ParallelExecutor(
-            num_threads=self.num_threads, max_errors=len(examples) + 1, disable_progress_bar=not self.display_progress
+            num_threads=self.num_threads, max_errors=len(jobs) + 1, disable_progress_bar=not self.display_progress
         )
-        jobs = list(enumerate(examples))
         store = (
             TraceStore(self.trace_dir) if self.store_traces and self._identifiable(program, rounds, examples) else None
         )
+        pinned = has_pinned_lm(program.program)  # once: walking the program costs as much as its history
+
+        def work(job: tuple[int, dspy.Example, int | None]) -> Any:
+            index, example, sample = job
+            if sample is None:
+                return self._chain(program, store, rounds, index, example)
+            return self._sample(program, store, index, example, sample, pinned)
+
         try:
-            results = executor.execute(lambda job: self._chain(program, store, rounds, *job), jobs)
+            results = executor.execute(work, jobs)
         finally:
             if store is not None:
                 store.close()
         # The worker never raises, but the executor may still return None (cancelled) or an exception object.
         records = [
             r if isinstance(r, ChainRecord) else ChainRecord(index=i, failure=f"executor: {r!r}")
-            for (i, _), r in zip(jobs, results, strict=True)
+            for (i, _, _), r in zip(jobs[: len(examples)], results[: len(examples)], strict=True)
         ]
+        for (i, _, j), r in zip(jobs[len(examples) :], results[len(examples) :], strict=True):
+            records[i].samples.append(
+                r if isinstance(r, dict) else {"sample": j, "label": None, "answer": None, "error": f"executor: {r!r}"}
+            )
+        for record in records:
+            record.samples.sort(key=lambda s: s["sample"])
         return records, None if store is None else str(store.directory)
+
+    def _sample(
+        self,
+        program: MarkovRefine,
+        store: TraceStore | None,
+        index: int,
+        example: dspy.Example,
+        sample: int,
+        pinned: bool,
+    ) -> dict[str, Any]:
+        """Worker: independent round-0 sample ``sample`` of one example, graded. Pure, like :meth:`_chain`."""
+        key = None
+        if store is not None:
+            try:
+                key = chain_key(program, 0, example, self.trace_key, sample=sample)
+            except Exception as exc:  # the store is an optimisation: without a key, just draw the sample
+                logger.warning("trace store disabled for example %d: %s", index, describe(exc))
+        stored = store.get(key) if key is not None and self.resume else None
+        entry = stored[0] if stored else None
+        if entry is None:
+            with dspy.context(trace=[]):
+                outcome = fresh_sample(program, sample, dict(example.inputs()), pinned)
+            entry = _sample_entry(program, outcome)
+            if key is not None and entry.get("error_kind") in (None, "parse", "empty"):
+                store.put(key, [entry])
+        out = {
+            "sample": sample,
+            "label": None,
+            "answer": entry["answer_key"],
+            "error": entry["error"],
+            "usage": entry.get("usage") or {},
+            "reused": stored is not None,
+        }
+        if entry["error"] is None:
+            try:
+                out["label"] = score_to_label(self.metric(example, dspy.Prediction(**entry["outputs"])), self.threshold)
+            except Exception as exc:  # reported with the record, never aborts the run
+                out["metric_error"] = describe(exc)
+        return out
 
     def _identifiable(self, program: MarkovRefine, rounds: int, examples: list[dspy.Example]) -> bool:
         """Whether chains can be keyed by the LM's identity (else they are neither stored nor reused)."""
@@ -312,6 +428,37 @@ class MarkovCalibrator(Teleprompter):
                     record.metric_error = describe(exc)
             record.labels.append(label)
         record.usage = usage.to_dict()
+
+
+def _sample_entry(program: MarkovRefine, outcome: Any) -> dict[str, Any]:
+    """A sample as the trace store keeps it (the shape of a chain's round-0 entry)."""
+    usage = outcome.usage or {}
+    error = outcome.error
+    outputs = None
+    if error is None:
+        try:
+            outputs = dict(outcome.prediction.items())
+        except AttributeError:
+            error = TypeError(f"the program returned {type(outcome.prediction).__name__}, not a dspy.Prediction")
+    if error is None:
+        answer = {name: outputs.get(name) for name in program.answer_fields}
+        if is_empty_answer(answer):
+            return {
+                "outputs": None,
+                "answer_key": None,
+                "error": "EmptyAnswerError",
+                "error_kind": "empty",
+                "usage": usage,
+            }
+        key = (program.answer_key or default_answer_key)(answer)
+        return {"outputs": outputs, "answer_key": jsonable(key), "error": None, "usage": usage}
+    return {
+        "outputs": None,
+        "answer_key": None,
+        "error": describe(error),
+        "error_kind": error_kind(error),
+        "usage": usage,
+    }
 
 
 def _check_examples(dataset: Any, student: MarkovRefine, name: str) -> list[dspy.Example]:

@@ -22,6 +22,8 @@ class ChainRecord:
         usage: LM calls, tokens and dollars spent on the chain (when it was first run, if reused).
         round_usage: The same per round (round 0 first).
         reused: Whether the chain came from the trace store instead of the LM.
+        samples: Independent round-0 samples of the example (``parallel_samples``), each a dict with its
+            ``label``, normalised ``answer``, ``error``, ``usage`` and whether it was ``reused``.
     """
 
     index: int
@@ -33,6 +35,7 @@ class ChainRecord:
     usage: dict[str, Any] = field(default_factory=dict)
     round_usage: list[dict[str, Any]] = field(default_factory=list)
     reused: bool = False
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
     def observed(self) -> list[tuple[bool, Any]]:
         """The (label, answer) pairs the fit may use: failed rounds dropped (they kept the previous answer, so the
@@ -49,6 +52,14 @@ class ChainRecord:
     def observed_chain(self) -> list[bool]:
         """The labels of :meth:`observed`."""
         return [label for label, _ in self.observed()]
+
+    def graded_samples(self) -> list[tuple[bool, Any]]:
+        """The (label, answer) pairs of the samples that produced a gradable answer (failed ones do not vote)."""
+        return [
+            (s["label"], _hashable(s["answer"]))
+            for s in self.samples
+            if s.get("error") is None and s.get("label") is not None
+        ]
 
 
 def _hashable(value: Any) -> Any:

@@ -6,13 +6,17 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from markovscale_dspy._exceptions import StateError
 from markovscale_dspy.calibrate.records import ChainRecord
 from markovscale_dspy.core.model import PARAMETERS, TransitionModel
+from markovscale_dspy.core.planner import Plan
 from markovscale_dspy.core.statistics import binomial_interval, homogeneity_test
+from markovscale_dspy.core.voting import VoteModel
 from markovscale_dspy.refine.usage import Usage
 
-__all__ = ["REPORT_COSTS", "CalibrationReport", "build_report", "spend_of"]
+__all__ = ["REPORT_COSTS", "CalibrationReport", "build_report", "spend_of", "vote_summary"]
 
 #: Round costs the report gives the recommended number of rounds for.
 REPORT_COSTS = (0.0, 0.005, 0.01, 0.02, 0.05)
@@ -48,6 +52,8 @@ class CalibrationReport:
     calibrated_for: dict[str, Any] | None = None
     spend: dict[str, Any] | None = None
     chains: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    votes: dict[str, Any] | None = None
+    plan: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +117,43 @@ def spend_of(records: list[ChainRecord]) -> dict[str, Any]:
     return {"round0": _mean(first), "refinement": _mean(later)}
 
 
+def vote_summary(votes: VoteModel, level: float = 0.95) -> dict[str, Any]:
+    """The vote model in numbers: its fit, and vote accuracy by number of votes, in-sample (every subset of each
+    question's own samples) against the prediction with its interval."""
+    curve = []
+    tail = (1 - level) / 2
+    for n in range(1, votes.max_samples + 1):
+        observed, se, questions = votes.observed_accuracy(n)
+        draws = votes.accuracy_draws(n)
+        lo, hi = (float(np.quantile(draws, q)) for q in (tail, 1 - tail)) if draws.size else (None, None)
+        curve.append(
+            {
+                "n": n,
+                "observed": observed,
+                "se": se,
+                "questions": questions,
+                "predicted": votes.accuracy(n),
+                "lo": lo,
+                "hi": hi,
+            }
+        )
+    return {
+        "questions": len(votes.questions),
+        "samples": sum(q[0] for q in votes.questions),
+        "mean_accuracy": votes.mean_accuracy,
+        "accuracy_sd": votes.accuracy_sd,
+        "a": votes.a,
+        "b": votes.b,
+        "distractors": votes.distractors,
+        "alpha": votes.alpha,
+        "wrong_agreement": votes.agreement,
+        "clusters_estimated": votes.clusters_estimated,
+        "split_correct": votes.split_correct,
+        "bootstrap": len(votes.draws),
+        "curve": curve,
+    }
+
+
 def build_report(
     model: TransitionModel,
     records: list[ChainRecord],
@@ -119,6 +162,7 @@ def build_report(
     valset: dict[str, Any] | None,
     trace_store: str | None = None,
     calibrated_for: dict[str, Any] | None = None,
+    plan: Plan | None = None,
 ) -> CalibrationReport:
     observed = []
     by_round = []
@@ -145,12 +189,18 @@ def build_report(
             by_round.append({"round": t, **{k: counts.get(k, 0) for k in ("cc", "cw", "wc", "ww")}})
     drift = _drift(by_round)
     round_errors = Counter(e.split(":", 1)[0] for r in records for e in r.errors if e)
+    sample_errors = Counter(s["error"].split(":", 1)[0] for r in records for s in r.samples if s.get("error"))
     failures = {
         "chains_failed": sum(r.failure is not None for r in records),
         "chain_failures": [{"index": r.index, "error": r.failure} for r in records if r.failure],
         "rounds_failed": sum(round_errors.values()),
         "round_errors": dict(round_errors),
         "metric_errors": [{"index": r.index, "error": r.metric_error} for r in records if r.metric_error],
+        **(
+            {"samples_failed": sum(sample_errors.values()), "sample_errors": dict(sample_errors)}
+            if sample_errors
+            else {}
+        ),
     }
     usage, reused = Usage(), Usage()
     for r in records:
@@ -159,6 +209,12 @@ def build_report(
             reused = reused + spent
         else:
             usage = usage + spent
+        for sample in r.samples:
+            spent = Usage.from_dict(sample.get("usage"))
+            if sample.get("reused"):
+                reused = reused + spent
+            else:
+                usage = usage + spent
     try:
         bound = model.stationary_accuracy()
     except ValueError:
@@ -195,4 +251,6 @@ def build_report(
         spend=spend_of(records) if records else None,
         reused_usage=reused.to_dict(),
         chains=[asdict(r) for r in records],
+        votes=vote_summary(model.votes) if model.votes is not None else None,
+        plan=plan.to_dict() if plan is not None else None,
     )

@@ -77,11 +77,15 @@ def lm_fingerprint(lm: Any) -> dict[str, Any]:
     }
 
 
-def chain_key(program: Any, rounds: int, example: dspy.Example, trace_key: str | None = None) -> str:
+def chain_key(
+    program: Any, rounds: int, example: dspy.Example, trace_key: str | None = None, sample: int | None = None
+) -> str:
     """Key of one calibration chain: program state, refinement settings, LM, adapter and example.
 
     ``trace_key`` stands in for the identity of LMs that have none (see :func:`lm_fingerprint`); without it such
-    an LM raises UnknownLMIdentityError, and the chain is not stored or reused.
+    an LM raises UnknownLMIdentityError, and the chain is not stored or reused. With ``sample``, the key of the
+    example's independent round-0 sample of that index instead (its own rollout id at the program's temperature),
+    so a calibration that asks for more samples reuses the ones it already has.
     """
 
     def identity(lm: Any) -> Any:
@@ -113,6 +117,8 @@ def chain_key(program: Any, rounds: int, example: dspy.Example, trace_key: str |
         "example": example.toDict(),
         "trace_key": trace_key,
     }
+    if sample is not None:  # chains keep the keys they always had
+        settings["sample"] = sample
     return _digest(settings)
 
 

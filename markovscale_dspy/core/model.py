@@ -18,6 +18,7 @@ from markovscale_dspy.core import theory
 from markovscale_dspy.core.belief import HiddenChains
 from markovscale_dspy.core.mixture import STATISTICS, ChainMixture, chain_statistics
 from markovscale_dspy.core.validation import check_int, check_prior
+from markovscale_dspy.core.voting import VoteModel
 
 __all__ = ["EMISSIONS", "PARAMETERS", "TransitionModel"]
 
@@ -69,6 +70,8 @@ class TransitionModel:
         n_cc_changed: Of the correct -> correct transitions, how many changed the answer (``None``: not observed).
         n_ww_same: Of the wrong -> wrong transitions, how many kept the same answer (``None``: not observed).
         mixture: Latent question types fitted by EM (``None``: one population chain describes the questions).
+        votes: How plurality voting over independent samples behaves (``None``: calibrated without parallel
+            samples); see :class:`~markovscale_dspy.core.voting.VoteModel`.
 
     Example:
         >>> from markovscale_dspy import TransitionModel
@@ -89,6 +92,7 @@ class TransitionModel:
     n_cc_changed: int | None = None
     n_ww_same: int | None = None
     mixture: ChainMixture | None = None
+    votes: VoteModel | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -107,6 +111,8 @@ class TransitionModel:
             raise ConfigurationError("n_cc_changed and n_ww_same are estimated together: give both or neither")
         if self.mixture is not None and not isinstance(self.mixture, ChainMixture):
             raise ConfigurationError(f"mixture must be a ChainMixture or None, got {type(self.mixture).__name__}")
+        if self.votes is not None and not isinstance(self.votes, VoteModel):
+            raise ConfigurationError(f"votes must be a VoteModel or None, got {type(self.votes).__name__}")
 
     # Construction ------------------------------------------------------------------------------------------------
 
@@ -215,6 +221,10 @@ class TransitionModel:
         """The same model with question types attached (or removed)."""
         return replace(self, mixture=mixture)
 
+    def with_votes(self, votes: VoteModel | None) -> TransitionModel:
+        """The same model with a vote model attached (or removed)."""
+        return replace(self, votes=votes)
+
     def hidden_chains(self) -> HiddenChains:
         """The chain(s) the belief filter runs on: the question types if fitted, else the population chain."""
         if not self.has_emissions:
@@ -306,6 +316,7 @@ class TransitionModel:
             "prior": list(self.prior),
             "estimates": {name: self._mean(name) for name in self._estimated()},
             **({"mixture": self.mixture.to_dict()} if self.mixture is not None else {}),
+            **({"votes": self.votes.to_dict()} if self.votes is not None else {}),
         }
 
     def _estimated(self) -> tuple[str, ...]:
@@ -323,8 +334,10 @@ class TransitionModel:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise StateError(f"not a transition model (expected format {_FORMAT!r}, found {found!r})")
         mixture = ChainMixture.from_dict(data["mixture"]) if data.get("mixture") is not None else None
+        # States written before vote models existed have no "votes" entry: they load as before.
+        votes = VoteModel.from_dict(data["votes"]) if data.get("votes") is not None else None
         try:
-            model = cls(**data["counts"], prior=tuple(data["prior"]), mixture=mixture)
+            model = cls(**data["counts"], prior=tuple(data["prior"]), mixture=mixture, votes=votes)
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"transition model has invalid counts or prior: {exc}") from None
         for name, value in (data.get("estimates") or {}).items():
@@ -339,7 +352,13 @@ class TransitionModel:
 
     def __repr__(self) -> str:
         types = f", types={self.mixture.components}" if self.mixture is not None else ""
+        votes = (
+            f", votes=(mean {self.votes.mean_accuracy:.3f}, sd {self.votes.accuracy_sd:.3f}, "
+            f"wrong agreement {self.votes.agreement:.3f})"
+            if self.votes is not None
+            else ""
+        )
         return (
             f"TransitionModel(p0={self.p0:.3f}, p_cw={self.p_cw:.3f}, p_wc={self.p_wc:.3f}, "
-            f"chains={self.n0_total}, transitions={self.n_transitions}{types}, regime={self.regime()!r})"
+            f"chains={self.n0_total}, transitions={self.n_transitions}{types}{votes}, regime={self.regime()!r})"
         )

@@ -24,13 +24,29 @@ from markovscale_dspy.refine.signatures import answer_fields, infer_signature, r
 from markovscale_dspy.refine.state import MarkovState, drop_unrestorable_lms, read_state_file, scrub_lm_state
 from markovscale_dspy.refine.usage import measure
 
-__all__ = ["MarkovRefine"]
+__all__ = ["MarkovRefine", "compose_rollout"]
 
 logger = logging.getLogger(__name__)
 
 #: Rollout ids of one chain are ``rollout_seed * ROLLOUT_STRIDE + round``.
 ROLLOUT_STRIDE = 1000
 MAX_ROUNDS_LIMIT = ROLLOUT_STRIDE - 1
+#: Marker: take the outer rollout id from the LM that answers the refinement.
+_FROM_LM = object()
+
+
+def compose_rollout(outer: Any, own: int) -> Any:
+    """A rollout id for ``own`` inside an outer attempt's id: distinct for every (outer, own) pair.
+
+    Example:
+        >>> compose_rollout(None, 3), compose_rollout(2, 3), compose_rollout("a", 3)
+        (3, 3000003, 'a/3')
+    """
+    if outer is None:
+        return own
+    if isinstance(outer, int) and not isinstance(outer, bool):
+        return (outer + 1) * ROLLOUT_STRIDE**2 + own
+    return f"{outer}/{own}"
 
 
 class MarkovRefine(dspy.Module):
@@ -464,27 +480,26 @@ class MarkovRefine(dspy.Module):
             "refine.refiner.set_lm(lm), or dspy.configure(lm=...)"
         )
 
-    def _refine_kwargs(self, call: Call) -> dict[str, Any]:
+    def _refine_kwargs(
+        self, call: Call, outer: Any = _FROM_LM, refiner: tuple[Any, Any] | None = None
+    ) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(call.kwargs)
-        lm, answering = self._refiner_lm()
+        lm, answering = refiner if refiner is not None else self._refiner_lm()
         if lm is not None:
             kwargs["lm"] = lm
         # Compose with the answering LM's own rollout id (BestOfN/Refine give each attempt one), so every outer
-        # attempt samples fresh refinements instead of replaying the first attempt's from the cache.
+        # attempt samples fresh refinements instead of replaying the first attempt's from the cache. A caller
+        # running several chains of one question (MarkovScale) passes each chain's own ``outer``, and may pass
+        # the ``refiner`` it resolved once (resolving walks the program, whose history grows with every call).
         own = self.rollout_seed * ROLLOUT_STRIDE + call.round
-        outer = (getattr(answering, "kwargs", None) or {}).get("rollout_id")
-        if outer is None:
-            rollout_id: Any = own
-        elif isinstance(outer, int) and not isinstance(outer, bool):
-            rollout_id = (outer + 1) * ROLLOUT_STRIDE**2 + own
-        else:
-            rollout_id = f"{outer}/{own}"
-        kwargs["config"] = {"rollout_id": rollout_id, "temperature": self.temperature}
+        if outer is _FROM_LM:
+            outer = (getattr(answering, "kwargs", None) or {}).get("rollout_id")
+        kwargs["config"] = {"rollout_id": compose_rollout(outer, own), "temperature": self.temperature}
         return kwargs
 
-    def _call(self, call: Call) -> Outcome:
+    def _call(self, call: Call, outer: Any = _FROM_LM, refiner: tuple[Any, Any] | None = None) -> Outcome:
         # Resolving the refiner's LM raises on a misconfiguration: that is the user's to fix, not a failed round.
-        kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call)
+        kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call, outer, refiner)
         with measure() as usage:
             try:
                 prediction = self.program(**kwargs) if call.round == 0 else self.refiner(**kwargs)
@@ -493,8 +508,8 @@ class MarkovRefine(dspy.Module):
                 prediction, error = None, exc
         return Outcome(prediction, error, usage.to_dict())
 
-    async def _acall(self, call: Call) -> Outcome:
-        kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call)
+    async def _acall(self, call: Call, outer: Any = _FROM_LM, refiner: tuple[Any, Any] | None = None) -> Outcome:
+        kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call, outer, refiner)
         with measure() as usage:
             try:
                 if call.round > 0:

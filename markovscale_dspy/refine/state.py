@@ -71,20 +71,21 @@ def _unrestorable(lm_state: dict[str, Any]) -> bool:
 UNRESTORABLE_ENGINES = (":RouterEngine",)
 
 
-def read_state_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON object in a state file that holds a MarkovRefine state (a ``"markov"`` entry), or StateError."""
+def read_state_file(path: str | os.PathLike, key: str = "markov", owner: str = "MarkovRefine") -> dict[str, Any]:
+    """The JSON object in a state file that holds a MarkovRefine state (a ``"markov"`` entry, or ``key``), or
+    StateError."""
     path = Path(path)
     if path.suffix != ".json":
-        raise StateError(f"MarkovRefine loads JSON state only, never pickles: {path.name!r} is not a .json file")
+        raise StateError(f"{owner} loads JSON state only, never pickles: {path.name!r} is not a .json file")
     try:
         state = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise StateError(f"no state file at {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StateError(f"{path} is not valid JSON ({exc}); the file is corrupt: restore it or recalibrate") from None
-    if not isinstance(state, dict) or "markov" not in state:
+    if not isinstance(state, dict) or key not in state:
         raise StateError(
-            f"{path} holds no MarkovRefine state (no 'markov' entry): was it saved from another kind of program?"
+            f"{path} holds no {owner} state (no {key!r} entry): was it saved from another kind of program?"
         )
     return state
 

@@ -8,10 +8,16 @@ user would otherwise pick (``dspy.BestOfN`` and ``dspy.Refine`` with a self-judg
 
 The *hindsight oracle* knows the labels and stops at the first correct round of the fixed-max run (or at round 0 if
 none is correct): what no stopping rule can beat.
+
+With ``max_calls``, the calibration also draws parallel samples and the planner joins: :class:`MarkovScale` runs its
+plan, and :func:`strategy_results` measures every strategy it considered (single call, refinement, votes, votes over
+refined chains) on the same held-out questions, read off one grid of fresh samples and chains per question -- the
+observed side of the planner's predicted-vs-observed figure.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,11 +25,17 @@ from typing import Any
 
 import dspy
 import numpy as np
+from dspy.utils.parallelizer import ParallelExecutor
 
 from markovscale_dspy.calibrate.calibrator import MarkovCalibrator
 from markovscale_dspy.core.answers import normalize_answer
 from markovscale_dspy.core.model import TransitionModel
+from markovscale_dspy.core.planner import Plan, Strategy
+from markovscale_dspy.core.statistics import score_to_label
+from markovscale_dspy.core.voting import plurality_winner
+from markovscale_dspy.refine.loop import describe
 from markovscale_dspy.refine.markov_refine import MarkovRefine
+from markovscale_dspy.refine.markov_scale import MarkovScale
 from markovscale_dspy.refine.usage import Usage
 from markovscale_dspy.reporting.evaluation import MethodResult, evaluate
 
@@ -36,10 +48,12 @@ __all__ = [
     "fixed_curve",
     "fixed_family",
     "frontier_at",
+    "grid_rounds",
     "hindsight",
     "read_off",
     "replayed",
     "self_judge_reward",
+    "strategy_results",
 ]
 
 
@@ -115,6 +129,8 @@ class ComparisonResult:
     results: list[MethodResult]
     world: dict[str, Any]
     settings: dict[str, Any] = field(default_factory=dict)
+    plan: Plan | None = None
+    strategies: list[MethodResult] = field(default_factory=list)
 
     def by_name(self, name: str) -> MethodResult:
         return next(r for r in self.results if r.name == name)
@@ -215,6 +231,92 @@ def frontier_at(curve: Sequence[MethodResult], calls: float) -> float:
     return float(np.interp(calls, xs, ys))
 
 
+def grid_rounds(max_calls: int) -> list[int]:
+    """Rounds to refine fresh sample ``j = 0 .. max_calls-1`` so that every strategy within ``max_calls`` calls
+    can be read off the grid (``n x T`` is the vote over chains ``0..n-1`` at round ``T``)."""
+    return [max_calls - 1] + [max(max_calls // (j + 1) - 1, 0) for j in range(1, max_calls)]
+
+
+def _strategy_label(
+    strategy: Strategy, run: dict[str, Any], example: dspy.Example, metric: Callable[..., Any], threshold: Any
+) -> tuple[bool, Usage]:
+    n, t = strategy.samples, strategy.rounds
+    chains = run["chains"][:n]
+    usage, keys = Usage(), []
+    for chain in chains:
+        if chain.error is not None:
+            usage = usage + Usage.from_dict(chain.usage)
+            keys.append(None)
+            continue
+        entries = chain.prediction.markovscale.trajectory[: t + 1]
+        usage = sum((Usage.from_dict(e.get("usage")) for e in entries), usage)
+        keys.append(entries[-1]["answer_key"])
+    winner = plurality_winner(keys)
+    if winner is None:
+        return False, usage
+    outputs = chains[winner].prediction.markovscale.trajectory[t]["outputs"]
+    return score_to_label(metric(example, dspy.Prediction(**outputs)), threshold), usage
+
+
+def strategy_results(
+    scale: MarkovScale,
+    examples: Sequence[dspy.Example],
+    metric: Callable[..., Any],
+    *,
+    num_threads: int | None = None,
+    threshold: float | None = None,
+    display_progress: bool = False,
+) -> list[MethodResult]:
+    """Observed accuracy, calls and tokens of every strategy the calibrated ``scale`` plans among, on ``examples``.
+
+    Per question, one grid of fresh samples refined by :func:`grid_rounds`, so every strategy is exactly what
+    ``scale.run_strategy`` draws, all on the same samples (like the fixed-N family read off one fixed run).
+    """
+    plan = scale.plan()
+    strategies = [p.strategy for p in plan.predictions]
+    rounds = grid_rounds(scale.max_calls)[: max(s.samples for s in strategies)]
+
+    def run(example: dspy.Example) -> dict[str, Any]:
+        try:
+            return {"chains": scale.run_samples(rounds, **example.inputs()), "error": None}
+        except Exception as exc:  # e.g. missing inputs: every strategy counts it wrong
+            return {"chains": [], "error": describe(exc)}
+
+    executor = ParallelExecutor(
+        num_threads=num_threads, max_errors=len(examples) + 1, disable_progress_bar=not display_progress
+    )
+    started = time.perf_counter()
+    runs = executor.execute(run, list(examples))
+    seconds = time.perf_counter() - started
+    runs = [r if isinstance(r, dict) else {"chains": [], "error": f"executor: {r!r}"} for r in runs]
+    total_calls = sum(sum(c.usage.get("calls", 0) for c in r["chains"]) for r in runs)
+    results = []
+    for strategy in strategies:
+        labels, usage = [], Usage()
+        for example, r in zip(examples, runs, strict=True):
+            try:
+                label, used = _strategy_label(strategy, r, example, metric, threshold)
+            except Exception:  # a grid that could not be read (a failed chain) counts wrong
+                label, used = False, Usage()
+            labels.append(label)
+            usage = usage + used
+        results.append(
+            MethodResult(
+                name=strategy.name,
+                n=len(labels),
+                correct=sum(labels),
+                calls=usage.calls,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                seconds=seconds * usage.calls / max(total_calls, 1),
+                rounds=strategy.rounds * strategy.samples * len(labels),
+                failures=sum(r["error"] is not None for r in runs),
+                labels=labels,
+            )
+        )
+    return results
+
+
 def compare_methods(
     program: Callable[[], dspy.Module],
     trainset: Sequence[dspy.Example],
@@ -229,6 +331,10 @@ def compare_methods(
     baseline_n: int = 3,
     resume: bool = False,
     description: dict[str, Any] | None = None,
+    max_calls: int | None = None,
+    parallel_samples: int | None = None,
+    call_cost: float = 0.0,
+    min_prob_gain: float = 0.9,
 ) -> ComparisonResult:
     """Calibrate on ``trainset`` and run every method on ``testset`` with the LM and adapter of ``dspy.settings``.
 
@@ -245,6 +351,12 @@ def compare_methods(
         baseline_n: Attempts of each baseline.
         resume: Reuse calibration chains from the trace store.
         description: What to say about the task and data in the result.
+        max_calls: With a call budget, also calibrate the planner (``parallel_samples`` samples per question,
+            default ``max_calls``), run :class:`MarkovScale` and measure every strategy it considered
+            (``result.plan``, ``result.strategies``).
+        parallel_samples: Independent samples per calibration question for the vote model.
+        call_cost: The planner's cost of one LM call.
+        min_prob_gain: The planner's confidence gate.
 
     Example:
         >>> import dspy
@@ -257,7 +369,10 @@ def compare_methods(
         >>> [r.name for r in result.results][:3]
         ['fixed-0', 'fixed-1', 'fixed-2']
     """
-    calibrator = MarkovCalibrator(metric, rounds=max_rounds, num_threads=num_threads, resume=resume)
+    samples = 0 if max_calls is None else (parallel_samples if parallel_samples is not None else max_calls)
+    calibrator = MarkovCalibrator(
+        metric, rounds=max_rounds, parallel_samples=samples, num_threads=num_threads, resume=resume
+    )
     calibrated = calibrator.compile(
         MarkovRefine(program(), max_rounds=max_rounds, round_cost=round_cost), trainset=list(trainset)
     )
@@ -282,8 +397,19 @@ def compare_methods(
     for policy in ("closed_form", "belief"):
         results.append(replayed(refine(policy=policy), full, testset, metric, policy))
     if include_baselines:
-        for method, module in baselines(program, n=baseline_n).items():
-            results.append(evaluate(module, testset, metric, name=method, num_threads=num_threads))
+        methods: dict[str, dspy.Module] = dict(baselines(program, n=baseline_n))
+    else:
+        methods = {}
+    plan, strategies = None, []
+    if max_calls is not None:
+        scale = MarkovScale(program(), max_calls=max_calls, call_cost=call_cost, min_prob_gain=min_prob_gain)
+        scale.model = model
+        plan = scale.plan()
+        methods[f"MarkovScale ({plan.chosen.name})"] = scale
+    for method, module in methods.items():
+        results.append(evaluate(module, testset, metric, name=method, num_threads=num_threads))
+    if max_calls is not None:
+        strategies = strategy_results(scale, testset, metric, num_threads=num_threads)
     return ComparisonResult(
         preset=name,
         model=model,
@@ -295,5 +421,8 @@ def compare_methods(
             "max_rounds": max_rounds,
             "round_cost": round_cost,
             "calibration": calibrator.report.to_dict() | {"chains": []},
+            **({"max_calls": max_calls, "parallel_samples": samples, "call_cost": call_cost} if max_calls else {}),
         },
+        plan=plan,
+        strategies=strategies,
     )

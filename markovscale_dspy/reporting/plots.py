@@ -1,4 +1,5 @@
-"""Figures: a calibration's accuracy by round against the chain's prediction, and accuracy against LM calls.
+"""Figures: a calibration's accuracy by round against the chain's prediction, accuracy against LM calls, and the
+planner's predicted against observed accuracy of every strategy.
 
 Report layer; needs matplotlib (``pip install markovscale-dspy[plots]``). Figures are written as PNG files with
 the headless Agg backend, so they work on servers and in CI.
@@ -17,7 +18,7 @@ from markovscale_dspy.calibrate.report import CalibrationReport
 from markovscale_dspy.core.theory import BOUND_KIND
 from markovscale_dspy.reporting.evaluation import MethodResult
 
-__all__ = ["calibration_figure", "frontier_figure"]
+__all__ = ["calibration_figure", "frontier_figure", "strategy_figure"]
 
 
 def _pyplot():
@@ -123,6 +124,120 @@ def frontier_figure(
         )
     ax.set_xlabel("LM calls per question (mean)")
     ax.set_ylabel("accuracy (95% CI)")
+    return _save(plt, fig, ax, path, title, legend_size=7)
+
+
+_FAMILY_STYLE = {
+    "refine": ("#1f77b4", "refine T rounds (1 chain)"),
+    "vote": ("#d62728", "vote over n samples"),
+    "refine_vote": ("#2ca02c", "vote over n chains of T rounds"),
+}
+
+
+def strategy_figure(
+    plan: Any,
+    path: str | Path,
+    *,
+    observed: Sequence[MethodResult] | dict[str, Any] | None = None,
+    title: str = "Predicted vs observed accuracy by strategy",
+) -> Path:
+    """The planner's view: predicted accuracy against LM calls per question for every strategy it considered
+    (lines with their intervals shaded; votes over refined chains as points with interval bars), the observed
+    accuracy of each strategy when given (open markers with 95% intervals), and the chosen plan circled.
+
+    Args:
+        plan: A :class:`~markovscale_dspy.core.planner.Plan` or its ``to_dict()``.
+        path: Where to write the PNG.
+        observed: Measured strategies (``MethodResult``s named like the strategies, e.g. ``"vote n=5"``), or a dict
+            name -> ``{"accuracy", "interval", "mean_calls"}``.
+        title: Figure title.
+    """
+    plt = _pyplot()
+    data = plan.to_dict() if hasattr(plan, "to_dict") else dict(plan)
+    rows = data["predictions"]
+    seen: dict[str, dict[str, Any]] = {}
+    for r in observed or []:
+        if isinstance(observed, dict):
+            seen[r] = observed[r]
+        else:
+            seen[r.name] = {"accuracy": r.accuracy, "interval": list(r.interval), "mean_calls": r.mean_calls}
+    fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
+    single = next(r for r in rows if r["kind"] == "single")
+    for kind, (color, label) in _FAMILY_STYLE.items():
+        family = [r for r in rows if r["kind"] == kind]
+        if not family:
+            continue
+        if kind == "refine_vote":
+            for r in family:
+                ax.errorbar(
+                    [r["calls"]],
+                    [r["accuracy"]],
+                    yerr=[[r["accuracy"] - r["interval"][0]], [r["interval"][1] - r["accuracy"]]],
+                    fmt="s",
+                    color=color,
+                    ms=5,
+                    capsize=2,
+                    label=f"{label} (predicted)" if r is family[0] else None,
+                )
+                ax.annotate(
+                    f"{r['samples']}x{r['rounds']}",
+                    (r["calls"], r["accuracy"]),
+                    textcoords="offset points",
+                    xytext=(4, 3),
+                    fontsize=6,
+                    color=color,
+                )
+            continue
+        line = [single, *family] if kind in ("refine",) else family
+        x = [r["calls"] for r in line]
+        ax.plot(x, [r["accuracy"] for r in line], "-", color=color, lw=1.8, label=f"{label} (predicted)")
+        ax.fill_between(
+            x, [r["interval"][0] for r in line], [r["interval"][1] for r in line], color=color, alpha=0.15, lw=0
+        )
+    ax.errorbar(
+        [1],
+        [single["accuracy"]],
+        yerr=[[single["accuracy"] - single["interval"][0]], [single["interval"][1] - single["accuracy"]]],
+        fmt="o",
+        color="black",
+        ms=5,
+        capsize=3,
+        label="single call (predicted)",
+    )
+    first = True
+    for r in rows:
+        o = seen.get(r["name"])
+        if o is None:
+            continue
+        color = "black" if r["kind"] == "single" else _FAMILY_STYLE[r["kind"]][0]
+        acc, (lo, hi) = o["accuracy"], o["interval"]
+        ax.errorbar(
+            [r["calls"] + 0.12],
+            [acc],
+            yerr=[[acc - lo], [hi - acc]],
+            fmt="o",
+            mfc="white",
+            color=color,
+            ms=5,
+            capsize=2,
+            alpha=0.9,
+            label="observed (95% CI), shifted right" if first else None,
+        )
+        first = False
+    chosen = data["chosen"]
+    ax.plot(
+        [chosen["calls"]],
+        [chosen["accuracy"]],
+        "o",
+        ms=16,
+        mfc="none",
+        mec="black",
+        mew=1.8,
+        label=f"chosen: {chosen['name']} ({data['reason']})",
+    )
+    ax.set_xlabel("LM calls per question")
+    ax.set_ylabel("accuracy")
+    ax.set_xticks(range(1, int(data["max_calls"]) + 1))
     return _save(plt, fig, ax, path, title, legend_size=7)
 
 

@@ -25,11 +25,15 @@ __all__ = [
     "format_calibration",
     "format_comparison",
     "format_model",
+    "format_plan",
     "lms_and_spend_markdown",
     "markdown_table",
+    "observed_in_calibration",
     "paired_markdown",
     "paired_words",
+    "plan_markdown",
     "verdict",
+    "votes_markdown",
 ]
 
 _LABELS = {
@@ -147,6 +151,14 @@ def format_calibration(
     )
     lines.append("  " + drift_words(report))
     lines.append("  " + verdict(model, round_cost, max_rounds, min_prob_improves))
+    if report.votes:
+        v = report.votes
+        lines.append(
+            f"  votes: {v['samples']} samples; per-question accuracy {_pct(v['mean_accuracy'])} (sd "
+            f"{_pct(v['accuracy_sd'])}); two wrong answers agree with probability {v['wrong_agreement']:.2f}"
+        )
+    if report.plan:
+        lines.append("  " + format_plan(report.plan))
     return "\n".join(lines)
 
 
@@ -299,8 +311,10 @@ def calibration_markdown(
     max_rounds: int | None = None,
     figure: str | None = None,
     min_prob_improves: float = 0.0,
+    plan_figure: str | None = None,
 ) -> str:
-    """A Markdown report of a calibration (and, via ``context``, of where it ran)."""
+    """A Markdown report of a calibration (and, via ``context``, of where it ran); with parallel samples, also the
+    vote model, and for a MarkovScale the plan (``plan_figure``: its predicted-accuracy figure)."""
     model = report.transition_model()
     max_rounds = report.rounds if max_rounds is None else max_rounds
     out = [f"# {title}", ""]
@@ -375,6 +389,12 @@ def calibration_markdown(
         "",
     ]
     out += lms_and_spend_markdown(report)
+    if report.votes:
+        out += [votes_markdown(report.votes), ""]
+    if report.plan:
+        out += [plan_markdown(report.plan), ""]
+        if plan_figure:
+            out += [f"![predicted accuracy by strategy]({plan_figure})", ""]
     usage = report.usage
     out += [
         f"Cost: {usage.get('calls', 0)} LM calls, {usage.get('prompt_tokens', 0)} prompt + "
@@ -422,3 +442,115 @@ def lms_and_spend_markdown(report: CalibrationReport) -> list[str]:
             "",
         ]
     return out
+
+
+def votes_markdown(votes: dict[str, Any]) -> str:
+    """The vote model of a calibration report (``report.votes``) as Markdown: its fit and the in-sample check."""
+    m = "unbounded" if votes["distractors"] is None else votes["distractors"]
+    lines = [
+        "## Voting over independent samples",
+        "",
+        f"{votes['samples']} samples of {votes['questions']} questions. Per-question accuracy: mean "
+        f"{_pct(votes['mean_accuracy'])}, spread (sd over questions) {_pct(votes['accuracy_sd'])} -- Beta("
+        f"{votes['a']:.3g}, {votes['b']:.3g}). Wrong answers: {m} distractor(s) per question; two wrong answers "
+        f"to one question agree with probability {votes['wrong_agreement']:.2f}"
+        + ("" if votes["clusters_estimated"] else " (assumed: no question had two wrong answers to measure it)")
+        + f". Intervals from {votes['bootstrap']} parametric-bootstrap refits.",
+        "",
+    ]
+    if votes.get("split_correct"):
+        lines += [
+            f"Warning: on {votes['split_correct']} question(s) correct samples came under different answer keys; "
+            "they split their votes, which the model does not account for (pass an answer_key that normalises "
+            "them).",
+            "",
+        ]
+    rows = []
+    for row in votes["curve"]:
+        observed = "n/a" if not row["questions"] else f"{_pct(row['observed'])} ± {_pct(1.96 * (row['se'] or 0))}"
+        interval = "n/a" if row["lo"] is None else f"{_pct(row['lo'])} – {_pct(row['hi'])}"
+        rows.append([row["n"], observed, _pct(row["predicted"]), interval])
+    lines += [
+        markdown_table(
+            ["votes", "in-sample (every subset of each question's samples)", "predicted", "95% interval"], rows
+        )
+    ]
+    return "\n".join(lines)
+
+
+def plan_markdown(plan: Any, observed: Sequence[MethodResult] | None = None) -> str:
+    """A plan (a :class:`~markovscale_dspy.core.planner.Plan` or its ``to_dict()``) as Markdown: the choice in
+    words and every candidate's prediction, with the observed result of each strategy when given."""
+    data = plan.to_dict() if hasattr(plan, "to_dict") else plan
+    seen = {r.name: r for r in observed or []}
+    header = ["strategy", "LM calls", "predicted accuracy", "95% interval", "P(beats a single call)"]
+    if seen:
+        header += ["observed", "observed 95% CI"]
+    rows = []
+    for p in data["predictions"]:
+        name = p["name"] + (" **(chosen)**" if p["name"] == data["chosen"]["name"] else "")
+        row = [
+            name,
+            p["calls"],
+            _pct(p["accuracy"]),
+            f"{_pct(p['interval'][0])} – {_pct(p['interval'][1])}",
+            "–" if p["prob_gain"] is None else f"{p['prob_gain']:.2f}",
+        ]
+        if seen:
+            o = seen.get(p["name"])
+            row += ["n/a", "n/a"] if o is None else [_pct(o.accuracy), f"{_pct(o.interval[0])} – {_pct(o.interval[1])}"]
+        rows.append(row)
+    cost = f", cost {data['call_cost']:g} per call" if data["call_cost"] else ""
+    return "\n".join(
+        [
+            "## The plan",
+            "",
+            f"Budget: {data['max_calls']} LM calls per question{cost}; confidence gate P(gain) >= "
+            f"{data['min_prob_gain']:g}. {format_plan(data)}",
+            "",
+            markdown_table(header, rows),
+        ]
+    )
+
+
+def observed_in_calibration(report: CalibrationReport) -> dict[str, dict[str, Any]]:
+    """What the calibration itself observed, per strategy name, for :func:`~markovscale_dspy.reporting.plots.
+    strategy_figure`: votes over ``n`` of each question's samples (in-sample, every subset) and the calibration
+    chains' accuracy after ``T`` rounds (their round 0 is the program's own call, not a fresh sample)."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in (report.votes or {}).get("curve", []):
+        if row["questions"] and row["n"] > 1:
+            half = 1.96 * (row["se"] or 0.0)
+            out[f"vote n={row['n']}"] = {
+                "accuracy": row["observed"],
+                "interval": [row["observed"] - half, row["observed"] + half],
+                "mean_calls": row["n"],
+            }
+    for row in report.observed_accuracy:
+        if row["n"]:
+            name = "single" if row["round"] == 0 else f"refine T={row['round']}"
+            out[name] = {
+                "accuracy": row["accuracy"],
+                "interval": [row["lo"], row["hi"]],
+                "mean_calls": row["round"] + 1,
+            }
+    return out
+
+
+def format_plan(plan: Any) -> str:
+    """The plan in one line of words (from a Plan or its ``to_dict()``)."""
+    data = plan.to_dict() if hasattr(plan, "to_dict") else plan
+    c = data["chosen"]
+    text = (
+        f"Chosen: {c['name']} ({c['calls']} call(s)), predicted {_pct(c['accuracy'])} "
+        f"[{_pct(c['interval'][0])}, {_pct(c['interval'][1])}]"
+    )
+    if data["reason"] == "uncertain":
+        b = data["best"]
+        text += (
+            f"; the best prediction, {b['name']} at {_pct(b['accuracy'])}, is held back by the confidence gate "
+            f"(P(gain) = {b['prob_gain']:.2f})"
+        )
+    for note in data.get("notes", []):
+        text += f". {note}"
+    return text + "."
