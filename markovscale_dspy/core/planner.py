@@ -50,7 +50,6 @@ from scipy import stats
 
 from markovscale_dspy._exceptions import ConfigurationError
 from markovscale_dspy.core.model import TransitionModel
-from markovscale_dspy.core.theory import TIE_TOLERANCE
 from markovscale_dspy.core.validation import check_int, check_number
 from markovscale_dspy.core.voting import MAX_VOTES
 
@@ -62,6 +61,9 @@ KINDS = ("single", "refine", "vote", "refine_vote")
 MAX_CALLS_LIMIT = 16
 #: Posterior draws used when the model has no vote model (single and refine only).
 CHAIN_DRAWS = 400
+#: Predicted accuracies closer than this are equal (the exact formulas carry ~1e-12 of floating-point error when
+#: the Beta concentration is large, which must not count as a gain).
+ACCURACY_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True, order=True)
@@ -263,7 +265,7 @@ class Plan:
 
 def _argmax(pool: Sequence[StrategyPrediction]) -> StrategyPrediction:
     top = max(p.objective for p in pool)
-    tied = [p for p in pool if p.objective >= top - TIE_TOLERANCE]
+    tied = [p for p in pool if p.objective >= top - ACCURACY_TOLERANCE]
     order = {kind: i for i, kind in enumerate(KINDS)}
     return min(tied, key=lambda p: (p.strategy.calls, order[p.strategy.kind], p.strategy))
 
@@ -330,7 +332,7 @@ def predict(
         if strategy.kind == "single":
             prob = None
         elif draws.size == single_draws.size:
-            prob = float(np.mean(draws - call_cost * strategy.calls > single_draws + TIE_TOLERANCE))
+            prob = float(np.mean(draws - call_cost * strategy.calls > single_draws + ACCURACY_TOLERANCE))
         else:
             prob = float(objective > rows[0][1] - call_cost)
         lo, hi = (float(x) for x in np.quantile(draws, [tail, 1 - tail]))
