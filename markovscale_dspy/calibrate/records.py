@@ -21,6 +21,7 @@ class ChainRecord:
         metric_error: The metric's exception on this example, if it raised.
         usage: LM calls and tokens spent on the chain (when it was first run, if reused).
         reused: Whether the chain came from the trace store instead of the LM.
+        confidences: Every round's answer confidence from token log-probabilities (``None`` where there was none).
     """
 
     index: int
@@ -31,6 +32,7 @@ class ChainRecord:
     metric_error: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
     reused: bool = False
+    confidences: list[float | None] = field(default_factory=list)
 
     def observed(self) -> list[tuple[bool, Any]]:
         """The (label, answer) pairs the fit may use: failed rounds dropped (they kept the previous answer, so the
@@ -43,6 +45,18 @@ class ChainRecord:
                 break
             chain.append((label, _hashable(answer)))
         return chain
+
+    def observed_confidences(self) -> list[float | None]:
+        """The confidence of every round in :meth:`observed` (aligned with it)."""
+        confidences = self.confidences or [None] * len(self.labels)
+        out: list[float | None] = []
+        for label, error, confidence in zip(self.labels, self.errors, confidences, strict=True):
+            if error is not None:
+                continue
+            if label is None:
+                break
+            out.append(confidence)
+        return out
 
     def observed_chain(self) -> list[bool]:
         """The labels of :meth:`observed`."""

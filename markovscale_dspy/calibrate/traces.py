@@ -113,6 +113,11 @@ def chain_key(program: Any, rounds: int, example: dspy.Example, trace_key: str |
         "example": example.toDict(),
         "trace_key": trace_key,
     }
+    confidence = getattr(program, "confidence", "auto")
+    if confidence != "auto":  # True asks the LM for more; False / a function record something else
+        settings["confidence"] = (
+            confidence if isinstance(confidence, bool) else getattr(confidence, "__qualname__", "fn")
+        )
     return _digest(settings)
 
 
