@@ -6,26 +6,27 @@ Belief layer (numpy only, no DSPy). This is the filter behind ``policy="belief"`
 * **Answer identity.** The hidden state is ``(question type k, J)`` where ``J`` says which of the distinct answers
   seen so far is correct (``J = 0``: none of them). The current answer is correct iff ``J`` is its slot. An answer
   that *returns* after a change is therefore evidence: a fix returns to the correct answer for sure, while a wrong
-  answer revisits an earlier wrong one only at the calibrated rate ``p_return``.
+  answer revisits a particular earlier wrong one only at the calibrated rate ``p_return``.
 * **Confidence.** When the LM reports token log-probabilities, every answer carries a confidence, binned; each bin has
   a calibrated probability under a correct and under a wrong answer (per type). The round-0 belief starts from the
   first answer's confidence and every later answer's confidence updates it. Without confidence nothing changes.
 
-Emissions, for a round whose previous answer was in slot ``cur`` (``m`` distinct answers seen, ``r`` = ``p_return``,
-``s`` = ``p_same_wrong``, ``e`` = ``p_change_correct``), given the hypothesis ``J``:
+Emissions, for a round whose previous answer was in slot ``cur`` (``m`` distinct answers seen, ``s`` =
+``p_same_wrong``, ``e`` = ``p_change_correct``; a wrong answer that changes lands on each particular earlier wrong
+answer with probability ``r`` = ``p_return`` and on a new answer otherwise), given the hypothesis ``J``:
 
 ========================  =========================================================================================
 hypothesis                next answer
 ========================  =========================================================================================
 ``J = cur`` (correct)     same ``(1-p_cw)(1-e)``; reworded to a new answer ``(1-p_cw) e`` (the correct answer moves
-                          to it); broken: a return to one of the ``m-1`` other answers ``p_cw r``, else new
-``J = 0`` (none correct)  same ``(1-p_wc) s``; fixed: a *new* answer ``p_wc``; wrong again: a return ``(1-p_wc)(1-s) r``
-                          (spread over the ``m-1`` others), else new
-``J = a`` (another seen)  same ``(1-p_wc) s``; fixed: a *return to a* ``p_wc``; wrong again: a return to one of the
-                          ``m-2`` others ``(1-p_wc)(1-s) r``, else new
+                          to it); broken: ``p_cw``, then a return to each of the ``m-1`` other answers ``r``, else new
+``J = 0`` (none correct)  same ``(1-p_wc) s``; fixed: a *new* answer ``p_wc``; wrong again ``(1-p_wc)(1-s)``: a return
+                          to each of the ``m-1`` others ``r``, else new
+``J = a`` (another seen)  same ``(1-p_wc) s``; fixed: a *return to a* ``p_wc``; wrong again ``(1-p_wc)(1-s)``: a
+                          return to each of the ``m-2`` others (not ``a``) ``r``, else new
 ========================  =========================================================================================
 
-(``r`` counts only when there is an answer to return to.) Stopping is an exact expectimax over the remaining rounds'
+Stopping is an exact expectimax over the remaining rounds'
 observations whose terminal value is the accuracy of the answer the module will return: the current one for
 ``select="last"``, the best-supported one for ``select="best"``. Deep lookaheads coarsen their observations to keep
 the tree small (first dropping confidence, then identities); planning with coarser future observations is planning
@@ -248,21 +249,27 @@ class Evidence:
 
     def _return(self, joint: np.ndarray, cur: np.ndarray, m: np.ndarray, a: int) -> np.ndarray:
         j = np.arange(joint.shape[-1])[None, :]
-        mm = m[:, None].astype(float)
         is_cur = j == cur[:, None]
         is_none = j == 0
         is_a = j == a
         other = (j >= 1) & (j <= m[:, None]) & ~is_cur & ~is_a
-        p_cw, p_wc, s, r = self._p("p_cw"), self._p("p_wc"), self._p("p_same_wrong"), self._p("p_return")
-        spread_cur = (1.0 / np.maximum(mm - 1, 1))[:, None, None, :]
-        spread_other = (1.0 / np.maximum(mm - 2, 1))[:, None, None, :]
+        p_cw, p_wc, s = self._p("p_cw"), self._p("p_wc"), self._p("p_same_wrong")
+        each_cur, _ = self._returns(m - 1)  # hypotheses "the current answer" or "none": m - 1 earlier answers
+        each_other, _ = self._returns(m - 2)  # hypothesis "another earlier answer": it is not a wrong candidate
         w = (
-            is_cur[:, None, None, :] * p_cw * r * spread_cur
-            + is_none[:, None, None, :] * (1 - p_wc) * (1 - s) * r * spread_cur
+            is_cur[:, None, None, :] * p_cw * each_cur
+            + is_none[:, None, None, :] * (1 - p_wc) * (1 - s) * each_cur
             + is_a[:, None, None, :] * p_wc
-            + other[:, None, None, :] * (1 - p_wc) * (1 - s) * r * spread_other
+            + other[:, None, None, :] * (1 - p_wc) * (1 - s) * each_other
         )
         return joint * w
+
+    def _returns(self, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For ``candidates`` earlier wrong answers per node: P(a random wrong change lands on one particular
+        one) and P(it is a new answer), shaped ``(N, S, K, 1)``."""
+        n = np.maximum(candidates, 0).astype(float)[:, None, None, None]
+        each = np.minimum(self._p("p_return"), 1.0 / np.maximum(n, 1.0))
+        return each, 1.0 - n * each
 
     def _new(self, joint: np.ndarray, cur: np.ndarray, m: np.ndarray) -> np.ndarray:
         j = np.arange(joint.shape[-1])[None, :]
@@ -270,13 +277,13 @@ class Evidence:
         is_none = j == 0
         other = (j >= 1) & (j <= m[:, None]) & ~is_cur
         p_cw, p_wc = self._p("p_cw"), self._p("p_wc")
-        s, e, r = self._p("p_same_wrong"), self._p("p_change_correct"), self._p("p_return")
-        r_cur = np.where((m >= 2)[:, None, None, None], r, 0.0)
-        r_other = np.where((m >= 3)[:, None, None, None], r, 0.0)
+        s, e = self._p("p_same_wrong"), self._p("p_change_correct")
+        _, new_cur = self._returns(m - 1)
+        _, new_other = self._returns(m - 2)
         stay = (
-            is_cur[:, None, None, :] * p_cw * (1 - r_cur)
-            + is_none[:, None, None, :] * (1 - p_wc) * (1 - s) * (1 - r_cur)
-            + other[:, None, None, :] * (1 - p_wc) * (1 - s) * (1 - r_other)
+            is_cur[:, None, None, :] * p_cw * new_cur
+            + is_none[:, None, None, :] * (1 - p_wc) * (1 - s) * new_cur
+            + other[:, None, None, :] * (1 - p_wc) * (1 - s) * new_other
         )
         child = joint * stay
         rows = np.arange(joint.shape[0])

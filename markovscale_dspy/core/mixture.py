@@ -23,8 +23,8 @@ from markovscale_dspy.core.belief import HiddenChains
 __all__ = ["STATISTICS", "ChainMixture", "chain_statistics", "confidence_columns", "fit_mixture", "select_mixture"]
 
 #: Per-chain sufficient statistics (the first columns of :func:`chain_statistics`): round-0 outcome, the four
-#: transitions, answer changes within C->C and W->W, and whether a changed wrong answer returned to an earlier wrong
-#: one (counted only where there was one to return to).
+#: transitions, answer changes within C->C and W->W, and, for every change to a wrong answer, which of the earlier
+#: wrong answers it could have returned to it did return to (one hit at most) and which it did not (misses).
 STATISTICS = (
     "c0",
     "w0",
@@ -36,8 +36,8 @@ STATISTICS = (
     "cc_same",
     "ww_same",
     "ww_changed",
-    "wr_return",
-    "wr_new",
+    "return_hit",
+    "return_miss",
 )
 #: Beta-distributed parameters and their (successes, failures) columns.
 RATES = {
@@ -46,7 +46,7 @@ RATES = {
     "p_wc": ("wc", "ww"),
     "p_change_correct": ("cc_changed", "cc_same"),
     "p_same_wrong": ("ww_same", "ww_changed"),
-    "p_return": ("wr_return", "wr_new"),
+    "p_return": ("return_hit", "return_miss"),
 }
 _FIELDS = ("weights", "p0", "p_cw", "p_wc", "p_same_wrong", "p_change_correct")
 
@@ -93,8 +93,9 @@ def chain_statistics(
                 row["ww_same" if same else "ww_changed"] += 1
             if not cur and not same:
                 candidates = {k for k in seen if k != keys[t - 1] and k not in correct_keys}
-                if candidates:
-                    row["wr_return" if keys[t] in candidates else "wr_new"] += 1
+                hit = int(keys[t] in candidates)
+                row["return_hit"] += hit
+                row["return_miss"] += len(candidates) - hit
             if cur:
                 correct_keys.add(keys[t])
             seen.append(keys[t])
@@ -158,7 +159,7 @@ class ChainMixture:
         p0, p_cw, p_wc, p_same_wrong, p_change_correct: Per-type parameters.
         loglik: Training log-likelihood per chain.
         heldout: ``(K, mean held-out log-likelihood per chain)`` for every K tried (empty if K was given).
-        p_return: Per type, P(a changed wrong answer returns to an earlier wrong one | there is one); empty for
+        p_return: Per type, P(a wrong answer that changes lands on a particular earlier wrong answer); empty for
             mixtures saved before answer identities were tracked.
         confidence: Per type, ``((P(bin | wrong) ...), (P(bin | correct) ...))``; empty without confidence.
     """

@@ -73,9 +73,9 @@ class TransitionModel:
         n_cc_changed: Of the correct -> correct transitions, how many changed the answer (``None``: not observed).
         n_ww_same: Of the wrong -> wrong transitions, how many kept the same answer (``None``: not observed).
         mixture: Latent question types fitted by EM (``None``: one population chain describes the questions).
-        n_wr_return: Of the changes into a wrong answer that had an earlier wrong answer to go back to, how many
-            did (``None``: not observed; models saved before answer identities were tracked).
-        n_wr_new: The other such changes (a wrong answer never seen before in the chain).
+        n_return_hit: Over every change to a wrong answer, the earlier wrong answers of the chain it landed on
+            (``None``: not observed; models saved before answer identities were tracked).
+        n_return_miss: The earlier wrong answers it could have landed on and did not.
         confidence: The answer-confidence emission (``None``: no confidence, or none that carried information).
 
     Example:
@@ -97,8 +97,8 @@ class TransitionModel:
     n_cc_changed: int | None = None
     n_ww_same: int | None = None
     mixture: ChainMixture | None = None
-    n_wr_return: int | None = None
-    n_wr_new: int | None = None
+    n_return_hit: int | None = None
+    n_return_miss: int | None = None
     confidence: ConfidenceFit | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -116,9 +116,9 @@ class TransitionModel:
                     raise ConfigurationError(f"{name} ({value}) cannot exceed {total} ({getattr(self, total)})")
         if (self.n_cc_changed is None) != (self.n_ww_same is None):
             raise ConfigurationError("n_cc_changed and n_ww_same are estimated together: give both or neither")
-        if (self.n_wr_return is None) != (self.n_wr_new is None):
-            raise ConfigurationError("n_wr_return and n_wr_new are estimated together: give both or neither")
-        for name in ("n_wr_return", "n_wr_new"):
+        if (self.n_return_hit is None) != (self.n_return_miss is None):
+            raise ConfigurationError("n_return_hit and n_return_miss are estimated together: give both or neither")
+        for name in ("n_return_hit", "n_return_miss"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, check_int(name, getattr(self, name), 0))
         if self.confidence is not None and not isinstance(self.confidence, ConfidenceFit):
@@ -171,8 +171,8 @@ class TransitionModel:
             emissions = {
                 "n_cc_changed": totals["cc_changed"],
                 "n_ww_same": totals["ww_same"],
-                "n_wr_return": totals["wr_return"],
-                "n_wr_new": totals["wr_new"],
+                "n_return_hit": totals["return_hit"],
+                "n_return_miss": totals["return_miss"],
             }
         if confidences is not None:
             emissions["confidence"] = select_confidence(chains, confidences)
@@ -248,11 +248,11 @@ class TransitionModel:
 
     @property
     def p_return(self) -> float | None:
-        """Posterior mean of P(a changed wrong answer returns to an earlier wrong one | there is one), or ``None``."""
-        if self.n_wr_return is None:
+        """Posterior mean of P(a wrong answer that changes lands on a particular earlier wrong answer), or ``None``."""
+        if self.n_return_hit is None:
             return None
         a, b = self.prior
-        return (a + self.n_wr_return) / (a + b + self.n_wr_return + self.n_wr_new)
+        return (a + self.n_return_hit) / (a + b + self.n_return_hit + self.n_return_miss)
 
     def with_mixture(self, mixture: ChainMixture | None) -> TransitionModel:
         """The same model with question types attached (or removed)."""
@@ -391,7 +391,9 @@ class TransitionModel:
                 "n_ww": self.n_ww,
                 **({"n_cc_changed": self.n_cc_changed, "n_ww_same": self.n_ww_same} if self.has_emissions else {}),
                 **(
-                    {"n_wr_return": self.n_wr_return, "n_wr_new": self.n_wr_new} if self.n_wr_return is not None else {}
+                    {"n_return_hit": self.n_return_hit, "n_return_miss": self.n_return_miss}
+                    if self.n_return_hit is not None
+                    else {}
                 ),
             },
             "prior": list(self.prior),
