@@ -224,6 +224,21 @@ class Evidence:
         slots = belief.slots()[0]
         return [float(slots[s]) for s in answer_slots(keys)]
 
+    def probability(self, belief: AnswerBelief, observation: Observation) -> float:
+        """P(the next round shows ``observation``) given ``belief`` (point estimate)."""
+        point = self.subset(slice(0, 1))
+        joint = np.concatenate([belief.joint[:1], np.zeros((1, belief.joint.shape[1], 1))], axis=-1)[None]
+        cur, m = np.array([belief.current]), np.array([belief.seen])
+        if observation.kind == "same":
+            child, cur2 = point._same(joint, cur), cur
+        elif observation.kind == "return":
+            if not 1 <= observation.slot <= belief.seen or observation.slot == belief.current:
+                return 0.0
+            child, cur2 = point._return(joint, cur, m, int(observation.slot)), np.array([observation.slot])
+        else:
+            child, cur2 = point._new(joint, cur, m), m + 1
+        return float(point._emit(child, cur2, observation.bin).sum())
+
     def expected_gain(self, belief: AnswerBelief) -> float:
         """Expected change of P(current answer correct) over one more round (point estimate)."""
         correct = belief.joint[0, :, belief.current]
