@@ -52,6 +52,7 @@ __all__ = [
     "SimQuestion",
     "SimulatedEngine",
     "SimulatedWorld",
+    "simulated_confidence",
 ]
 
 #: Faults the engine can inject, each at its own rate.
