@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
@@ -18,8 +19,9 @@ import numpy as np
 
 from benchmarks.worlds import ParameterOracle, preset_world
 from markovscale_dspy import MarkovCalibrator, MarkovRefine, TransitionModel
-from markovscale_dspy.reporting.compare import ComparisonResult, baselines, compare_methods, fixed_family
+from markovscale_dspy.reporting.compare import ComparisonResult, baselines, compare_methods, fixed_family, frontier_at
 from markovscale_dspy.reporting.evaluation import MethodResult, evaluate
+from markovscale_dspy.testing import SimulatedWorld
 
 SimulationResult = ComparisonResult
 
@@ -406,3 +408,101 @@ def run_real_planner(
         plan=plan,
         strategies=strategies,
     )
+
+
+# Policies along the round cost on any pair of worlds (random worlds, confidence) -------------------------------------
+
+
+@dataclass
+class WorldStudy:
+    """A calibrated policy at several round costs on one test world, beside the fixed-N frontier and the oracle.
+
+    Every method ran on a fresh copy of the same test world (common random numbers), so per-question labels are
+    paired across methods: ``policy[c].labels[i]`` and ``fixed[n].labels[i]`` are the same question.
+    """
+
+    model: TransitionModel
+    fixed: list[MethodResult]
+    policy: dict[float, MethodResult]
+    oracle: dict[float, MethodResult]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def frontier_gap(self, cost: float) -> float:
+        """Policy accuracy minus the fixed-N frontier interpolated at the policy's own calls."""
+        result = self.policy[cost]
+        return result.accuracy - frontier_at(self.fixed, result.mean_calls)
+
+    def oracle_gap(self, cost: float) -> float:
+        """Parameter-oracle accuracy minus policy accuracy, at the same round cost."""
+        return self.oracle[cost].accuracy - self.policy[cost].accuracy
+
+    def best_fixed(self) -> MethodResult:
+        return max(self.fixed, key=lambda r: (r.accuracy, -r.mean_calls))
+
+
+def world_study(
+    train: SimulatedWorld,
+    test: SimulatedWorld,
+    *,
+    rounds: int = 4,
+    costs: Sequence[float] = (0.0, 0.01, 0.02, 0.05),
+    select: str = "last",
+    logprobs: bool = False,
+    model: TransitionModel | None = None,
+    num_threads: int = 1,
+    oracle: bool = True,
+    make: Callable[[], dspy.Module] | None = None,
+) -> WorldStudy:
+    """Calibrate ``policy="belief"`` on ``train`` (unless ``model`` is given) and run it on ``test`` at every cost.
+
+    ``logprobs=True`` asks the simulated LM for token log-probabilities, so a world with ``confidence_auroc`` gives
+    every answer a confidence; the answers themselves are the same either way.
+    """
+    make = make or (lambda: dspy.Predict("question -> answer"))
+    if model is None:
+        calibrator = MarkovCalibrator(train.metric, rounds=rounds, num_threads=num_threads, store_traces=False)
+        with dspy.context(lm=train.fresh().lm(logprobs=logprobs)):
+            model = calibrator.compile(MarkovRefine(make(), max_rounds=rounds), trainset=train.examples).model
+
+    def run(module: MarkovRefine, name: str, keep: bool = False) -> MethodResult:
+        world = test.fresh()
+        module.model = model
+        with dspy.context(lm=world.lm(logprobs=logprobs)):
+            return evaluate(
+                module, world.examples, world.metric, name=name, num_threads=num_threads, keep_predictions=keep
+            )
+
+    full = run(MarkovRefine(make(), max_rounds=rounds, policy="fixed"), f"fixed-{rounds}", keep=True)
+    fixed = fixed_family(full, test.examples, test.metric, rounds)[:-1]  # without the hindsight oracle
+    policy = {
+        cost: run(
+            MarkovRefine(make(), max_rounds=rounds, round_cost=cost, policy="belief", select=select), f"belief@{cost:g}"
+        )
+        for cost in costs
+    }
+    oracles = {}
+    if oracle:
+        oracles = {
+            cost: run(
+                MarkovRefine(make(), max_rounds=rounds, round_cost=cost, policy=ParameterOracle(test)),
+                f"oracle@{cost:g}",
+            )
+            for cost in costs
+        }
+    settings = {"rounds": rounds, "costs": list(costs), "select": select, "logprobs": logprobs}
+    return WorldStudy(model, fixed, policy, oracles, settings)
+
+
+def paired_drop(lower_cost: MethodResult, higher_cost: MethodResult) -> tuple[float, int, float]:
+    """Whether the lower round cost bought lower accuracy: ``(accuracy difference, discordant questions, p)``.
+
+    ``p`` is the one-sided exact binomial (McNemar) tail of the questions only the higher cost got right, among the
+    questions the two runs disagree on: small ``p`` means the drop is beyond the noise of this test set.
+    """
+    from scipy import stats
+
+    worse = sum(1 for a, b in zip(lower_cost.labels, higher_cost.labels, strict=True) if b and not a)
+    better = sum(1 for a, b in zip(lower_cost.labels, higher_cost.labels, strict=True) if a and not b)
+    n = worse + better
+    p = float(stats.binom.sf(worse - 1, n, 0.5)) if n else 1.0
+    return lower_cost.accuracy - higher_cost.accuracy, n, p

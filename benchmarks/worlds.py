@@ -5,13 +5,16 @@ Every preset is a ``SimulatedWorld.mixture`` of components; the tests and the be
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any
 
-from markovscale_dspy import Decision, RoundContext, theory
-from markovscale_dspy.testing import SimulatedWorld
+import numpy as np
 
-__all__ = ["PLANNER_PRESETS", "PRESETS", "ParameterOracle", "preset_world"]
+from markovscale_dspy import Decision, RoundContext, theory
+from markovscale_dspy.testing import SimQuestion, SimulatedWorld
+
+__all__ = ["PLANNER_PRESETS", "PRESETS", "ParameterOracle", "preset_world", "random_kinds", "random_world"]
 
 #: Named worlds: (weight, per-question parameters) components. ``p_same_wrong`` is how often a wrong answer that
 #: stays wrong is repeated verbatim.
@@ -122,6 +125,66 @@ def preset_world(name: str, n: int, *, seed: int = 0, **kwargs: Any) -> Simulate
     if components is None:
         raise ValueError(f"unknown preset {name!r}; expected one of {', '.join([*PRESETS, *PLANNER_PRESETS])}")
     return SimulatedWorld.mixture(n, components, seed=seed, **kwargs)
+
+
+# Worlds drawn at random: nothing about them is tuned, so a policy that does well here generalises ------------------
+
+
+def random_kinds(seed: int) -> list[dict[str, float]]:
+    """The kinds of questions of a world drawn at random (2-4 kinds).
+
+    Each kind has a weight (Dirichlet(2)), a mean chain -- ``p0 ~ U(0.05, 0.95)``, ``p_cw ~ U(0, 0.5)``,
+    ``p_wc ~ U(0, 0.6)`` -- a mean answer stickiness ``p_same_wrong ~ U(0, 1)``, and a concentration ``U(5, 60)``
+    that says how much its questions differ from one another (see :func:`random_world`).
+    """
+    rng = np.random.default_rng([seed, 7717])
+    count = int(rng.integers(2, 5))
+    weights = rng.dirichlet(np.full(count, 2.0))
+    return [
+        {
+            "weight": float(weights[k]),
+            "p0": float(rng.uniform(0.05, 0.95)),
+            "p_cw": float(rng.uniform(0.0, 0.5)),
+            "p_wc": float(rng.uniform(0.0, 0.6)),
+            "p_same_wrong": float(rng.uniform(0.0, 1.0)),
+            "concentration": float(rng.uniform(5.0, 60.0)),
+        }
+        for k in range(count)
+    ]
+
+
+def random_world(
+    kinds: list[dict[str, float]], n: int, *, seed: int, confidence_auroc: float | None = None
+) -> SimulatedWorld:
+    """``n`` questions of the given kinds: each question draws a kind by weight, then its *own* chain and stickiness
+    from Beta laws centred on the kind's means (``Beta(mean * c, (1 - mean) * c)``, ``c`` the concentration), so no
+    two questions share parameters and no model with finitely many types fits the world exactly."""
+    rng = np.random.default_rng([seed, 4242])
+    names = random.Random(f"random-world|{seed}")
+    weights = np.array([k["weight"] for k in kinds])
+    questions = []
+    for i, index in enumerate(rng.choice(len(kinds), size=n, p=weights / weights.sum())):
+        kind = kinds[index]
+
+        def draw(mean: float, kind: dict[str, float] = kind) -> float:
+            if mean <= 0.0:
+                return 0.0
+            mean = min(max(mean, 1e-3), 1 - 1e-3)
+            return float(rng.beta(mean * kind["concentration"], (1 - mean) * kind["concentration"]))
+
+        questions.append(
+            SimQuestion(
+                id=i,
+                question=f"Simulated question #{i}: what is the hidden number?",
+                answer=str(names.randint(10, 999)),
+                p0=draw(kind["p0"]),
+                p_cw=draw(kind["p_cw"]),
+                p_wc=draw(kind["p_wc"]),
+                p_same_wrong=draw(kind["p_same_wrong"]),
+                kind=f"kind{index}",
+            )
+        )
+    return SimulatedWorld(questions, seed=seed, confidence_auroc=confidence_auroc)
 
 
 @dataclass(frozen=True)

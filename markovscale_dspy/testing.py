@@ -6,7 +6,10 @@ stickiness, and a DSPy custom engine that answers them: a round-0 prompt is answ
 moves by the question's chain. Because the truth is known, estimates and policies can be checked against it.
 
 It plugs into DSPy as a real ``dspy.LM`` (``engine=`` / ``async_engine=``), so everything in between -- adapters,
-signatures, caching, threads -- is the real thing. Randomness is keyed on the seed, the prompt and how many times
+signatures, caching, threads -- is the real thing. With ``confidence_auroc`` set, an LM that asks for token
+log-probabilities (``world.lm(logprobs=True)``) gets them, as from a real server: the answer value's token carries
+a confidence whose AUROC for correctness is ``confidence_auroc`` (0.5: no information), while every answer stays
+exactly what it would have been without it. Randomness is keyed on the seed, the prompt and how many times
 that prompt was seen, so runs are reproducible and identical whether questions are answered sequentially or in
 threads (each question's chain stays on one thread).
 
@@ -25,17 +28,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 from typing import Any
 
 import dspy
 from dspy._vendor.lm15.result import response_to_events
-from dspy._vendor.lm15.types import StreamDeltaEvent, TextDelta
+from dspy._vendor.lm15.types import StreamDeltaEvent, TextDelta, TokenLogprob
 from dspy.lm15 import Message, Response, TextPart, Usage
 
 from markovscale_dspy._exceptions import ConfigurationError
@@ -48,6 +53,7 @@ __all__ = [
     "SimQuestion",
     "SimulatedEngine",
     "SimulatedWorld",
+    "simulated_confidence",
 ]
 
 #: Faults the engine can inject, each at its own rate.
@@ -82,6 +88,7 @@ class SimQuestion:
         distractors: The wrong answers this question attracts (empty: any number near the gold answer, each
             about equally likely, so wrong answers rarely agree).
         distractor_weights: How often each distractor is chosen when an answer is wrong (normalised).
+        confidence_auroc: AUROC of this question's answer confidence for correctness (``None``: the world's).
     """
 
     id: int
@@ -97,6 +104,7 @@ class SimQuestion:
     kind: str = "default"
     distractors: tuple[str, ...] = ()
     distractor_weights: tuple[float, ...] = ()
+    confidence_auroc: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("p0", "p_cw", "p_wc", "p_same_wrong", "p_change_correct", "judge_tpr", "judge_fpr"):
@@ -113,6 +121,37 @@ class SimQuestion:
             )
         if self.answer in self.distractors:
             raise ConfigurationError(f"question {self.id}: the gold answer {self.answer!r} cannot be a distractor")
+        _check_auroc(self.confidence_auroc, f"confidence_auroc of question {self.id}")
+
+
+def _check_auroc(value: Any, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
+        raise ConfigurationError(f"{name} must be strictly between 0 and 1 (0.5: no information), got {value!r}")
+
+
+#: Mean logit of a simulated confidence, half-way between correct and wrong answers (typical confidence ~0.73).
+_CONFIDENCE_CENTRE = 1.0
+
+
+def simulated_confidence(correct: bool, auroc: float, rng: random.Random) -> float:
+    """A confidence for an answer: ``sigmoid(z)``, ``z ~ Normal(+-d/2 + 1, 1)`` with ``d = sqrt(2) Phi^-1(auroc)``,
+    so that correct and wrong answers' confidences are separated with exactly this AUROC."""
+    d = math.sqrt(2.0) * NormalDist().inv_cdf(auroc)
+    z = rng.gauss(_CONFIDENCE_CENTRE + (d / 2 if correct else -d / 2), 1.0)
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+_PIECES = re.compile(r"\s+|\w+|[^\w\s]")
+
+
+def _token_logprobs(text: str, span: tuple[int, int], confidence: float) -> tuple[TokenLogprob, ...]:
+    """The text as tokens (words, spaces, punctuation) with probability 1, the answer value as one token with
+    probability ``confidence``."""
+    lo, hi = span
+    tokens = [TokenLogprob(token=piece, logprob=0.0) for piece in _PIECES.findall(text[:lo])]
+    tokens.append(TokenLogprob(token=text[lo:hi], logprob=math.log(max(confidence, 1e-300))))
+    tokens += [TokenLogprob(token=piece, logprob=0.0) for piece in _PIECES.findall(text[hi:])]
+    return tuple(tokens)
 
 
 def _output_fields(system: str) -> dict[str, str]:
@@ -214,18 +253,24 @@ class SimulatedEngine:
         world = [
             (q.question, q.answer, q.p0, q.p_cw, q.p_wc, q.p_same_wrong, q.p_change_correct)
             + ((q.distractors, q.distractor_weights) if q.distractors else ())
+            + ((q.confidence_auroc,) if q.confidence_auroc is not None else ())
             for q in self.world.questions
         ]
-        text = json.dumps([self.world.seed, self.world.answer_field, world, sorted(self.faults.items())])
+        parts = [self.world.seed, self.world.answer_field, world, sorted(self.faults.items())]
+        if self.world.confidence_auroc is not None:
+            parts.append(self.world.confidence_auroc)
+        text = json.dumps(parts)
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def _rng(self, text: str) -> random.Random:
+    def _rng(self, text: str) -> tuple[random.Random, random.Random]:
+        """The answer's randomness, and an independent stream for its confidence (drawing a confidence never
+        changes an answer)."""
         with self._lock:
             self.calls += 1
             self._seen[text] += 1
             occurrence = self._seen[text]
         digest = hashlib.sha256(f"{self.world.seed}|{occurrence}|{text}".encode()).digest()
-        return random.Random(int.from_bytes(digest[:8], "big"))
+        return random.Random(int.from_bytes(digest[:8], "big")), random.Random(int.from_bytes(digest[8:16], "big"))
 
     def stream(self, request: Any) -> Iterator[Any]:
         """The answer of :meth:`complete` as stream events, so ``dspy.streamify`` and stream listeners work.
@@ -243,7 +288,7 @@ class SimulatedEngine:
     def complete(self, request: Any) -> Response:
         system = _system_text(request)
         user = request.messages[-1].text or ""
-        rng = self._rng(user)
+        rng, confidence_rng = self._rng(user)
         fault = self._draw_fault(rng)
         if fault is not None:
             return self._fault(fault, request)
@@ -265,6 +310,9 @@ class SimulatedEngine:
                 + "\n\n[[ ## completed ## ]]"
             )
         usage = Usage(input_tokens=len((system + user).split()), output_tokens=len(text.split()))
+        logprobs = None
+        if getattr(request.config, "logprobs", None) is not None and JUDGE_FIELD not in fields:
+            logprobs = self._logprobs(inputs, values, text, confidence_rng)
         return self._priced(
             Response(
                 id=f"sim-{self.calls}",
@@ -272,6 +320,7 @@ class SimulatedEngine:
                 message=Message.assistant(TextPart(text)),
                 finish_reason="stop",
                 usage=usage,
+                logprobs=logprobs,
             )
         )
 
@@ -281,6 +330,27 @@ class SimulatedEngine:
         usage = response.usage
         record_cost(response.model, price_in * (usage.input_tokens or 0) + price_out * (usage.output_tokens or 0))
         return response
+
+    def _logprobs(
+        self, inputs: Mapping[str, str], values: Mapping[str, Any], text: str, rng: random.Random
+    ) -> tuple[TokenLogprob, ...] | None:
+        """Token log-probabilities of a response whose answer value carries a simulated confidence."""
+        field = self.world.answer_field
+        if field not in values:
+            return None
+        q = self.world.truth(inputs.get(self.world.question_field, ""))
+        auroc = q.confidence_auroc if q.confidence_auroc is not None else self.world.confidence_auroc
+        if auroc is None:
+            return None
+        value = str(values[field])
+        chat = f"[[ ## {field} ## ]]\n{value}"
+        if chat in text:
+            lo = text.rindex(chat) + len(chat) - len(value)
+        else:
+            marker = f"{json.dumps(field)}: {json.dumps(values[field])}"
+            lo = text.rindex(marker) + len(marker) - len(json.dumps(values[field])) + 1
+        correct = normalize_answer(value) == normalize_answer(q.answer)
+        return _token_logprobs(text, (lo, lo + len(value)), simulated_confidence(correct, auroc, rng))
 
     def _draw_fault(self, rng: random.Random) -> str | None:
         if not self.faults:
@@ -345,6 +415,9 @@ class SimulatedWorld:
         seed: Seed of the answers' randomness.
         question_field: Input field holding the question text.
         answer_field: Output field holding the answer.
+        confidence_auroc: When set, LMs that ask for log-probabilities get an answer confidence with this AUROC for
+            correctness (per-question ``SimQuestion.confidence_auroc`` overrides it); ``None`` (default): no
+            log-probabilities, as from a provider that has none.
     """
 
     def __init__(
@@ -354,10 +427,13 @@ class SimulatedWorld:
         seed: int = 0,
         question_field: str = "question",
         answer_field: str = "answer",
+        confidence_auroc: float | None = None,
     ):
         if not questions:
             raise ConfigurationError("a simulated world needs at least one question")
+        _check_auroc(confidence_auroc, "confidence_auroc")
         self.questions = list(questions)
+        self.confidence_auroc = confidence_auroc
         self.seed = seed
         self.question_field = question_field
         self.answer_field = answer_field
@@ -409,6 +485,7 @@ class SimulatedWorld:
                   (round 0, a broken answer, a wrong answer that changes) is one of them;
                 * ``distractor_concentration``: their weights are drawn from a symmetric Dirichlet with this
                   parameter (default 1; small values make one distractor dominate, so wrong votes agree).
+                * ``confidence_auroc``: AUROC of the answers' simulated confidence (see :class:`SimQuestion`).
             seed: Seed of the draw and of the answers.
         """
         if not isinstance(n, int) or n < 1:
@@ -444,7 +521,11 @@ class SimulatedWorld:
     def fresh(self) -> SimulatedWorld:
         """The same questions and seed with a new engine: replays exactly the same answers to the same prompts."""
         world = SimulatedWorld(
-            self.questions, seed=self.seed, question_field=self.question_field, answer_field=self.answer_field
+            self.questions,
+            seed=self.seed,
+            question_field=self.question_field,
+            answer_field=self.answer_field,
+            confidence_auroc=self.confidence_auroc,
         )
         world.prices = dict(self.prices)
         return world

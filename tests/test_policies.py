@@ -10,11 +10,9 @@ from helpers import (
     DEGRADING,
     IMPROVING,
     ask,
-    brute_force_belief_and_gain,
     calibrate_one_type,
     calibrated_model,
     model_from_rates,
-    observations_from,
     refine,
     world,
 )
@@ -186,14 +184,18 @@ def test_belief_is_exposed_per_round_and_on_the_prediction(hetero_model):
     w = preset_world("heterogeneous", 20, seed=11)
     with dspy.context(lm=w.lm()):
         preds = [module(**e.inputs()) for e in w.examples]
-    chains = hetero_model.hidden_chains()
+    evidence = hetero_model.evidence()
     for pred in preds:
         beliefs = [entry["belief"] for entry in pred.trajectory]
         assert pred.belief == beliefs[-1] and all(0 <= b <= 1 for b in beliefs)
-        # Oracle: P(correct | the answers seen up to round t), summed over every hidden path of every question type.
-        obs = observations_from(pred.trajectory)
-        expected = [brute_force_belief_and_gain(chains, obs[:t])[0] for t in range(len(pred.trajectory))]
-        assert beliefs == pytest.approx(expected, abs=1e-12)
+        # What the module shows is the filter over every round's answer identity (the filter itself is checked
+        # against Monte Carlo and, without returning answers, against brute force in test_evidence.py).
+        keys = [
+            tuple(e["answer_key"]) if isinstance(e["answer_key"], list) else e["answer_key"] for e in pred.trajectory
+        ]
+        failed = [e["error"] is not None for e in pred.trajectory]
+        expected = [float(evidence.filter(keys[: t + 1], failed[: t + 1]).correct().sum()) for t in range(len(keys))]
+        assert beliefs == pytest.approx(expected, abs=1e-9)
 
 
 @pytest.mark.slow

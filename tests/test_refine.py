@@ -11,10 +11,8 @@ import pytest
 from helpers import (
     IMPROVING,
     ask,
-    brute_force_posteriors,
     calibrate_one_type,
     model_from_rates,
-    observations_from,
     refine,
     world,
 )
@@ -242,12 +240,15 @@ def test_select_best_returns_the_round_with_the_highest_smoothed_posterior(heter
     w = preset_world("heterogeneous", 40, seed=12)
     with dspy.context(lm=w.lm()):
         preds = [module(**e.inputs()) for e in w.examples]
-    chains = hetero_model.hidden_chains()
+    evidence = hetero_model.evidence()
     for pred in preds:
-        # Oracle: P(round t's answer is correct | every round's same/changed answer), summed over every hidden path
-        # of every question type -- not the module's own forward-backward pass.
-        posteriors = brute_force_posteriors(chains, observations_from(pred.trajectory))
-        assert pred.posteriors == pytest.approx(posteriors, abs=1e-12)
+        # P(round t's answer is correct | every round's answer identity) from the evidence filter (checked against
+        # Monte Carlo and brute force in test_evidence.py), recomputed from the recorded rounds.
+        keys = [
+            tuple(e["answer_key"]) if isinstance(e["answer_key"], list) else e["answer_key"] for e in pred.trajectory
+        ]
+        posteriors = evidence.posteriors(keys, [e["error"] is not None for e in pred.trajectory])
+        assert pred.posteriors == pytest.approx(posteriors, abs=1e-9)
         chosen = pred.selected_round
         assert posteriors[chosen] >= max(posteriors) - 1e-12  # a round with the highest posterior ...
         assert all(p < posteriors[chosen] for p in posteriors[chosen + 1 :])  # ... the latest of any tied ones

@@ -25,6 +25,7 @@ from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.statistics import PARTIAL_SCORE, binomial_interval, score_to_label
 from markovscale_dspy.core.validation import check_callable, check_int, check_number, check_prior
 from markovscale_dspy.core.voting import VoteModel
+from markovscale_dspy.refine.confidence import LOGPROBS_FIELD
 from markovscale_dspy.refine.loop import describe, error_kind
 from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine
 from markovscale_dspy.refine.markov_scale import MAX_SAMPLES, MarkovScale, fresh_sample, has_pinned_lm
@@ -193,8 +194,13 @@ class MarkovCalibrator(Teleprompter):
             )
         labels = [[label for label, _ in c] for c in usable]
         answers = [[answer for _, answer in c] for c in usable]
-        model = TransitionModel.fit(labels, prior=self.prior, answers=answers)
-        model = model.with_mixture(self._question_types(labels, answers, rounds))
+        confidences = [r.observed_confidences() for r, c in zip(records, observed, strict=True) if c]
+        has_confidence = any(x is not None for chain in confidences for x in chain)
+        model = TransitionModel.fit(
+            labels, prior=self.prior, answers=answers, confidences=confidences if has_confidence else None
+        )
+        bins = [model.confidence_bins(chain) for chain in confidences]
+        model = model.with_mixture(self._question_types(labels, answers, rounds, bins, model))
         if samples:
             model = model.with_votes(self._votes(records))
         # Not marked _compiled: a calibrated MarkovRefine stays visible to parents (save/load, named_predictors,
@@ -273,9 +279,17 @@ class MarkovCalibrator(Teleprompter):
             )
         return self.rounds
 
-    def _question_types(self, labels: list[list[bool]], answers: list[list[Any]], rounds: int) -> ChainMixture | None:
+    def _question_types(
+        self,
+        labels: list[list[bool]],
+        answers: list[list[Any]],
+        rounds: int,
+        bins: list[list[int | None]],
+        model: TransitionModel,
+    ) -> ChainMixture | None:
         """Latent question types by EM; ``"auto"`` picks their number by held-out likelihood (1 = no mixture)."""
-        stats = chain_statistics(labels, answers)
+        n_bins = model.confidence.bins if model.confidence is not None else 0
+        stats = chain_statistics(labels, answers, bins if n_bins else None, n_bins)
         if self.question_types == "auto":
             if len(labels) < MIN_CHAINS_FOR_TYPES or rounds < 2:
                 return None  # too little data to tell types apart
@@ -402,8 +416,14 @@ class MarkovCalibrator(Teleprompter):
                 record.failure = describe(exc)
                 record.usage = usage.to_dict()
                 return record
+            # Token log-probabilities are summarised by each round's confidence; the store keeps that, not them.
             trajectory = [
-                {**entry, "answer_key": jsonable(entry["answer_key"])} for entry in prediction.markovscale.trajectory
+                {
+                    **entry,
+                    "outputs": {k: v for k, v in entry["outputs"].items() if k != LOGPROBS_FIELD},
+                    "answer_key": jsonable(entry["answer_key"]),
+                }
+                for entry in prediction.markovscale.trajectory
             ]
             # Only chains that are the model's own behaviour are remembered; a round lost to a transient service
             # failure (timeout, rate limit, dead server) is recomputed by the next run.
@@ -420,6 +440,7 @@ class MarkovCalibrator(Teleprompter):
             record.round_usage.append(spent.to_dict())
             record.errors.append(entry["error"])
             record.answers.append(jsonable(entry["answer_key"]))
+            record.confidences.append(entry.get("confidence") if entry["error"] is None else None)
             label = None
             if entry["error"] is None and record.metric_error is None:
                 try:

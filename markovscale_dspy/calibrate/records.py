@@ -24,6 +24,7 @@ class ChainRecord:
         reused: Whether the chain came from the trace store instead of the LM.
         samples: Independent round-0 samples of the example (``parallel_samples``), each a dict with its
             ``label``, normalised ``answer``, ``error``, ``usage`` and whether it was ``reused``.
+        confidences: Every round's answer confidence from token log-probabilities (``None`` where there was none).
     """
 
     index: int
@@ -36,6 +37,7 @@ class ChainRecord:
     round_usage: list[dict[str, Any]] = field(default_factory=list)
     reused: bool = False
     samples: list[dict[str, Any]] = field(default_factory=list)
+    confidences: list[float | None] = field(default_factory=list)
 
     def observed(self) -> list[tuple[bool, Any]]:
         """The (label, answer) pairs the fit may use: failed rounds dropped (they kept the previous answer, so the
@@ -48,6 +50,18 @@ class ChainRecord:
                 break
             chain.append((label, _hashable(answer)))
         return chain
+
+    def observed_confidences(self) -> list[float | None]:
+        """The confidence of every round in :meth:`observed` (aligned with it)."""
+        confidences = self.confidences or [None] * len(self.labels)
+        out: list[float | None] = []
+        for label, error, confidence in zip(self.labels, self.errors, confidences, strict=True):
+            if error is not None:
+                continue
+            if label is None:
+                break
+            out.append(confidence)
+        return out
 
     def observed_chain(self) -> list[bool]:
         """The labels of :meth:`observed`."""

@@ -119,6 +119,11 @@ def chain_key(
     }
     if sample is not None:  # chains keep the keys they always had
         settings["sample"] = sample
+    confidence = getattr(program, "confidence", "auto")
+    if confidence != "auto":  # True asks the LM for more; False / a function record something else
+        settings["confidence"] = (
+            confidence if isinstance(confidence, bool) else getattr(confidence, "__qualname__", "fn")
+        )
     return _digest(settings)
 
 

@@ -16,6 +16,8 @@ from scipy import stats
 from markovscale_dspy._exceptions import ConfigurationError, DataError, NotCalibratedError, StateError
 from markovscale_dspy.core import theory
 from markovscale_dspy.core.belief import HiddenChains
+from markovscale_dspy.core.confidence import ConfidenceFit, bin_index, select_confidence
+from markovscale_dspy.core.evidence import Evidence
 from markovscale_dspy.core.mixture import STATISTICS, ChainMixture, chain_statistics
 from markovscale_dspy.core.validation import check_int, check_prior
 from markovscale_dspy.core.voting import VoteModel
@@ -27,7 +29,9 @@ PARAMETERS = ("p0", "p_cw", "p_wc")
 #: Emission parameters, estimated when calibration chains carry answer identities.
 EMISSIONS = ("p_same_wrong", "p_change_correct")
 
-_FORMAT = "markovscale.transition_model/1"
+_FORMAT = "markovscale.transition_model/2"
+#: Formats :meth:`TransitionModel.from_dict` reads (version 1 had no answer returns and no confidence).
+_READS = ("markovscale.transition_model/1", _FORMAT)
 
 
 def _check_chains(labels: Any) -> list[list[bool]]:
@@ -72,6 +76,10 @@ class TransitionModel:
         mixture: Latent question types fitted by EM (``None``: one population chain describes the questions).
         votes: How plurality voting over independent samples behaves (``None``: calibrated without parallel
             samples); see :class:`~markovscale_dspy.core.voting.VoteModel`.
+        n_return_hit: Over every change to a wrong answer, the earlier wrong answers of the chain it landed on
+            (``None``: not observed; models saved before answer identities were tracked).
+        n_return_miss: The earlier wrong answers it could have landed on and did not.
+        confidence: The answer-confidence emission (``None``: no confidence, or none that carried information).
 
     Example:
         >>> from markovscale_dspy import TransitionModel
@@ -93,6 +101,9 @@ class TransitionModel:
     n_ww_same: int | None = None
     mixture: ChainMixture | None = None
     votes: VoteModel | None = None
+    n_return_hit: int | None = None
+    n_return_miss: int | None = None
+    confidence: ConfidenceFit | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +120,15 @@ class TransitionModel:
                     raise ConfigurationError(f"{name} ({value}) cannot exceed {total} ({getattr(self, total)})")
         if (self.n_cc_changed is None) != (self.n_ww_same is None):
             raise ConfigurationError("n_cc_changed and n_ww_same are estimated together: give both or neither")
+        if (self.n_return_hit is None) != (self.n_return_miss is None):
+            raise ConfigurationError("n_return_hit and n_return_miss are estimated together: give both or neither")
+        for name in ("n_return_hit", "n_return_miss"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check_int(name, getattr(self, name), 0))
+        if self.confidence is not None and not isinstance(self.confidence, ConfidenceFit):
+            raise ConfigurationError(
+                f"confidence must be a ConfidenceFit or None, got {type(self.confidence).__name__}"
+            )
         if self.mixture is not None and not isinstance(self.mixture, ChainMixture):
             raise ConfigurationError(f"mixture must be a ChainMixture or None, got {type(self.mixture).__name__}")
         if self.votes is not None and not isinstance(self.votes, VoteModel):
@@ -122,6 +142,7 @@ class TransitionModel:
         labels: Sequence[Sequence[bool]],
         prior: tuple[float, float] = (1.0, 1.0),
         answers: Sequence[Sequence[Hashable]] | None = None,
+        confidences: Sequence[Sequence[float | None]] | None = None,
     ) -> TransitionModel:
         """Count round-0 outcomes and transitions in labelled chains and return the fitted model.
 
@@ -130,7 +151,10 @@ class TransitionModel:
                 correct. Chains may differ in length (a chain of length 1 only informs ``p0``).
             prior: ``(alpha, beta)`` of the Beta prior; ``(1, 1)`` is uniform.
             answers: Optionally, the answer identity of every round (same shape as ``labels``); then the emission
-                rates ``p_same_wrong`` and ``p_change_correct`` are estimated too.
+                rates ``p_same_wrong`` and ``p_change_correct`` and the return rate are estimated too.
+            confidences: Optionally, every round's answer confidence (``None`` where a round had none); its
+                distribution given correctness is fitted if it carries information
+                (:func:`~markovscale_dspy.core.confidence.select_confidence`).
 
         Raises:
             DataError: ``labels`` is empty, a chain is empty, a label is not a bool, or ``answers`` does not have
@@ -142,11 +166,22 @@ class TransitionModel:
             if len(answers) != len(chains) or any(len(a) != len(c) for a, c in zip(answers, chains, strict=False)):
                 raise DataError("answers must have one answer per label: same number of chains, same lengths")
         # The same per-chain counts the mixture of question types is fitted to, summed over chains.
+        if confidences is not None and (
+            len(confidences) != len(chains) or any(len(c) != len(x) for c, x in zip(confidences, chains, strict=False))
+        ):
+            raise DataError("confidences must have one value (or None) per label: same number of chains, same lengths")
         keys = answers if answers is not None else [[0] * len(chain) for chain in chains]
         totals = dict(zip(STATISTICS, (int(x) for x in chain_statistics(chains, keys).sum(axis=0)), strict=True))
         emissions = {}
         if answers is not None:
-            emissions = {"n_cc_changed": totals["cc_changed"], "n_ww_same": totals["ww_same"]}
+            emissions = {
+                "n_cc_changed": totals["cc_changed"],
+                "n_ww_same": totals["ww_same"],
+                "n_return_hit": totals["return_hit"],
+                "n_return_miss": totals["return_miss"],
+            }
+        if confidences is not None:
+            emissions["confidence"] = select_confidence(chains, confidences)
         return cls(
             n0_correct=totals["c0"],
             n0_total=len(chains),
@@ -217,6 +252,14 @@ class TransitionModel:
         """Posterior mean of P(answer changes | correct -> correct), or ``None`` if not estimated."""
         return self._mean("p_change_correct") if self.has_emissions else None
 
+    @property
+    def p_return(self) -> float | None:
+        """Posterior mean of P(a wrong answer that changes lands on a particular earlier wrong answer), or ``None``."""
+        if self.n_return_hit is None:
+            return None
+        a, b = self.prior
+        return (a + self.n_return_hit) / (a + b + self.n_return_hit + self.n_return_miss)
+
     def with_mixture(self, mixture: ChainMixture | None) -> TransitionModel:
         """The same model with question types attached (or removed)."""
         return replace(self, mixture=mixture)
@@ -225,14 +268,59 @@ class TransitionModel:
         """The same model with a vote model attached (or removed)."""
         return replace(self, votes=votes)
 
-    def hidden_chains(self) -> HiddenChains:
-        """The chain(s) the belief filter runs on: the question types if fitted, else the population chain."""
+    def without_confidence(self) -> TransitionModel:
+        """The same model without its confidence part (and types refitted without it are the caller's job)."""
+        mixture = self.mixture
+        if mixture is not None and mixture.confidence:
+            mixture = replace(mixture, confidence=())
+        return replace(self, confidence=None, mixture=mixture)
+
+    def confidence_bins(self, confidences: Sequence[float | None]) -> list[int | None]:
+        """The confidence bin of every value (all ``None`` when the model has no confidence part)."""
+        if self.confidence is None:
+            return [None] * len(confidences)
+        return [bin_index(c, self.confidence.edges) for c in confidences]
+
+    def evidence(self) -> Evidence:
+        """The belief policy's model: question types (or the population chain), answer identities and confidence."""
         if not self.has_emissions:
             raise NotCalibratedError(
                 "the belief filter needs answer-change rates (p_same_wrong, p_change_correct): calibrate with "
                 "MarkovCalibrator, which records them"
             )
-        # Built once per model: every belief decision and budget step asks for it (a hot path).
+        if "evidence" not in self._cache:
+            self._cache["evidence"] = self._build_evidence()
+        return self._cache["evidence"]
+
+    def _build_evidence(self) -> Evidence:
+        if self.mixture is None:
+            params = {name: np.array([[self._mean(name)]]) for name in PARAMETERS + EMISSIONS}
+            return_rate = self.p_return if self.p_return is not None else 0.5  # saved before returns were tracked
+            conf = None if self.confidence is None else self.confidence.probabilities()[None, None]
+            return Evidence(
+                np.ones((1, 1)),
+                *(params[name] for name in ("p0", "p_cw", "p_wc", "p_same_wrong", "p_change_correct")),
+                p_return=np.array([[return_rate]]),
+                confidence=conf,
+            )
+        mix = self.mixture
+        fields = ("weights", "p0", "p_cw", "p_wc", "p_same_wrong", "p_change_correct")
+        return_rate = mix.p_return if mix.p_return else (0.5,) * mix.components  # saved before returns were tracked
+        conf = np.array(mix.confidence)[None] if (mix.confidence and self.confidence is not None) else None
+        return Evidence(
+            *(np.array(getattr(mix, name))[None] for name in fields),
+            p_return=np.array(return_rate)[None],
+            confidence=conf,
+        )
+
+    def hidden_chains(self) -> HiddenChains:
+        """The two-state same/changed chain(s) of :mod:`~markovscale_dspy.core.belief`: the question types if
+        fitted, else the population chain (point estimates; the belief policy uses :meth:`evidence`)."""
+        if not self.has_emissions:
+            raise NotCalibratedError(
+                "the belief filter needs answer-change rates (p_same_wrong, p_change_correct): calibrate with "
+                "MarkovCalibrator, which records them"
+            )
         if "hidden_chains" not in self._cache:
             self._cache["hidden_chains"] = (
                 self.mixture.hidden_chains()
@@ -312,11 +400,17 @@ class TransitionModel:
                 "n_wc": self.n_wc,
                 "n_ww": self.n_ww,
                 **({"n_cc_changed": self.n_cc_changed, "n_ww_same": self.n_ww_same} if self.has_emissions else {}),
+                **(
+                    {"n_return_hit": self.n_return_hit, "n_return_miss": self.n_return_miss}
+                    if self.n_return_hit is not None
+                    else {}
+                ),
             },
             "prior": list(self.prior),
             "estimates": {name: self._mean(name) for name in self._estimated()},
             **({"mixture": self.mixture.to_dict()} if self.mixture is not None else {}),
             **({"votes": self.votes.to_dict()} if self.votes is not None else {}),
+            **({"confidence": self.confidence.to_dict()} if self.confidence is not None else {}),
         }
 
     def _estimated(self) -> tuple[str, ...]:
@@ -330,14 +424,17 @@ class TransitionModel:
             StateError: the dict is not a transition model, has bad counts, or its estimates disagree with its
                 counts (a hand-edited or corrupted file).
         """
-        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        if not isinstance(data, dict) or data.get("format") not in _READS:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise StateError(f"not a transition model (expected format {_FORMAT!r}, found {found!r})")
         mixture = ChainMixture.from_dict(data["mixture"]) if data.get("mixture") is not None else None
-        # States written before vote models existed have no "votes" entry: they load as before.
+        # States written before vote models or confidence existed have neither entry: they load as before.
         votes = VoteModel.from_dict(data["votes"]) if data.get("votes") is not None else None
+        confidence = ConfidenceFit.from_dict(data["confidence"]) if data.get("confidence") is not None else None
         try:
-            model = cls(**data["counts"], prior=tuple(data["prior"]), mixture=mixture, votes=votes)
+            model = cls(
+                **data["counts"], prior=tuple(data["prior"]), mixture=mixture, votes=votes, confidence=confidence
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"transition model has invalid counts or prior: {exc}") from None
         for name, value in (data.get("estimates") or {}).items():
@@ -358,7 +455,11 @@ class TransitionModel:
             if self.votes is not None
             else ""
         )
+        conf = ""
+        if self.confidence is not None:
+            score = "?" if self.confidence.auroc is None else f"{self.confidence.auroc:.2f}"
+            conf = f", confidence_bins={self.confidence.bins}, confidence_auroc={score}"
         return (
             f"TransitionModel(p0={self.p0:.3f}, p_cw={self.p_cw:.3f}, p_wc={self.p_wc:.3f}, "
-            f"chains={self.n0_total}, transitions={self.n_transitions}{types}{votes}, regime={self.regime()!r})"
+            f"chains={self.n0_total}, transitions={self.n_transitions}{types}{votes}{conf}, regime={self.regime()!r})"
         )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError
+from markovscale_dspy.core.evidence import AnswerBelief, Evidence
 from markovscale_dspy.core.model import TransitionModel
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "Policy",
     "RoundContext",
     "available_policies",
+    "belief_of",
+    "evidence_for",
     "observations",
     "observations_of",
     "register_policy",
@@ -46,6 +49,10 @@ class RoundContext:
             kept.
         failed: For every round so far, whether it failed and kept the previous answer.
         inputs: The question's inputs (for policies that look at the question itself).
+        confidences: Every round's answer confidence from token log-probabilities (``None`` where the LM gave
+            none; empty when no round had any).
+        select: How the module will choose the returned answer (``"last"`` or ``"best"``), so a policy can plan
+            for it.
     """
 
     model: TransitionModel | None
@@ -55,6 +62,8 @@ class RoundContext:
     answer_keys: tuple[Hashable, ...] = ()
     failed: tuple[bool, ...] = ()
     inputs: Mapping[str, Any] = field(default_factory=dict)
+    confidences: tuple[float | None, ...] = ()
+    select: str = "last"
 
 
 @dataclass(frozen=True)
@@ -141,20 +150,53 @@ class ClosedFormPolicy:
         return Decision(False, "optimal_rounds", info)
 
 
+def evidence_for(
+    model: TransitionModel, confidences: Sequence[float | None], rounds: int
+) -> tuple[Evidence, list[int | None] | None]:
+    """The evidence model for a chain of ``rounds + 1`` answers, and their confidence bins.
+
+    The model's confidence part is used only when this chain's answers carry confidence (its round 0 had one):
+    without log-probabilities both filtering and planning are exactly those of a model without confidence.
+    """
+    values = list(confidences)[: rounds + 1]
+    values += [None] * (rounds + 1 - len(values))
+    bins = model.confidence_bins(values)
+    evidence = model.evidence()
+    if not bins or bins[0] is None:
+        return evidence.without_confidence(), None
+    return evidence, bins
+
+
+def belief_of(model: TransitionModel, context: RoundContext) -> tuple[Evidence, AnswerBelief]:
+    """The evidence model and the belief after the rounds in ``context`` (see :func:`evidence_for`)."""
+    keys, failed = context.answer_keys, context.failed
+    evidence, bins = evidence_for(model, context.confidences, len(keys) - 1)
+    return evidence, evidence.filter(keys, failed, bins)
+
+
+def _same_as_before(context: RoundContext) -> bool | None:
+    obs = observations(context)
+    return obs[-1] if obs else None
+
+
 @dataclass(frozen=True)
 class BeliefPolicy:
-    """Per-question Bayes-optimal stopping on a hidden-Markov belief over correctness.
+    """Per-question Bayes-optimal stopping on a hidden-Markov belief over which answer is correct.
 
-    When the calibration found several question types (``model.mixture``), the filter runs over type and
-    correctness jointly, so what a question's answers do also tells which kind of question it is. The belief
-    starts at ``p0`` and is updated after every round by whether the answer stayed the same or changed
-    (:mod:`markovscale_dspy.core.belief`). Before each round an exact expectimax over the remaining rounds decides
-    whether another round is worth ``round_cost``: a question whose answer has stabilised stops early, one whose
-    answer keeps changing is refined while that is expected to pay, and a degrading task costs one call.
+    The filter (:mod:`markovscale_dspy.core.evidence`) runs over question type and the identity of the correct
+    answer among those seen: every round's answer -- the same as before, a new one, or one that returns after a
+    change -- and, when the LM gives token log-probabilities, its confidence update the belief. The belief starts
+    at ``p0`` (moved by the first answer's confidence). Before each round an exact expectimax over the remaining
+    rounds decides whether another round is worth ``round_cost``, planning for the answer the module will return
+    (``select``): a question whose answer has stabilised stops early, one whose answer keeps changing is refined
+    while that is expected to pay, and a degrading task costs one call.
 
     Stop reasons: ``"degrading"`` / ``"neutral"`` / ``"cost"`` (no round pays from the start), ``"stable_answer"``
     (stopped after an unchanged answer), ``"belief"`` (stopped after a change), ``"max_rounds"``. The belief after
-    every round is in ``info["belief"]``. Refines only when ``P(refinement helps) >= 0.9`` by default.
+    every round is in ``info["belief"]``, the expected gain of another round over stopping in ``info["advantage"]``.
+    Without question types it refines only when ``P(refinement helps) >= 0.9`` by default (the module answers in one
+    call with ``"uncertain"`` otherwise); with types, whether refining pays is a per-question matter the filter
+    decides.
     """
 
     requires_model: bool = field(default=True, init=False)
@@ -162,19 +204,19 @@ class BeliefPolicy:
 
     def decide(self, context: RoundContext) -> Decision:
         model = _emission_model(context.model, "policy 'belief'")
-        chains = model.hidden_chains()
-        b = chains.filter(observations(context))[-1]
-        info = {"belief": chains.correct(b)}
+        evidence, belief = belief_of(model, context)
+        info: dict[str, Any] = {"belief": float(belief.correct()[0])}
         left = context.max_rounds - context.rounds_done
-        if left > 0 and chains.should_refine(b, left, context.round_cost):
-            return Decision(True, "belief", info)
         if left <= 0:
             return Decision(False, "max_rounds", info)
+        refine, numbers = evidence.decide(belief, left, context.round_cost, context.select)
+        info.update(numbers)
+        if refine:
+            return Decision(True, "belief", info)
         if context.rounds_done == 0:
             regime = model.regime()
             return Decision(False, "cost" if regime == "improving" else regime, info)
-        same = observations(context)[-1]
-        return Decision(False, "stable_answer" if same else "belief", info)
+        return Decision(False, "stable_answer" if _same_as_before(context) else "belief", info)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Budget allocation over a batch: each refinement round goes to the question where it is expected to gain most.
 
 Module layer, private; used by ``MarkovRefine.answer_with_budget``. The expected gain of one more round from a
-belief ``q`` is ``p_wc (1 - q) - p_cw q``. Along a question's chain it shrinks geometrically (the accuracy curve is
+belief ``q`` is ``p_wc (1 - q) - p_cw q`` (summed over question types; the belief sees answer identities and
+confidence, as the belief policy's does). Along a question's chain it shrinks geometrically (the accuracy curve is
 concave), so taking the largest current gain first is the optimal order for a total budget.
 """
 
@@ -17,7 +18,7 @@ from dspy.utils.parallelizer import ParallelExecutor
 from markovscale_dspy._exceptions import RoundZeroError
 from markovscale_dspy.core import belief
 from markovscale_dspy.core.model import TransitionModel
-from markovscale_dspy.core.policies import Decision
+from markovscale_dspy.core.policies import Decision, evidence_for
 from markovscale_dspy.core.theory import TIE_TOLERANCE
 from markovscale_dspy.refine.loop import Call, ChainState, Outcome
 
@@ -46,9 +47,10 @@ class BudgetResult:
 
 def _belief_and_gain(state: ChainState, model: TransitionModel) -> tuple[float, float]:
     if model.has_emissions:
-        chains = model.hidden_chains()
-        b = chains.filter(state.observations())[-1]
-        return chains.correct(b), chains.expected_gain(b)
+        evidence, bins = evidence_for(model, state.confidences, state.rounds)
+        point = evidence.subset(slice(0, 1))
+        b = point.filter(state.keys, state.failed, bins)
+        return float(b.correct()[0]), point.expected_gain(b)
     q = float(model.accuracy_at(sum(not f for f in state.failed[1:])))
     return q, belief.expected_gain(q, model.p_cw, model.p_wc)
 

@@ -16,7 +16,7 @@ import dspy
 from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError, RoundZeroError
 from markovscale_dspy.core.answers import default_answer_key, is_empty_answer
 from markovscale_dspy.core.model import TransitionModel
-from markovscale_dspy.core.policies import Decision, Policy, RoundContext, observations_of
+from markovscale_dspy.core.policies import Decision, Policy, RoundContext, evidence_for, observations_of
 
 __all__ = ["SELECT_MODES", "Call", "ChainState", "Outcome", "RefinedPrediction", "Refinement", "describe", "run_chain"]
 
@@ -36,9 +36,12 @@ class Call:
 
 @dataclass(frozen=True)
 class Outcome:
+    """What one call produced; ``confidence`` is its answer's confidence from token log-probabilities, if any."""
+
     prediction: Any = None
     error: BaseException | None = None
     usage: dict[str, int] | None = None
+    confidence: float | None = None
 
 
 def describe(error: BaseException) -> str:
@@ -60,7 +63,8 @@ class Refinement:
         failed_rounds: Refinement rounds that failed and kept the previous answer.
         selected_round: The round whose answer was returned.
         belief: Final belief that the answer is correct (belief policy), else ``None``.
-        trajectory: One entry per round: outputs, normalised answer, decision, error, LM usage.
+        trajectory: One entry per round: outputs, normalised answer, decision, error, LM usage, and the answer's
+            ``confidence`` when the LM gave token log-probabilities.
         posteriors: Smoothed probability that each round is correct (``select="best"``), else ``None``.
     """
 
@@ -141,6 +145,7 @@ class ChainState:
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     keys: list[Hashable] = field(default_factory=list)
     failed: list[bool] = field(default_factory=list)
+    confidences: list[float | None] = field(default_factory=list)
 
     @property
     def rounds(self) -> int:
@@ -160,16 +165,10 @@ class ChainState:
             )
         self.outputs = outputs
         self.answer = {name: outputs[name] for name in self.answer_fields}
-        self._append(
-            {
-                "round": 0,
-                "outputs": outputs,
-                "answer_key": self.key_of(self.answer),
-                "error": None,
-                "usage": outcome.usage,
-            },
-            False,
-        )
+        entry = {"round": 0, "outputs": outputs, "answer_key": self.key_of(self.answer), "error": None}
+        if outcome.confidence is not None:
+            entry["confidence"] = outcome.confidence
+        self._append({**entry, "usage": outcome.usage}, False, outcome.confidence)
 
     def next_call(self) -> Call:
         previous = {f"previous_{name}": value for name, value in self.answer.items()}
@@ -187,6 +186,8 @@ class ChainState:
         if error is None:
             self.outputs, self.answer = new_outputs, new_answer
             entry.update(outputs=new_outputs, answer_key=self.key_of(new_answer), error=None)
+            if outcome.confidence is not None:
+                entry["confidence"] = outcome.confidence
         else:
             logger.info(
                 "MarkovRefine round %d failed, keeping the previous answer: %s", entry["round"], describe(error)
@@ -197,16 +198,28 @@ class ChainState:
                 error=describe(error),
                 error_kind=error_kind(error),
             )
-        self._append(entry, error is not None)
+        self._append(entry, error is not None, outcome.confidence if error is None else None)
 
-    def _append(self, entry: dict[str, Any], failed: bool) -> None:
+    def _append(self, entry: dict[str, Any], failed: bool, confidence: float | None = None) -> None:
         self.trajectory.append(entry)
         self.keys.append(entry["answer_key"])
         self.failed.append(failed)
+        self.confidences.append(confidence)
 
-    def context(self, model: TransitionModel | None, max_rounds: int, round_cost: float) -> RoundContext:
+    def context(
+        self, model: TransitionModel | None, max_rounds: int, round_cost: float, select: str = "last"
+    ) -> RoundContext:
+        confidences = tuple(self.confidences) if any(c is not None for c in self.confidences) else ()
         return RoundContext(
-            model, self.rounds, max_rounds, round_cost, tuple(self.keys), tuple(self.failed), self.inputs
+            model,
+            self.rounds,
+            max_rounds,
+            round_cost,
+            tuple(self.keys),
+            tuple(self.failed),
+            self.inputs,
+            confidences,
+            select,
         )
 
     def note(self, info: Mapping[str, Any]) -> None:
@@ -224,7 +237,8 @@ class ChainState:
                 raise NotCalibratedError(
                     "select='best' needs a calibrated TransitionModel with answer-change rates: run MarkovCalibrator"
                 )
-            posteriors = model.hidden_chains().smooth(self.observations())
+            evidence, bins = evidence_for(model, self.confidences, self.rounds)
+            posteriors = evidence.posteriors(self.keys, self.failed, bins)
             # Highest smoothed posterior; on ties the latest round (it has seen the most refinement).
             chosen = max(range(len(posteriors)), key=lambda t: posteriors[t] + 1e-12 * t)
             extra = {"posteriors": posteriors}
@@ -253,7 +267,7 @@ def run_chain(
     """The refinement loop: yields calls, receives their outcomes, returns the prediction."""
     state.start((yield Call(0, dict(state.inputs))))
     while True:
-        decision = policy.decide(state.context(model, max_rounds, round_cost))
+        decision = policy.decide(state.context(model, max_rounds, round_cost, select))
         state.note(decision.info)
         if not decision.refine or state.rounds >= max_rounds:
             # The cap is the reason whenever it is what stops the chain (max_rounds=0 included).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -16,9 +17,10 @@ from dspy.utils.saving import get_dependency_versions
 from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError, StateError
 from markovscale_dspy.core.answers import AnswerKey, default_answer_key
 from markovscale_dspy.core.model import TransitionModel
-from markovscale_dspy.core.policies import Abstain, FixedPolicy, Policy, resolve_policy
+from markovscale_dspy.core.policies import Abstain, BeliefPolicy, FixedPolicy, Policy, resolve_policy
 from markovscale_dspy.core.validation import check_callable, check_int, check_number
 from markovscale_dspy.refine.budget import BudgetResult, allocate
+from markovscale_dspy.refine.confidence import LOGPROBS_FIELD, answer_confidence
 from markovscale_dspy.refine.loop import SELECT_MODES, Call, ChainState, Outcome, run_chain
 from markovscale_dspy.refine.signatures import answer_fields, infer_signature, refinement_signature, uses_reasoning
 from markovscale_dspy.refine.state import MarkovState, drop_unrestorable_lms, read_state_file, scrub_lm_state
@@ -58,8 +60,9 @@ class MarkovRefine(dspy.Module):
 
     * ``"closed_form"`` (default): the paper's rule, ``optimal_rounds`` of the calibrated chain for every question,
       so a task where refinement hurts costs exactly one call;
-    * ``"belief"``: per question, a hidden-Markov belief over correctness updated by whether the answer changed,
-      with Bayes-optimal (expectimax) stopping; stable answers stop early;
+    * ``"belief"``: per question, a hidden-Markov belief over which answer is correct, updated by whether the
+      answer stayed, changed or returned to an earlier one and, when the LM gives token log-probabilities, by each
+      answer's confidence, with Bayes-optimal (expectimax) stopping; stable answers stop early;
     * ``"fixed"``: always ``max_rounds`` (the baseline).
 
     Calibrate with :class:`MarkovCalibrator`, or assign a fitted :class:`TransitionModel` to ``.model``.
@@ -93,6 +96,12 @@ class MarkovRefine(dspy.Module):
             single LM, then ``dspy.settings.lm``; with none of these the first refinement round raises
             ConfigurationError. The transition rates belong to the (round-0 LM, refiner LM) pair: a calibration
             records both names, and running with other LMs warns.
+        confidence: Answer confidence from token log-probabilities (see :mod:`markovscale_dspy.refine.confidence`):
+            ``"auto"`` (default) reads it whenever a round's prediction carries ``logprobs`` (an LM built with
+            ``logprobs=True``); ``True`` also asks for them -- on the refiner's calls, and on round 0 when the program
+            uses the configured LM (``dspy.configure`` / ``dspy.context``) -- and removes them from the outputs;
+            ``False`` ignores them; a callable ``fn(prediction) -> float | None`` defines it yourself. Without
+            log-probabilities everything behaves exactly as if confidence did not exist.
 
     Example:
         >>> import dspy
@@ -123,6 +132,7 @@ class MarkovRefine(dspy.Module):
         instructions: str | None = None,
         refiner_lm: dspy.BaseLM | None = None,
         value_per_correct: float | None = None,
+        confidence: bool | str | Any = "auto",
     ):
         super().__init__()
         task = infer_signature(program, signature)
@@ -145,6 +155,10 @@ class MarkovRefine(dspy.Module):
             )
         if select not in SELECT_MODES:
             raise ConfigurationError(f"select must be one of {SELECT_MODES}, got {select!r}")
+        if not (confidence in ("auto", True, False) or (callable(confidence) and not isinstance(confidence, bool))):
+            raise ConfigurationError(
+                f"confidence must be 'auto', True, False or a function prediction -> float | None, got {confidence!r}"
+            )
         resolve_policy(policy)  # fail now on an unknown policy, not at the first call
 
         self.program = program
@@ -160,6 +174,7 @@ class MarkovRefine(dspy.Module):
         self.rollout_seed = rollout_seed
         self.instructions = instructions
         self.refiner_lm = refiner_lm
+        self.confidence = confidence
         self.answer_fields = answer_fields(task)
         refine_sig = refinement_signature(task, instructions)
         self.refiner = dspy.ChainOfThought(refine_sig) if uses_reasoning(program) else dspy.Predict(refine_sig)
@@ -410,6 +425,10 @@ class MarkovRefine(dspy.Module):
         threshold = self.min_prob_improves
         if threshold is None:
             threshold = getattr(policy, "min_prob_improves", 0.0)
+        if isinstance(policy, BeliefPolicy) and model.mixture is not None:
+            # With question types the population chain says little about whether *this* question's rounds pay
+            # (one type may gain while the population does not): the per-question belief decides.
+            return policy
         if threshold > 0:
             p = model.prob_improves()
             if p < threshold:
@@ -495,18 +514,54 @@ class MarkovRefine(dspy.Module):
         if outer is _FROM_LM:
             outer = (getattr(answering, "kwargs", None) or {}).get("rollout_id")
         kwargs["config"] = {"rollout_id": compose_rollout(outer, own), "temperature": self.temperature}
+        if self.confidence is True:
+            kwargs["config"]["logprobs"] = True
         return kwargs
+
+    def _round_zero_context(self) -> Any:
+        """Ask round 0 for log-probabilities (``confidence=True``) where the program uses the configured LM."""
+        lm = dspy.settings.lm
+        if self.confidence is True and lm is not None and hasattr(lm, "copy"):
+            return dspy.context(lm=lm.copy(logprobs=True))
+        return contextlib.nullcontext()
+
+    def _outcome(self, prediction: Any, error: BaseException | None, usage: dict[str, int]) -> Outcome:
+        if error is not None:
+            return Outcome(None, error, usage)
+        confidence = self._confidence_of(prediction)
+        if self.confidence is True and isinstance(prediction, dspy.Prediction) and LOGPROBS_FIELD in prediction:
+            del prediction[LOGPROBS_FIELD]  # we asked for them: the program's outputs stay its own
+        return Outcome(prediction, None, usage, confidence)
+
+    def _confidence_of(self, prediction: Any) -> float | None:
+        if self.confidence is False:
+            return None
+        try:
+            if callable(self.confidence) and not isinstance(self.confidence, bool):
+                value = self.confidence(prediction)
+            else:
+                value = answer_confidence(prediction, self.answer_fields)
+        except Exception as exc:  # a confidence that cannot be read is no confidence, never a failed round
+            logger.debug("MarkovRefine: no confidence for this round: %s", exc)
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            return None
+        return float(value)
 
     def _call(self, call: Call, outer: Any = _FROM_LM, refiner: tuple[Any, Any] | None = None) -> Outcome:
         # Resolving the refiner's LM raises on a misconfiguration: that is the user's to fix, not a failed round.
         kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call, outer, refiner)
         with measure() as usage:
             try:
-                prediction = self.program(**kwargs) if call.round == 0 else self.refiner(**kwargs)
+                if call.round == 0:
+                    with self._round_zero_context():
+                        prediction = self.program(**kwargs)
+                else:
+                    prediction = self.refiner(**kwargs)
                 error = None
             except Exception as exc:  # a failed round is data, not a crash; the chain decides what it means
                 prediction, error = None, exc
-        return Outcome(prediction, error, usage.to_dict())
+        return self._outcome(prediction, error, usage.to_dict())
 
     async def _acall(self, call: Call, outer: Any = _FROM_LM, refiner: tuple[Any, Any] | None = None) -> Outcome:
         kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call, outer, refiner)
@@ -514,14 +569,16 @@ class MarkovRefine(dspy.Module):
             try:
                 if call.round > 0:
                     prediction = await self.refiner.acall(**kwargs)
-                elif hasattr(self.program, "aforward"):
-                    prediction = await self.program.acall(**kwargs)
                 else:
-                    prediction = await dspy.asyncify(self.program)(**kwargs)
+                    with self._round_zero_context():
+                        if hasattr(self.program, "aforward"):
+                            prediction = await self.program.acall(**kwargs)
+                        else:
+                            prediction = await dspy.asyncify(self.program)(**kwargs)
                 error = None
             except Exception as exc:
                 prediction, error = None, exc
-        return Outcome(prediction, error, usage.to_dict())
+        return self._outcome(prediction, error, usage.to_dict())
 
 
 class ScrubbedPredict(dspy.Predict):
