@@ -23,7 +23,13 @@ from markovscale_dspy.refine.budget import BudgetResult, allocate
 from markovscale_dspy.refine.confidence import LOGPROBS_FIELD, answer_confidence
 from markovscale_dspy.refine.loop import SELECT_MODES, Call, ChainState, Outcome, run_chain
 from markovscale_dspy.refine.signatures import answer_fields, infer_signature, refinement_signature, uses_reasoning
-from markovscale_dspy.refine.state import MarkovState, drop_unrestorable_lms, read_state_file, scrub_lm_state
+from markovscale_dspy.refine.state import (
+    MarkovState,
+    drop_unrestorable_lms,
+    load_into,
+    read_state_file,
+    scrub_lm_state,
+)
 from markovscale_dspy.refine.usage import measure
 
 __all__ = ["MarkovRefine", "compose_rollout"]
@@ -271,7 +277,6 @@ class MarkovRefine(dspy.Module):
         """
         state = read_state_file(path)
         MarkovState.parse(state["markov"], self.markov.input_fields, self.markov.answer_fields)  # fail early
-        state.setdefault("metadata", {"dependency_versions": {}})
         for where in drop_unrestorable_lms(state):
             warnings.warn(
                 f"{Path(path).name}: the LM pinned at {where} is a router group, which a file cannot restore (it "
@@ -280,15 +285,7 @@ class MarkovRefine(dspy.Module):
                 UserWarning,
                 stacklevel=2,
             )
-        try:
-            self.load_state(state, allow_unsafe_lm_state=allow_unsafe_lm_state)
-        except StateError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise StateError(
-                f"{Path(path)} does not fit this MarkovRefine ({type(exc).__name__}: {exc}); build the module with the "
-                "same program and signature as the one that was saved"
-            ) from None
+        load_into(self, state, path, "MarkovRefine", allow_unsafe_lm_state)
         return self
 
     def planned_rounds(self) -> int:

@@ -9,13 +9,12 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import dspy
 from dspy.utils.parallelizer import ParallelExecutor
 
-from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError, RoundZeroError, StateError
+from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError, RoundZeroError
 from markovscale_dspy.core.answers import AnswerKey
 from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.planner import KINDS, MAX_CALLS_LIMIT, Plan, Strategy, plan
@@ -24,7 +23,7 @@ from markovscale_dspy.core.validation import check_int, check_number
 from markovscale_dspy.core.voting import plurality_winner
 from markovscale_dspy.refine.loop import Call, Outcome, Refinement, describe
 from markovscale_dspy.refine.markov_refine import ROLLOUT_STRIDE, MarkovRefine, _adrive, _drive, compose_rollout
-from markovscale_dspy.refine.state import MarkovState, read_state_file, scrub_lm_state
+from markovscale_dspy.refine.state import MarkovState, load_into, read_state_file, scrub_lm_state
 from markovscale_dspy.refine.usage import measure
 
 __all__ = [
@@ -309,16 +308,7 @@ class MarkovScale(dspy.Module):
         state = read_state_file(path, key=_STATE_KEY, owner="MarkovScale")
         markov = self.refine.markov
         MarkovState.parse(state[_STATE_KEY], markov.input_fields, markov.answer_fields)  # fail early
-        state.setdefault("metadata", {"dependency_versions": {}})
-        try:
-            self.load_state(state, allow_unsafe_lm_state=allow_unsafe_lm_state)
-        except StateError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise StateError(
-                f"{Path(path)} does not fit this MarkovScale ({type(exc).__name__}: {exc}); build the module with "
-                "the same program and signature as the one that was saved"
-            ) from None
+        load_into(self, state, path, "MarkovScale", allow_unsafe_lm_state)
         return self
 
     def plan(self) -> Plan:

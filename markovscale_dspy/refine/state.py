@@ -18,7 +18,15 @@ from markovscale_dspy._exceptions import StateError
 from markovscale_dspy._version import __version__
 from markovscale_dspy.core.model import TransitionModel
 
-__all__ = ["ENDPOINT_KEYS", "STATE_FORMAT", "MarkovState", "drop_unrestorable_lms", "read_state_file", "scrub_lm_state"]
+__all__ = [
+    "ENDPOINT_KEYS",
+    "STATE_FORMAT",
+    "MarkovState",
+    "drop_unrestorable_lms",
+    "load_into",
+    "read_state_file",
+    "scrub_lm_state",
+]
 
 #: Version 2 adds what the calibration was fitted for (``calibrated_for``: LM names) and what it spent
 #: (``spend``: calls, tokens and dollars per question and per refinement round). Version 1 states still load.
@@ -164,3 +172,19 @@ def _mapping_or_none(value: Any, name: str) -> dict[str, Any] | None:
     if value is None or isinstance(value, dict):
         return value
     raise StateError(f"MarkovRefine state field {name!r} must be an object or null, got {type(value).__name__}")
+
+
+def load_into(
+    module: Any, state: dict[str, Any], path: str | os.PathLike, owner: str, allow_unsafe_lm_state: bool
+) -> None:
+    """``module.load_state(state)`` (DSPy's, all or nothing), with anything that does not fit as a StateError."""
+    state.setdefault("metadata", {"dependency_versions": {}})
+    try:
+        module.load_state(state, allow_unsafe_lm_state=allow_unsafe_lm_state)
+    except StateError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StateError(
+            f"{Path(path)} does not fit this {owner} ({type(exc).__name__}: {exc}); build the module with the same "
+            "program and signature as the one that was saved"
+        ) from None
