@@ -444,3 +444,15 @@ def test_routers_built_one_after_another_each_reach_their_own_servers():
             for i in range(3):
                 lm(f"hello {i}")
             assert server.requests == 3 and lm.supports_response_schema
+
+
+def test_streaming_goes_through_the_router():
+    lm = build_lm("pool", router_config=config(), cache=False)
+    program = dspy.streamify(dspy.Predict("question -> answer"))
+
+    async def run():
+        with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+            return [chunk async for chunk in program(question="q")]
+
+    chunks = asyncio.run(run())
+    assert isinstance(chunks[-1], dspy.Prediction) and chunks[-1].answer == "42" and len(chunks) > 2
