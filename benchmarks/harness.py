@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dspy
@@ -350,7 +350,7 @@ def run_real_planner(
     task_name: str,
     lm: dspy.LM,
     *,
-    n_train: int = 100,
+    n_train: int = 80,
     n_test: int = 60,
     max_calls: int = 4,
     parallel_samples: int = 4,
@@ -359,37 +359,46 @@ def run_real_planner(
     seed: int = 0,
     num_threads: int = 2,
     adapter: dspy.Adapter | None = None,
+    baselines: bool = False,
 ) -> ComparisonResult:
     """The planner on a bundled task with a real LM: calibrate MarkovScale (round 0 + ``max_calls - 1`` rounds and
-    ``parallel_samples`` samples per question), then on disjoint questions run the plan, MarkovRefine (closed form),
-    self-consistency and ``dspy.BestOfN`` (self-judge) at ``max_calls``, and measure every strategy."""
+    ``parallel_samples`` samples per question), then measure every strategy on disjoint questions, read off one grid
+    of chains per question. The planner's own row is its chosen strategy's row of the grid (the same draws
+    ``MarkovScale.forward`` makes); self-consistency over ``n`` samples is the grid's ``vote n=...`` row. With
+    ``baselines``, MarkovRefine (closed form) and ``dspy.BestOfN`` (self-judge) run too."""
     from markovscale_dspy import MarkovScale
     from markovscale_dspy.datasets import load_task
-    from markovscale_dspy.reporting.compare import SelfConsistency, self_judge_reward, strategy_results
+    from markovscale_dspy.reporting.compare import self_judge_reward, strategy_results
 
     task = load_task(task_name)
     train, test = task.split(n_train, n_test, seed=seed)
     with dspy.context(lm=lm, adapter=adapter or dspy.JSONAdapter(), warn_on_type_mismatch=False):
         calibrator = MarkovCalibrator(
-            task.metric, parallel_samples=parallel_samples, num_threads=num_threads, question_types=1
+            task.metric,
+            parallel_samples=parallel_samples,
+            num_threads=num_threads,
+            question_types=1,
+            display_progress=True,
         )
         student = MarkovScale(task.program(), max_calls=max_calls, call_cost=call_cost, min_prob_gain=min_prob_gain)
         scale = calibrator.compile(student, trainset=train)
         plan = scale.plan()
-        refine = MarkovRefine(task.program(), max_rounds=max_calls - 1, round_cost=call_cost)
-        refine.model = scale.model
-        methods: dict[str, dspy.Module] = {
-            f"MarkovScale ({plan.chosen.name})": scale,
-            "MarkovRefine closed_form": refine,
-            f"self-consistency (N={max_calls})": SelfConsistency(task.program(), n=max_calls),
-            f"dspy.BestOfN (N={max_calls}, self-judge)": dspy.BestOfN(
-                task.program(), N=max_calls, reward_fn=self_judge_reward(), threshold=1.0
-            ),
-        }
-        results = [
-            evaluate(module, test, task.metric, name=name, num_threads=num_threads) for name, module in methods.items()
-        ]
-        strategies = strategy_results(scale, test, task.metric, num_threads=num_threads)
+        strategies = strategy_results(scale, test, task.metric, num_threads=num_threads, display_progress=True)
+        chosen = next(r for r in strategies if r.name == plan.chosen.name)
+        results = [replace(chosen, name=f"MarkovScale ({plan.chosen.name})")]
+        if baselines:
+            refine = MarkovRefine(task.program(), max_rounds=max_calls - 1, round_cost=call_cost)
+            refine.model = scale.model
+            methods: dict[str, dspy.Module] = {
+                "MarkovRefine closed_form": refine,
+                f"dspy.BestOfN (N={max_calls}, self-judge)": dspy.BestOfN(
+                    task.program(), N=max_calls, reward_fn=self_judge_reward(), threshold=1.0
+                ),
+            }
+            results += [
+                evaluate(module, test, task.metric, name=name, num_threads=num_threads)
+                for name, module in methods.items()
+            ]
     return ComparisonResult(
         preset=task_name,
         model=scale.model,

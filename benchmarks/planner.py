@@ -1,8 +1,8 @@
 """The planner's benchmark behind BENCHMARKS.md ("MarkovScale: the planner"): what MarkovScale chooses, what every
 strategy was predicted to score and what it scored, on simulated worlds and on the embedded model.
 
-    flock /tmp/llm.lock python -m benchmarks.planner              # everything (the real part starts llama.cpp)
     python -m benchmarks.planner --skip-real                       # simulated worlds only
+    flock /tmp/llm.lock python -m benchmarks.planner --skip-sim --port 18431   # the embedded model (llama.cpp)
 
 Writes ``planner.md`` (tables), ``planner.json`` (raw numbers) and one predicted-vs-observed figure per world or
 task into ``--out``.
@@ -134,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/planner")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the simulated sample sizes")
     parser.add_argument("--tasks", nargs="+", default=["winogrande", "arc_easy"])
-    parser.add_argument("--real-train", type=int, default=100)
+    parser.add_argument("--real-train", type=int, default=80)
     parser.add_argument("--real-test", type=int, default=60)
+    parser.add_argument("--real-baselines", action="store_true", help="also MarkovRefine and dspy.BestOfN (slow)")
+    parser.add_argument(
+        "--port", type=int, help="fixed port of the embedded model, so an interrupted run resumes its calibration"
+    )
     parser.add_argument("--real-max-calls", type=int, default=4)
     parser.add_argument("--real-samples", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_real:
             from markovscale_dspy.local import LocalModel
 
-            with LocalModel(n_parallel=args.threads) as server:
+            with LocalModel(n_parallel=args.threads, port=args.port) as server:
                 lm = server.lm(temperature=0.7, cache=False, num_retries=1)
                 for task in args.tasks:
                     started = time.perf_counter()
@@ -186,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                         parallel_samples=args.real_samples,
                         seed=args.seed,
                         num_threads=args.threads,
+                        baselines=args.real_baselines,
                     )
                     name = f"real-{task}"
                     png = _figure(
