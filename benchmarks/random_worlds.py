@@ -25,9 +25,24 @@ from benchmarks.worlds import random_kinds, random_world
 COSTS = (0.0, 0.01, 0.02, 0.05)
 
 
-def run(worlds: range, *, select: str, n_train: int, n_test: int, confidence_auroc: float | None) -> list[dict]:
+def run(
+    worlds: range,
+    *,
+    select: str,
+    n_train: int,
+    n_test: int,
+    confidence_auroc: float | None,
+    store: Path | None = None,
+) -> list[dict]:
+    """One row per world; with ``store`` (JSON lines) rows are appended as worlds finish and reused on a re-run."""
+    done = {}
+    if store is not None and store.exists():
+        done = {row["world"]: row for row in map(json.loads, store.read_text().splitlines())}
     rows = []
     for seed in worlds:
+        if seed in done:
+            rows.append(done[seed])
+            continue
         started = time.perf_counter()
         kinds = random_kinds(seed)
         train = random_world(kinds, n_train, seed=2 * seed, confidence_auroc=confidence_auroc)
@@ -50,13 +65,22 @@ def run(worlds: range, *, select: str, n_train: int, n_test: int, confidence_aur
                 "seconds": time.perf_counter() - started,
             }
         )
+        rows[-1] = json.loads(json.dumps(rows[-1], default=float))  # the same types as when read back
+        if store is not None:
+            with store.open("a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
         print(_line(rows[-1]), flush=True)
     return rows
 
 
+def _by_cost(mapping: dict) -> dict[float, object]:
+    return {float(c): v for c, v in mapping.items()}
+
+
 def _line(row: dict) -> str:
+    gap = _by_cost(row["frontier_gap"])
     cells = " ".join(
-        f"[{c:g}: {100 * a:.1f}% @ {n:.2f}, {100 * row['frontier_gap'][c]:+.1f}]" for c, (a, n) in row["belief"].items()
+        f"[{c:g}: {100 * a:.1f}% @ {n:.2f}, {100 * gap[c]:+.1f}]" for c, (a, n) in _by_cost(row["belief"]).items()
     )
     d = row["worst_drop"]
     return (
@@ -69,21 +93,22 @@ def markdown(rows: list[dict]) -> str:
     header = "| world | kinds / fitted types | best fixed-N | " + " | ".join(f"cost {c:g}" for c in COSTS) + " |"
     lines = [header, "|" + "---|" * (3 + len(COSTS))]
     for row in rows:
+        gap, oracle_gap = _by_cost(row["frontier_gap"]), _by_cost(row["oracle_gap"])
         cells = [
-            f"{100 * a:.1f}% @ {n:.2f} ({100 * row['frontier_gap'][c]:+.1f} / {100 * row['oracle_gap'][c]:+.1f})"
-            for c, (a, n) in row["belief"].items()
+            f"{100 * a:.1f}% @ {n:.2f} ({100 * gap[c]:+.1f} / {100 * oracle_gap[c]:+.1f})"
+            for c, (a, n) in _by_cost(row["belief"]).items()
         ]
         lines.append(
             f"| {row['world']} | {row['kinds']} / {row['types']} | {100 * max(row['fixed']):.1f}% | "
             + " | ".join(cells)
             + " |"
         )
-    gaps = np.array([row["frontier_gap"][c] for row in rows for c in COSTS])
-    oracle = np.array([row["oracle_gap"][c] for row in rows for c in COSTS])
+    gaps = np.array([_by_cost(row["frontier_gap"])[c] for row in rows for c in COSTS])
+    oracle = np.array([_by_cost(row["oracle_gap"])[c] for row in rows for c in COSTS])
     tests = len(rows) * len(COSTS) * (len(COSTS) - 1) // 2
     alpha = 0.05 / tests
     flagged = [row for row in rows if row["worst_drop"]["p"] < alpha]
-    below = [(row["world"], c) for row in rows for c in COSTS if row["frontier_gap"][c] < -0.01]
+    below = [(row["world"], c) for row in rows for c in COSTS if _by_cost(row["frontier_gap"])[c] < -0.01]
     lines += [
         "",
         "Cells: belief accuracy @ LM calls per question (points over the fixed-N frontier at those calls / points "
@@ -113,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=400)
     parser.add_argument("--test", type=int, default=800)
     parser.add_argument("--confidence-auroc", type=float, default=None)
-    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--out", default=None, help="JSON-lines file of the rows (resumed when it exists)")
     args = parser.parse_args(argv)
     rows = run(
         range(args.first, args.first + args.worlds),
@@ -121,11 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         n_train=args.train,
         n_test=args.test,
         confidence_auroc=args.confidence_auroc,
+        store=Path(args.out) if args.out else None,
     )
     print()
     print(markdown(rows))
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1, default=float))
     return 0
 
 

@@ -14,8 +14,8 @@ Example:
 
 Layout (a path tells its layer; nothing imports from a layer above it):
 
-* ``core/`` -- the maths, no DSPy: theory, belief filter, TransitionModel, question types, policies, statistics,
-  the vote model and the planner;
+* ``core/`` -- the maths, no DSPy: theory, belief filters (same/changed; answer identities and confidence), confidence
+  emission, TransitionModel, question types, policies, statistics, the vote model and the planner;
 * ``refine/`` -- the MarkovRefine module and its refinement loop, and the MarkovScale planner module;
 * ``calibrate/`` -- the MarkovCalibrator teleprompter, its trace store and report;
 * ``reporting/`` -- evaluation, method comparison, text/Markdown reports, plots;

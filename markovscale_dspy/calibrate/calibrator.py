@@ -20,7 +20,7 @@ from markovscale_dspy.calibrate.records import ChainRecord, jsonable
 from markovscale_dspy.calibrate.report import CalibrationReport, build_report, spend_of
 from markovscale_dspy.calibrate.traces import TraceStore, UnknownLMIdentityError, chain_key
 from markovscale_dspy.core.answers import default_answer_key, is_empty_answer
-from markovscale_dspy.core.mixture import ChainMixture, chain_statistics, fit_mixture, select_mixture
+from markovscale_dspy.core.mixture import chain_statistics, fit_mixture, select_mixture
 from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.statistics import PARTIAL_SCORE, binomial_interval, score_to_label
 from markovscale_dspy.core.validation import check_callable, check_int, check_number, check_prior
@@ -31,7 +31,7 @@ from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine
 from markovscale_dspy.refine.markov_scale import MAX_SAMPLES, MarkovScale, fresh_sample, has_pinned_lm
 from markovscale_dspy.refine.usage import Usage, measure
 
-__all__ = ["MarkovCalibrator"]
+__all__ = ["MarkovCalibrator", "fit_chains"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,12 +195,9 @@ class MarkovCalibrator(Teleprompter):
         labels = [[label for label, _ in c] for c in usable]
         answers = [[answer for _, answer in c] for c in usable]
         confidences = [r.observed_confidences() for r, c in zip(records, observed, strict=True) if c]
-        has_confidence = any(x is not None for chain in confidences for x in chain)
-        model = TransitionModel.fit(
-            labels, prior=self.prior, answers=answers, confidences=confidences if has_confidence else None
+        model = fit_chains(
+            labels, answers, confidences, rounds=rounds, prior=self.prior, question_types=self.question_types
         )
-        bins = [model.confidence_bins(chain) for chain in confidences]
-        model = model.with_mixture(self._question_types(labels, answers, rounds, bins, model))
         if samples:
             model = model.with_votes(self._votes(records))
         # Not marked _compiled: a calibrated MarkovRefine stays visible to parents (save/load, named_predictors,
@@ -278,27 +275,6 @@ class MarkovCalibrator(Teleprompter):
                 stacklevel=3,
             )
         return self.rounds
-
-    def _question_types(
-        self,
-        labels: list[list[bool]],
-        answers: list[list[Any]],
-        rounds: int,
-        bins: list[list[int | None]],
-        model: TransitionModel,
-    ) -> ChainMixture | None:
-        """Latent question types by EM; ``"auto"`` picks their number by held-out likelihood (1 = no mixture)."""
-        n_bins = model.confidence.bins if model.confidence is not None else 0
-        stats = chain_statistics(labels, answers, bins if n_bins else None, n_bins)
-        if self.question_types == "auto":
-            if len(labels) < MIN_CHAINS_FOR_TYPES or rounds < 2:
-                return None  # too little data to tell types apart
-            mixture = select_mixture(stats, prior=self.prior)
-        elif self.question_types == 1:
-            return None
-        else:
-            mixture = fit_mixture(stats, self.question_types, prior=self.prior)
-        return mixture if mixture.components > 1 else None
 
     def _observe(
         self, program: MarkovRefine, examples: list[dspy.Example], rounds: int, samples: int = 0
@@ -480,6 +456,44 @@ def _sample_entry(program: MarkovRefine, outcome: Any) -> dict[str, Any]:
         "error_kind": error_kind(error),
         "usage": usage,
     }
+
+
+def fit_chains(
+    labels: Sequence[Sequence[bool]],
+    answers: Sequence[Sequence[Any]],
+    confidences: Sequence[Sequence[float | None]] | None = None,
+    *,
+    rounds: int,
+    prior: tuple[float, float] = (1.0, 1.0),
+    question_types: int | str = "auto",
+) -> TransitionModel:
+    """The model MarkovCalibrator fits to labelled chains: the chain, answer emissions, the confidence emission
+    (when the answers carry confidence that says something) and question types.
+
+    Args:
+        labels: Per chain, the correctness of every round that produced an answer.
+        answers: Per chain, the answer identity of those rounds.
+        confidences: Per chain, their confidence (``None`` where a round had none), or ``None``.
+        rounds: Refinement rounds the chains were run for (types need at least 2).
+        prior: Beta prior of every rate.
+        question_types: ``"auto"`` (1-4 by held-out likelihood, with at least 100 chains), or a fixed number.
+    """
+    has_confidence = confidences is not None and any(x is not None for chain in confidences for x in chain)
+    model = TransitionModel.fit(
+        labels, prior=prior, answers=answers, confidences=confidences if has_confidence else None
+    )
+    n_bins = model.confidence.bins if model.confidence is not None else 0
+    bins = [model.confidence_bins(chain) for chain in confidences] if n_bins else None
+    stats = chain_statistics(labels, answers, bins, n_bins)
+    if question_types == "auto":
+        if len(labels) < MIN_CHAINS_FOR_TYPES or rounds < 2:
+            return model  # too little data to tell types apart
+        mixture = select_mixture(stats, prior=prior)
+    elif question_types == 1:
+        return model
+    else:
+        mixture = fit_mixture(stats, question_types, prior=prior)
+    return model.with_mixture(mixture if mixture.components > 1 else None)
 
 
 def _check_examples(dataset: Any, student: MarkovRefine, name: str) -> list[dspy.Example]:

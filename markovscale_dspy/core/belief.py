@@ -1,5 +1,9 @@
 """Per-question belief: a hidden-Markov filter over correctness, Bayes-optimal stopping, and smoothing.
 
+This module is the two-state filter whose only observation is "same answer or changed" (the paper's chain plus two
+emission rates); :mod:`markovscale_dspy.core.evidence` extends it with answer identities and confidence and is what
+``policy="belief"`` runs. The functions here stay for direct use and as the reference the extension reduces to.
+
 Correctness is hidden at inference; what a round shows is whether its answer is the *same* as the previous one.
 With the chain (``p_cw``, ``p_wc``) and two emission rates -- ``s`` = P(same answer | wrong -> wrong) (a wrong
 answer sticks) and ``e`` = P(answer changes | correct -> correct) (rewording noise) -- the observation of round t

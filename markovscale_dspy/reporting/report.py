@@ -341,6 +341,15 @@ def calibration_markdown(
         "correct",
         "",
     ]
+    if model.confidence is not None:
+        fit = model.confidence
+        ratios = fit.likelihood_ratios()
+        score = "n/a" if fit.auroc is None else f"{fit.auroc:.3f}"
+        out[-1:-1] = [
+            f"- answer confidence (token log-probabilities): AUROC {score} for correctness on the calibration "
+            f"answers; {fit.bins} bins, likelihood ratio correct : wrong from {ratios.min():.2f} to "
+            f"{ratios.max():.2f}; held-out gain {fit.heldout_gain[0]:.2f} ± {fit.heldout_gain[1]:.2f} nats per chain"
+        ]
     if figure:
         out += [f"![accuracy by round]({figure})", ""]
     observed = [
