@@ -20,11 +20,12 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/markovscale demo
 
+# Two workers (pytest-xdist): a file's tests stay together and the llama.cpp tests share one worker (tests/conftest.py).
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow and not llm"
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow and not llm"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -48,3 +48,13 @@ def calibrated():
     with dspy.context(lm=w.lm()):
         program = calibrator.compile(refine(), trainset=w.examples)
     return program, calibrator.report
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``-n 2`` (``make test``), keep each file on one worker so its module fixtures are built once, and every
+    test that starts llama.cpp on the same worker: two servers at once would fight over the two cores."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "llm" if item.get_closest_marker("llm") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -243,6 +243,7 @@ def test_uninformative_confidence_is_dropped_by_the_fit():
     assert select_confidence(labels, noise) is None
 
 
+@pytest.mark.slow
 def test_at_auroc_one_half_belief_equals_the_policy_without_confidence():
     """Same questions, same answers; one world's answers carry a confidence with AUROC 0.5. The fit finds nothing in
     it, so the calibrated model and every decision are those of the world without confidence."""

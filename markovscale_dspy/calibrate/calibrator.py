@@ -119,25 +119,21 @@ class MarkovCalibrator(Teleprompter):
         trace_key: str | None = None,
     ):
         super().__init__()
-        check_callable("metric", metric, "metric(example, prediction)")
-        check_int("rounds", rounds, 1, MAX_ROUNDS_LIMIT, none_ok=True)
-        check_int("parallel_samples", parallel_samples, 0, MAX_SAMPLES, none_ok=True)
+        # Validate and store each argument as given (a bad value fails here, not an hour into a calibration).
+        self.metric = check_callable("metric", metric, "metric(example, prediction)")
+        self.rounds = check_int("rounds", rounds, 1, MAX_ROUNDS_LIMIT, none_ok=True)
+        self.parallel_samples = check_int("parallel_samples", parallel_samples, 0, MAX_SAMPLES, none_ok=True)
         if parallel_samples == 1:
             raise ConfigurationError(
                 "parallel_samples=1 cannot tell how accuracy varies between questions; draw at least 2 (e.g. 8), "
                 "or 0 for none"
             )
-        check_int("num_threads", num_threads, 1, none_ok=True)
-        check_number("threshold", threshold, none_ok=True)
-        if question_types != "auto":
-            check_int("question_types", question_types, 1, 8)
-        self.metric = metric
-        self.rounds = rounds
-        self.parallel_samples = parallel_samples
-        self.num_threads = num_threads
+        self.num_threads = check_int("num_threads", num_threads, 1, none_ok=True)
         self.prior = check_prior(prior)
-        self.threshold = threshold if threshold is None else float(threshold)
-        self.question_types = question_types
+        self.threshold = check_number("threshold", threshold, none_ok=True)
+        self.question_types = (
+            question_types if question_types == "auto" else check_int("question_types", question_types, 1, 8)
+        )
         self.resume = resume
         self.trace_dir = trace_dir
         self.store_traces = store_traces

@@ -71,12 +71,11 @@ def _params(p_cw: float, p_wc: float, p_same_wrong: float, p_change_correct: flo
 
 
 @dataclass(frozen=True, eq=False)
-class HiddenChains:
-    """One or more question types, each a chain with its own parameters; a question belongs to one unknown type.
+class ChainParameters:
+    """Per question type: its weight, the chain (``p0``, ``p_cw``, ``p_wc``) and the same/changed emissions.
 
-    The belief is a ``(K, 2)`` array: ``b[k, x]`` = P(type k and the current answer is ``x``), x = 1 for correct.
-    A single type is the plain chain of the paper; several types (fitted by EM, see ``TransitionModel.mixture``)
-    let the filter learn what kind of question it is looking at from how its answers move.
+    ``p_same_wrong`` = P(a wrong answer repeats | it stays wrong); ``p_change_correct`` = P(a correct answer is
+    reworded | it stays correct). The filters (:class:`HiddenChains`, ``Evidence``) share these arrays.
     """
 
     weights: np.ndarray
@@ -85,6 +84,16 @@ class HiddenChains:
     p_wc: np.ndarray
     p_same_wrong: np.ndarray
     p_change_correct: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class HiddenChains(ChainParameters):
+    """One or more question types, each a chain with its own parameters; a question belongs to one unknown type.
+
+    The belief is a ``(K, 2)`` array: ``b[k, x]`` = P(type k and the current answer is ``x``), x = 1 for correct.
+    A single type is the plain chain of the paper; several types (fitted by EM, see ``TransitionModel.mixture``)
+    let the filter learn what kind of question it is looking at from how its answers move.
+    """
 
     @classmethod
     def single(cls, p0: float, p_cw: float, p_wc: float, p_same_wrong: float, p_change_correct: float) -> HiddenChains:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from markovscale_dspy.core.belief import ChainParameters
 from markovscale_dspy.core.theory import TIE_TOLERANCE
 
 __all__ = [
@@ -125,7 +126,7 @@ class AnswerBelief:
 
 
 @dataclass(frozen=True, eq=False)
-class Evidence:
+class Evidence(ChainParameters):
     """Question types with their chains, answer-identity and confidence emissions, stacked over parameter samples.
 
     Every parameter array has shape ``(S, K)``: ``S`` parameter sets evaluated side by side (one, the posterior
@@ -133,12 +134,6 @@ class Evidence:
     (``[..., 0, b]`` = P(bin b | wrong), ``[..., 1, b]`` = P(bin b | correct)) or is ``None``.
     """
 
-    weights: np.ndarray
-    p0: np.ndarray
-    p_cw: np.ndarray
-    p_wc: np.ndarray
-    p_same_wrong: np.ndarray
-    p_change_correct: np.ndarray
     p_return: np.ndarray
     confidence: np.ndarray | None = None
     _sub: dict = field(default_factory=dict, init=False, repr=False, compare=False)

@@ -10,6 +10,7 @@ The number of types is chosen by cross-validated held-out likelihood.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from markovscale_dspy._exceptions import DataError, StateError
-from markovscale_dspy.core.belief import HiddenChains
+from markovscale_dspy.core.belief import ChainParameters, HiddenChains
 
 __all__ = ["STATISTICS", "ChainMixture", "chain_statistics", "confidence_columns", "fit_mixture", "select_mixture"]
 
@@ -40,15 +41,15 @@ STATISTICS = (
     "return_miss",
 )
 #: Beta-distributed parameters and their (successes, failures) columns.
-RATES = {
-    "p0": ("c0", "w0"),
-    "p_cw": ("cw", "cc"),
-    "p_wc": ("wc", "ww"),
-    "p_change_correct": ("cc_changed", "cc_same"),
-    "p_same_wrong": ("ww_same", "ww_changed"),
-    "p_return": ("return_hit", "return_miss"),
-}
-_FIELDS = ("weights", "p0", "p_cw", "p_wc", "p_same_wrong", "p_change_correct")
+RATES = dict(
+    p0=("c0", "w0"),
+    p_cw=("cw", "cc"),
+    p_wc=("wc", "ww"),
+    p_change_correct=("cc_changed", "cc_same"),
+    p_same_wrong=("ww_same", "ww_changed"),
+    p_return=("return_hit", "return_miss"),
+)
+_FIELDS = tuple(f.name for f in dataclasses.fields(ChainParameters))
 
 #: Pseudo-answers per confidence bin with which each type's confidence histogram is shrunk towards the histogram of
 #: all types together: a small type keeps the population's confidence law until its own answers say otherwise.

@@ -168,6 +168,11 @@ class StrategyPrediction:
         }
 
 
+def _of_chosen(name: str, doc: str) -> property:
+    """A read-only attribute of the chosen strategy, exposed on the plan."""
+    return property(lambda plan: getattr(plan.chosen.strategy, name), doc=doc)
+
+
 @dataclass(frozen=True)
 class Plan:
     """The chosen strategy, and every candidate's prediction.
@@ -193,21 +198,10 @@ class Plan:
     reason: str
     notes: tuple[str, ...] = ()
 
-    @property
-    def kind(self) -> str:
-        return self.chosen.strategy.kind
-
-    @property
-    def samples(self) -> int:
-        return self.chosen.strategy.samples
-
-    @property
-    def rounds(self) -> int:
-        return self.chosen.strategy.rounds
-
-    @property
-    def calls(self) -> int:
-        return self.chosen.strategy.calls
+    kind = _of_chosen("kind", "What runs: 'single', 'refine', 'vote' or 'refine_vote'.")
+    samples = _of_chosen("samples", "How many chains run in parallel (1 unless the plan votes).")
+    rounds = _of_chosen("rounds", "Refinement rounds per chain after round 0.")
+    calls = _of_chosen("calls", "LM calls per question: samples x (rounds + 1).")
 
     def prediction(self, samples: int, rounds: int) -> StrategyPrediction:
         """The prediction for ``samples`` chains of ``rounds`` rounds (KeyError if it was not a candidate)."""

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 from scipy import optimize
-from scipy.special import betaln, digamma
+from scipy.special import betaln, digamma, gammaln
 
 from markovscale_dspy._exceptions import ConfigurationError, DataError, StateError
 from markovscale_dspy.core.validation import check_int, check_number
@@ -69,6 +69,8 @@ MAX_DISTRACTORS = 24
 #: Bounds of the fitted concentrations (difficulty ``a + b``; distractor ``alpha``).
 _KAPPA = (1e-2, 1e4)
 _ALPHA = (1e-3, 1e3)
+#: Grid points over log(alpha) in the distractor fit (a step of 0.058 in log(alpha) before the parabolic polish).
+_ALPHA_GRID = 241
 _FORMAT = "markovscale.vote_model/1"
 
 
@@ -358,16 +360,50 @@ def fit_clusters(wrong: Sequence[Sequence[int]]) -> tuple[int | None, float, boo
     stats = _partition_stats(wrong)
     if not stats[1]:
         return 1, 1.0, False
-    lo, hi = math.log(_ALPHA[0]), math.log(_ALPHA[1])
+    # Every law on a fine grid of log(alpha) at once (the parametric bootstrap refits hundreds of times), each
+    # maximum polished by the vertex of the parabola through its grid neighbours; ties go to fewer distractors.
+    laws = [*range(max(stats[0]), MAX_DISTRACTORS + 1), None]
+    grid = np.linspace(math.log(_ALPHA[0]), math.log(_ALPHA[1]), _ALPHA_GRID)
+    table = _cluster_loglik_grid(stats, laws, np.exp(grid))
     best: tuple[float, int | None, float] | None = None
-    for m in [*range(max(stats[0]), MAX_DISTRACTORS + 1), None]:
-        res = optimize.minimize_scalar(
-            lambda x, m=m: -_cluster_loglik(stats, m, math.exp(x)), bounds=(lo, hi), method="bounded"
-        )
-        ll = -float(res.fun)
+    for m, row in zip(laws, table, strict=True):
+        i = int(np.argmax(row))
+        ll, x = float(row[i]), float(grid[i])
+        if 0 < i < grid.size - 1:
+            curve = row[i + 1] - 2 * row[i] + row[i - 1]
+            if curve < 0:
+                vertex = x - (grid[1] - grid[0]) * (row[i + 1] - row[i - 1]) / (2 * curve)
+                at_vertex = _cluster_loglik(stats, m, math.exp(vertex))
+                if at_vertex > ll:
+                    ll, x = at_vertex, float(vertex)
         if best is None or ll > best[0] + 1e-9:
-            best = (ll, m, math.exp(float(res.x)))
+            best = (ll, m, math.exp(x))
     return best[1], best[2], True
+
+
+def _cluster_loglik_grid(
+    stats: tuple[Counter, Counter, Counter], laws: Sequence[int | None], alphas: np.ndarray
+) -> np.ndarray:
+    """:func:`_cluster_loglik` for every law (row) and alpha (column) at once."""
+    by_k, by_r, by_size = stats
+    k, nk = np.array(list(by_k)), np.array(list(by_k.values()))
+    r, nr = np.array(list(by_r)), np.array(list(by_r.values()))
+    size, ns = np.array(list(by_size)), np.array(list(by_size.values()))
+    m = np.array([law for law in laws if law is not None], dtype=float)[:, None]
+    ma = m * alphas[None, :]
+    finite = (
+        (gammaln(m + 1) - gammaln(m - k[None, :] + 1)) @ nk[:, None]
+        + (gammaln(ma)[:, :, None] - gammaln(ma[:, :, None] + r)) @ nr
+        + (ns @ (gammaln(alphas[None, :] + size[:, None]) - gammaln(alphas)[None, :]))[None, :]
+    )
+    if None not in laws:
+        return finite
+    unbounded = (
+        float(nk @ k) * np.log(alphas)
+        + (gammaln(alphas)[:, None] - gammaln(alphas[:, None] + r)) @ nr
+        + float(ns @ gammaln(size))
+    )
+    return np.vstack([finite, unbounded[None, :]])
 
 
 # Simulation (for the parametric bootstrap and for tests) --------------------------------------------------------------

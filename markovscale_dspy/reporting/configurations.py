@@ -38,7 +38,7 @@ from markovscale_dspy.core.statistics import binomial_interval
 from markovscale_dspy.core.validation import check_int, check_number
 from markovscale_dspy.refine.markov_refine import MarkovRefine
 from markovscale_dspy.reporting.evaluation import MethodResult, evaluate
-from markovscale_dspy.reporting.report import _pct, dollars, markdown_table
+from markovscale_dspy.reporting.report import _pct, dollars, markdown_table, spend_rows
 
 __all__ = [
     "Configuration",
@@ -367,27 +367,14 @@ def configurations_markdown(comparison: ConfigurationComparison, *, figure: str 
         ),
         "",
     ]
-    spend_rows = []
-    for r in comparison.results:
-        spend = r.report.spend or {}
-        for key, label in (("round0", "round 0"), ("refinement", "refinement round")):
-            row = spend.get(key) or {}
-            if row.get("n"):
-                spend_rows.append(
-                    [
-                        r.name,
-                        label,
-                        f"{row['calls']:.2f}",
-                        f"{row['prompt_tokens'] + row['completion_tokens']:.0f}",
-                        dollars(row.get("cost")),
-                        row["n"],
-                    ]
-                )
-    if spend_rows:
+    spend = [[r.name, *row] for r in comparison.results for row in spend_rows(r.report.spend)]
+    if spend:
         out += [
             "## Measured per round during calibration",
             "",
-            markdown_table(["configuration", "round", "LM calls", "tokens", "dollars", "n"], spend_rows),
+            markdown_table(
+                ["configuration", "round", "LM calls", "prompt tokens", "completion tokens", "dollars", "n"], spend
+            ),
             "",
         ]
     notes = [f"- {r.name}: {r.note}" for r in comparison.results if r.note]

@@ -414,6 +414,28 @@ def calibration_markdown(
     return "\n".join(out)
 
 
+def spend_rows(spend: dict[str, Any] | None) -> list[tuple[str, str, str, str, str, int]]:
+    """A report's measured spend (``report.spend``) as rows: round, LM calls, prompt and completion tokens, dollars, n.
+
+    Only rounds with measurements appear; both the calibration report and the configuration comparison print these.
+    """
+    rows = []
+    for key, label in (("round0", "round 0"), ("refinement", "one refinement round")):
+        row = (spend or {}).get(key) or {}
+        if row.get("n"):
+            rows.append(
+                (
+                    label,
+                    f"{row['calls']:.2f}",
+                    f"{row['prompt_tokens']:.0f}",
+                    f"{row['completion_tokens']:.0f}",
+                    dollars(row.get("cost")),
+                    row["n"],
+                )
+            )
+    return rows
+
+
 def lms_and_spend_markdown(report: CalibrationReport) -> list[str]:
     """Which LMs the calibration was fitted for (names only) and what round 0 and a refinement round cost."""
     out: list[str] = []
@@ -428,21 +450,7 @@ def lms_and_spend_markdown(report: CalibrationReport) -> list[str]:
             "The transition rates belong to this pair of LMs: MarkovRefine warns when it runs with others.",
             "",
         ]
-    spend = report.spend or {}
-    rows = []
-    for key, label in (("round0", "round 0"), ("refinement", "one refinement round")):
-        row = spend.get(key) or {}
-        if row.get("n"):
-            rows.append(
-                [
-                    label,
-                    f"{row['calls']:.2f}",
-                    f"{row['prompt_tokens']:.0f}",
-                    f"{row['completion_tokens']:.0f}",
-                    dollars(row.get("cost")),
-                    row["n"],
-                ]
-            )
+    rows = spend_rows(report.spend)
     if rows:
         out += [
             "## What a round costs (measured on calls that reached the LM)",
