@@ -165,7 +165,8 @@ def study(task_name: str, n: int, rounds: int, threads: int, lm: dspy.LM, store:
         train, test = halves[fold], halves[1 - fold]
         for confidence in (False, True):
             model = calibrate(train, rounds, confidence)
-            models.append({"fold": fold, "confidence": confidence, "model": repr(model)})
+            kept = confidence and model.confidence is not None
+            models.append({"fold": fold, "confidence": confidence, "confidence_kept": kept, "model": repr(model)})
             for select in ("last", "best"):
                 for cost in COSTS:
                     key = f"belief{' + confidence' if confidence else ''}, select={select}, cost {cost:g}"
@@ -209,6 +210,11 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
             f"{r['answers_with_confidence']} answers **{a:.3f}** ({lo:.3f}-{hi:.3f})",
             "- fitted models (two folds, without / with confidence): "
             + "; ".join(f"`{m['model']}`" for m in r["models"]),
+            "- did the fit keep confidence (it must beat a pooled histogram on held-out chains by two standard "
+            "errors)? "
+            + ", ".join(
+                f"fold {m['fold']}: {'yes' if m['confidence_kept'] else 'no'}" for m in r["models"] if m["confidence"]
+            ),
             "",
             "| method | accuracy | LM calls / q | paired difference with vs without confidence (95% CI) |",
             "|---|---|---|---|",

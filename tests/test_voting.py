@@ -10,7 +10,7 @@ from functools import cache
 import dspy
 import numpy as np
 import pytest
-from scipy import integrate, stats
+from scipy import integrate, optimize, stats
 from scipy.special import gammaln
 
 from markovscale_dspy import MarkovCalibrator, MarkovScale, TransitionModel, VoteModel
@@ -210,6 +210,23 @@ def test_the_fit_recovers_the_difficulty_law_within_its_bootstrap_range():
     draws = np.array([(d[0], d[1]) for d in model.draws])
     assert _inside_bootstrap(2.0 / 3.5, draws[:, 0] / draws.sum(axis=1))  # mean accuracy
     assert _inside_bootstrap(3.5, draws.sum(axis=1))  # concentration a + b
+
+
+@pytest.mark.parametrize("m, alpha", [(None, 2.0), (1, 1.0), (3, 0.3), (8, 5.0)])
+def test_the_distractor_fit_finds_the_maximum_of_a_scalar_search_over_every_law(m, alpha):
+    """Oracle: for every law, a bounded scalar search over log(alpha) of the exact log-likelihood."""
+    rng = np.random.default_rng(31)
+    sim = voting.simulate_questions(rng.integers(2, 12, size=60).tolist(), 2.0, 2.0, m, alpha, rng)
+    parts = voting._partition_stats([w for _, w in sim])
+    bounds = (math.log(voting._ALPHA[0]), math.log(voting._ALPHA[1]))
+    oracle = max(
+        -optimize.minimize_scalar(
+            lambda x, law=law: -voting._cluster_loglik(parts, law, math.exp(x)), bounds=bounds, method="bounded"
+        ).fun
+        for law in [*range(max(parts[0]), voting.MAX_DISTRACTORS + 1), None]
+    )
+    law, fitted, estimated = voting.fit_clusters([w for _, w in sim])
+    assert estimated and voting._cluster_loglik(parts, law, fitted) >= oracle - 1e-5
 
 
 @pytest.mark.slow
