@@ -48,8 +48,8 @@ def auroc_interval(scores: list[float], labels: list[bool]) -> tuple[float | Non
 
 def chains(
     task: Any, examples: list[dspy.Example], rounds: int, threads: int, store: Path | None = None
-) -> list[dict[str, Any]]:
-    """Full chains: every round's answer identity, confidence, correctness and failure.
+) -> tuple[list[dict[str, Any]], int]:
+    """Full chains (every round's answer identity, confidence, correctness and failure) and how many were reused.
 
     With ``store``, finished chains are appended to that JSON-lines file as batches finish and reused on a re-run,
     so an interrupted measurement resumes (a chain is one independent sample either way).
@@ -59,6 +59,7 @@ def chains(
         for line in store.read_text().splitlines():
             row = json.loads(line)
             done[row["id"]] = row
+    reused = {_ident(e) for e in examples} & set(done)
     out = []
     for start in range(0, len(examples), 20):
         batch = [e for e in examples[start : start + 20] if _ident(e) not in done]
@@ -89,7 +90,7 @@ def chains(
         out += [done[_ident(e)] for e in examples[start : start + 20] if _ident(e) in done]
     for row in out:
         row["keys"] = [tuple(k) if isinstance(k, list) else k for k in row["keys"]]
-    return out
+    return out, len(reused)
 
 
 def _ident(example: dspy.Example) -> str:
@@ -139,7 +140,7 @@ def study(task_name: str, n: int, rounds: int, threads: int, lm: dspy.LM, store:
     examples, _ = task.split(n, 0, seed=0)
     started = time.perf_counter()
     with dspy.context(lm=lm, adapter=dspy.JSONAdapter(), warn_on_type_mismatch=False):
-        data = chains(task, examples, rounds, threads, store)
+        data, reused = chains(task, examples, rounds, threads, store)
     seconds = time.perf_counter() - started
     pairs0 = [(c["confidence"][0], c["labels"][0]) for c in data if c["confidence"][0] is not None]
     pairs = [
@@ -153,6 +154,7 @@ def study(task_name: str, n: int, rounds: int, threads: int, lm: dspy.LM, store:
         "questions": len(data),
         "rounds": rounds,
         "seconds": seconds,
+        "reused_chains": reused,
         "accuracy_by_round": [float(np.mean([c["labels"][t] for c in data])) for t in range(rounds + 1)],
         "auroc_round0": auroc_interval([s for s, _ in pairs0], [y for _, y in pairs0]),
         "auroc_all": auroc_interval([s for s, _ in pairs], [y for _, y in pairs]),
@@ -203,7 +205,8 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
         a, lo, hi = r["auroc_all"]
         lines += [
             f"### {r['task']}: {r['questions']} questions, {r['rounds']} refinement rounds "
-            f"({r['seconds'] / 60:.0f} min of LM calls)",
+            f"({r['questions'] - r['reused_chains']} chains measured in {r['seconds'] / 60:.0f} min, "
+            f"{r['reused_chains']} read from the chain store)",
             "",
             f"- accuracy by round: {', '.join(f'{100 * x:.1f}%' for x in r['accuracy_by_round'])}",
             f"- confidence AUROC for correctness: round 0 **{a0:.3f}** (95% CI {lo0:.3f}-{hi0:.3f}), all "
