@@ -260,7 +260,7 @@ def _report_from(result: SimulationResult) -> Any:
 
 
 def _micro_markdown(micro: dict[str, Any]) -> list[str]:
-    lines = ["## Overhead and throughput", ""]
+    lines = ["## Overhead and threads", ""]
     call = None
     if "throughput" in micro:
         runs = micro["throughput"]

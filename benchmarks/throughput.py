@@ -323,9 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         result = llama(args.n, args.rounds, args.threads, args.repeats)
         markdown = _llama_markdown(result)
     result.update(machine=machine, load_after=os.getloadavg(), date=time.strftime("%Y-%m-%d %H:%M"), argv=sys.argv)
-    (out / f"throughput-{args.part}.json").write_text(json.dumps(result, indent=1))
+    # One file per latency delay, so runs at several delays sit side by side.
+    name = f"throughput-latency-{args.delay:g}s.json" if args.part == "latency" else f"throughput-{args.part}.json"
+    (out / name).write_text(json.dumps(result, indent=1))
     _say("\n" + markdown)
-    _say(f"\nload average after: {os.getloadavg()}; wrote {out / f'throughput-{args.part}.json'}")
+    _say(f"\nload average after: {os.getloadavg()}; wrote {out / name}")
     return 0
 
 
