@@ -51,10 +51,16 @@ def calibrated():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under ``-n 2`` (``make test``), keep each file on one worker so its module fixtures are built once, and every
-    test that starts llama.cpp on the same worker: two servers at once would fight over the two cores."""
+    """Under ``-n 2`` (``make test``), keep each file on one worker so its module fixtures are built once, the files
+    that share the session's ``hetero_model`` on one worker too (it takes seconds to calibrate), and every test that
+    starts llama.cpp on the same worker: two servers at once would fight over the two cores."""
     if not config.pluginmanager.hasplugin("xdist"):
         return
+    shared = {item.nodeid.split("::")[0] for item in items if "hetero_model" in getattr(item, "fixturenames", ())}
     for item in items:
-        group = "llm" if item.get_closest_marker("llm") else item.nodeid.split("::")[0]
+        path = item.nodeid.split("::")[0]
+        if item.get_closest_marker("llm"):
+            group = "llm"
+        else:
+            group = "hetero_model" if path in shared else path
         item.add_marker(pytest.mark.xdist_group(group))
