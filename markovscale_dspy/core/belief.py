@@ -46,6 +46,7 @@ from markovscale_dspy.core.validation import check_probability
 
 __all__ = [
     "MAX_LOOKAHEAD",
+    "ChainParameters",
     "HiddenChains",
     "continuation_value",
     "expected_gain",
