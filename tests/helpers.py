@@ -1,6 +1,8 @@
 """Shared builders and oracles for the offline tests."""
 
 import itertools
+import threading
+import time
 from importlib.util import find_spec
 
 import dspy
@@ -36,8 +38,18 @@ def model_from_rates(p0, p_cw, p_wc, n=10_000):
     return TransitionModel(n0_correct=c0, n0_total=n, n_cc=n - cw, n_cw=cw, n_wc=wc, n_ww=n - wc)
 
 
-def refine(**kwargs):
-    return MarkovRefine(dspy.Predict("question -> answer"), **kwargs)
+def refine(model=None, **kwargs):
+    """MarkovRefine around a plain Predict; ``model`` (a fitted TransitionModel) is assigned when given."""
+    module = MarkovRefine(dspy.Predict("question -> answer"), **kwargs)
+    if model is not None:
+        module.model = model
+    return module
+
+
+def answer_all(module, w):
+    """Call ``module`` on every question of world ``w``, with ``w``'s LM."""
+    with dspy.context(lm=w.lm()):
+        return [module(**e.inputs()) for e in w.examples]
 
 
 def calibrated_model(w, rounds=4, **kwargs):
@@ -110,3 +122,29 @@ def brute_force_belief_and_gain(chains, observations):
 def ask(module, w, i=0):
     """Call ``module`` on the ``i``-th question of world ``w``."""
     return module(**w.examples[i].inputs())
+
+
+def calibrate_and_kill(calibrator, program, train, lm, store, *, chains, kill, wait, join):
+    """Calibrate ``program`` on ``train`` with ``lm`` (JSON adapter) in a thread and, once ``store`` holds
+    ``chains`` finished chains (or after ``wait`` seconds), call ``kill()`` under the running calibration.
+
+    Returns ``(what kill returned, outcome)``: outcome is ``{"program": calibrated}`` or ``{"error": exception}``.
+    """
+    outcome = {}
+
+    def run():
+        with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+            try:
+                outcome["program"] = calibrator.compile(program, trainset=train)
+            except Exception as exc:  # the caller's assertions judge it
+                outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + wait
+    while len(store) < chains and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed = kill()
+    worker.join(timeout=join)
+    assert not worker.is_alive()
+    return killed, outcome

@@ -156,8 +156,7 @@ def test_single_chain_smoothing_equals_brute_force_over_hidden_paths():
 def test_belief_is_calibrated():
     """Among questions whose belief falls in a bin, the share actually correct matches the bin."""
     model = calibrated_model(preset_world("heterogeneous", 600, seed=20), rounds=5)
-    module = refine(policy="fixed", max_rounds=5)
-    module.model = model
+    module = refine(model=model, policy="fixed", max_rounds=5)
     w = preset_world("heterogeneous", 3000, seed=21)
     chains = model.hidden_chains()
     rng = np.random.default_rng(0)

@@ -20,8 +20,7 @@ def recorded_gain(model, rounds):
 
 @pytest.mark.parametrize("threads", [1, 4])
 def test_budget_is_never_exceeded_and_goes_to_the_highest_gains(hetero_model, threads):
-    module = refine(max_rounds=5)
-    module.model = hetero_model
+    module = refine(model=hetero_model, max_rounds=5)
     w = preset_world("heterogeneous", 60, seed=13)
     with dspy.context(lm=w.lm()):
         result = module.answer_with_budget(w.examples, budget=50, num_threads=threads)
@@ -62,8 +61,7 @@ def test_budget_is_never_exceeded_and_goes_to_the_highest_gains(hetero_model, th
 
 
 def test_budget_prefers_questions_whose_answers_keep_changing(hetero_model):
-    module = refine(max_rounds=5)
-    module.model = hetero_model
+    module = refine(model=hetero_model, max_rounds=5)
     w = preset_world("heterogeneous", 90, seed=14)
     with dspy.context(lm=w.lm()):
         result = module.answer_with_budget(w.examples, budget=60, num_threads=1)
@@ -76,8 +74,7 @@ def test_budget_prefers_questions_whose_answers_keep_changing(hetero_model):
 
 
 def test_zero_budget_answers_in_one_call_each(hetero_model):
-    module = refine(max_rounds=5)
-    module.model = hetero_model
+    module = refine(model=hetero_model, max_rounds=5)
     w = world(10)
     with dspy.context(lm=w.lm()):
         result = module.answer_with_budget(w.examples, budget=0)

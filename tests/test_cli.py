@@ -7,8 +7,7 @@ from markovscale_dspy.cli import build_parser, main
 
 
 def saved_state(tmp_path, model=None):
-    module = refine()
-    module.model = model or model_from_rates(**IMPROVING)
+    module = refine(model=model or model_from_rates(**IMPROVING))
     path = tmp_path / "state.json"
     module.save(path)
     return path

@@ -172,8 +172,7 @@ def test_calibration_fits_the_confidence_per_state(informative_model):
 
 
 def test_confidence_model_survives_save_and_load(informative_model, tmp_path):
-    module = refine(policy="belief")
-    module.model = informative_model
+    module = refine(model=informative_model, policy="belief")
     module.save(tmp_path / "s.json")
     fresh = refine(policy="belief")
     fresh.load(tmp_path / "s.json")
@@ -208,8 +207,7 @@ def test_states_saved_before_confidence_still_load():
     model = TransitionModel.from_dict(old)
     assert model.confidence is None and model.n_return_hit is None and model.p_return is None
     world = SimulatedWorld.homogeneous(5, seed=8, **IMPROVING)
-    module = refine(policy="belief")
-    module.model = model
+    module = refine(model=model, policy="belief")
     with dspy.context(lm=world.lm()):
         assert module(**world.examples[0].inputs()).stop_reason
 
@@ -221,8 +219,7 @@ def test_without_logprobs_the_world_gives_no_confidence_and_the_fit_is_unchanged
 
 
 def _decisions(model, world, logprobs, n=80, **kwargs):
-    module = refine(policy="belief", max_rounds=3, **kwargs)
-    module.model = model
+    module = refine(model=model, policy="belief", max_rounds=3, **kwargs)
     w = world.fresh()
     with dspy.context(lm=w.lm(logprobs=logprobs)):
         preds = [module(**e.inputs()) for e in w.examples[:n]]

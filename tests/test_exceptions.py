@@ -34,8 +34,9 @@ def _calibrate_with_a_metric_that_raises():
 
 
 def _belief_policy_without_answer_change_rates():
-    module = refine(policy="belief", min_prob_improves=0.0)
-    module.model = model_from_rates(**IMPROVING)  # fitted without answers: no emission rates
+    module = refine(
+        model=model_from_rates(**IMPROVING), policy="belief", min_prob_improves=0.0
+    )  # fitted without answers: no emission rates
     w = world(3)
     with dspy.context(lm=w.lm()):
         module(**w.examples[0].inputs())

@@ -6,12 +6,11 @@ behaviour (calls, parsing, stopping, fallbacks, saved files, resumed calibration
 
 import json
 import logging
-import threading
-import time
 import urllib.request
 
 import dspy
 import pytest
+from helpers import calibrate_and_kill
 
 from markovscale_dspy import CalibrationError, MarkovCalibrator, MarkovRefine
 from markovscale_dspy.calibrate.traces import TraceStore
@@ -124,24 +123,19 @@ def test_server_killed_mid_calibration_then_resumed(winogrande, tmp_path):
     first = LocalModel(n_parallel=2, out_of_process=True).start()
     port = first.port
     calibrator = calibrator_for(task, tmp_path / "t")
-    outcome = {}
-
-    def run():
-        lm = first.lm(temperature=0.7, cache=False, num_retries=0)
-        with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
-            try:
-                outcome["program"] = calibrator.compile(MarkovRefine(task.program(), max_rounds=2), trainset=train)
-            except Exception as exc:  # only a CalibrationError is acceptable; checked below
-                outcome["error"] = exc
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    deadline = time.monotonic() + 90
-    while len(store) < 4 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    first.kill()  # SIGKILL the server under the running calibration
-    worker.join(timeout=180)
-    assert not worker.is_alive()
+    lm = first.lm(temperature=0.7, cache=False, num_retries=0)
+    # SIGKILL the server under the running calibration; only a CalibrationError is an acceptable failure.
+    _, outcome = calibrate_and_kill(
+        calibrator,
+        MarkovRefine(task.program(), max_rounds=2),
+        train,
+        lm,
+        store,
+        chains=4,
+        kill=first.kill,
+        wait=90,
+        join=180,
+    )
     assert "program" in outcome or isinstance(outcome.get("error"), CalibrationError), outcome
     finished = len(store)
     failures = calibrator.report.failures

@@ -157,8 +157,9 @@ def test_repr_shows_estimates_and_regime():
 
 
 def test_emission_counts_survive_save_and_load(tmp_path):
-    module = refine()
-    module.model = TransitionModel.fit([[False, False, True], [True, True, True]], answers=[[1, 1, 2], [5, 6, 6]])
+    module = refine(
+        model=TransitionModel.fit([[False, False, True], [True, True, True]], answers=[[1, 1, 2], [5, 6, 6]])
+    )
     module.save(tmp_path / "s.json")
     fresh = refine()
     fresh.load(tmp_path / "s.json")

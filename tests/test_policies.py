@@ -9,6 +9,7 @@ import pytest
 from helpers import (
     DEGRADING,
     IMPROVING,
+    answer_all,
     ask,
     calibrate_one_type,
     calibrated_model,
@@ -49,8 +50,7 @@ def test_fixed_policy_with_zero_rounds_is_one_call():
 
 def test_closed_form_on_degrading_model_makes_one_call():
     w = world(**DEGRADING)
-    module = refine(max_rounds=4)
-    module.model = model_from_rates(**DEGRADING)
+    module = refine(model=model_from_rates(**DEGRADING), max_rounds=4)
     with dspy.context(lm=w.lm()):
         pred = ask(module, w)
     assert (pred.rounds, pred.stop_reason, w.calls) == (0, "degrading", 1)
@@ -58,16 +58,14 @@ def test_closed_form_on_degrading_model_makes_one_call():
 
 def test_closed_form_runs_the_optimal_rounds():
     w = world()
-    module = refine(max_rounds=8, round_cost=0.01)
-    module.model = model_from_rates(**IMPROVING)
+    module = refine(model=model_from_rates(**IMPROVING), max_rounds=8, round_cost=0.01)
     with dspy.context(lm=w.lm()):
         pred = ask(module, w)
     assert pred.rounds == module.model.optimal_rounds(0.01, 8) == 6 and pred.stop_reason == "optimal_rounds"
 
 
 def test_closed_form_reports_cost_when_gain_too_small():
-    module = refine(round_cost=0.5)
-    module.model = model_from_rates(**IMPROVING)
+    module = refine(model=model_from_rates(**IMPROVING), round_cost=0.5)
     w = world()
     with dspy.context(lm=w.lm()):
         assert ask(module, w).stop_reason == "cost"
@@ -129,8 +127,7 @@ MODEST = {"p0": 0.5, "p_cw": 0.15, "p_wc": 0.3}  # refinement helps, by a margin
 
 def test_too_little_calibration_does_not_refine():
     model = calibrated_model(SimulatedWorld.homogeneous(10, seed=2, **MODEST))
-    module = refine(policy="belief", max_rounds=4)
-    module.model = model
+    module = refine(model=model, policy="belief", max_rounds=4)
     w = world(5, seed=6)
     with dspy.context(lm=w.lm()):
         pred = module(**w.examples[0].inputs())
@@ -141,8 +138,7 @@ def test_too_little_calibration_does_not_refine():
 @pytest.mark.slow
 def test_enough_calibration_does_refine():
     model = calibrated_model(SimulatedWorld.homogeneous(400, seed=2, **MODEST))
-    module = refine(policy="belief", max_rounds=4)
-    module.model = model
+    module = refine(model=model, policy="belief", max_rounds=4)
     w = SimulatedWorld.homogeneous(50, seed=6, **MODEST)
     with dspy.context(lm=w.lm()):
         rounds = [module(**e.inputs()).rounds for e in w.examples]
@@ -151,8 +147,7 @@ def test_enough_calibration_does_refine():
 
 def test_closed_form_keeps_the_papers_rule_without_a_gate():
     model = calibrated_model(SimulatedWorld.homogeneous(10, seed=2, **MODEST))
-    module = refine(max_rounds=4)
-    module.model = model
+    module = refine(model=model, max_rounds=4)
     w = world(5)
     with dspy.context(lm=w.lm()):
         assert module(**w.examples[0].inputs()).rounds == model.optimal_rounds(0.0, 4)
@@ -160,8 +155,7 @@ def test_closed_form_keeps_the_papers_rule_without_a_gate():
 
 def test_explicit_gate_applies_to_closed_form_too():
     model = calibrated_model(SimulatedWorld.homogeneous(10, seed=2, **MODEST))
-    module = refine(max_rounds=4, min_prob_improves=0.99)
-    module.model = model
+    module = refine(model=model, max_rounds=4, min_prob_improves=0.99)
     w = world(5)
     with dspy.context(lm=w.lm()):
         assert module(**w.examples[0].inputs()).rounds == 0
@@ -171,19 +165,18 @@ def test_explicit_gate_applies_to_closed_form_too():
 
 
 def test_belief_policy_needs_emission_rates():
-    module = refine(policy="belief", min_prob_improves=0.0)
-    module.model = model_from_rates(**IMPROVING)  # fitted without answers
+    module = refine(
+        model=model_from_rates(**IMPROVING), policy="belief", min_prob_improves=0.0
+    )  # fitted without answers
     w = world()
     with dspy.context(lm=w.lm()), pytest.raises(NotCalibratedError, match="answer-change rates"):
         module(**w.examples[0].inputs())
 
 
 def test_belief_is_exposed_per_round_and_on_the_prediction(hetero_model):
-    module = refine(policy="belief", max_rounds=5)
-    module.model = hetero_model
+    module = refine(model=hetero_model, policy="belief", max_rounds=5)
     w = preset_world("heterogeneous", 20, seed=11)
-    with dspy.context(lm=w.lm()):
-        preds = [module(**e.inputs()) for e in w.examples]
+    preds = answer_all(module, w)
     evidence = hetero_model.evidence()
     for pred in preds:
         beliefs = [entry["belief"] for entry in pred.trajectory]
@@ -201,8 +194,7 @@ def test_belief_is_exposed_per_round_and_on_the_prediction(hetero_model):
 @pytest.mark.slow
 def test_belief_policy_on_a_degrading_task_costs_one_call():
     model = calibrated_model(preset_world("hurts", 300, seed=30))
-    module = refine(policy="belief", max_rounds=4)
-    module.model = model
+    module = refine(model=model, policy="belief", max_rounds=4)
     w = preset_world("hurts", 100, seed=31)
     with dspy.context(lm=w.lm()):
         reasons = {module(**e.inputs()).stop_reason for e in w.examples}
@@ -212,11 +204,9 @@ def test_belief_policy_on_a_degrading_task_costs_one_call():
 @pytest.mark.slow
 def test_belief_policy_stops_a_stable_answer_early():
     model = calibrated_model(preset_world("heterogeneous", 400, seed=32), rounds=5)
-    module = refine(policy="belief", max_rounds=5)
-    module.model = model
+    module = refine(model=model, policy="belief", max_rounds=5)
     w = preset_world("heterogeneous", 200, seed=33)
-    with dspy.context(lm=w.lm()):
-        preds = [module(**e.inputs()) for e in w.examples]
+    preds = answer_all(module, w)
     stable = [p.rounds for e, p in zip(w.examples, preds, strict=True) if w.truth(e).kind == "stable"]
     assert np.mean(stable) < 2 and any(p.stop_reason == "stable_answer" for p in preds)
 

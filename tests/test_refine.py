@@ -10,6 +10,7 @@ import dspy
 import pytest
 from helpers import (
     IMPROVING,
+    answer_all,
     ask,
     calibrate_one_type,
     model_from_rates,
@@ -173,8 +174,7 @@ def attribute_snapshot(module):
 
 def test_forward_does_not_mutate_the_module():
     w = world()
-    module = refine(max_rounds=3)
-    module.model = model_from_rates(**IMPROVING)
+    module = refine(model=model_from_rates(**IMPROVING), max_rounds=3)
     before = copy.deepcopy({k: v for k, v in module.__dict__.items() if k != "history"})
     state = module.dump_state()
     snapshot = attribute_snapshot(module)
@@ -235,11 +235,9 @@ def test_round_zero_fault_is_a_clear_exception():
 
 
 def test_select_best_returns_the_round_with_the_highest_smoothed_posterior(hetero_model):
-    module = refine(policy="fixed", max_rounds=4, select="best")
-    module.model = hetero_model
+    module = refine(model=hetero_model, policy="fixed", max_rounds=4, select="best")
     w = preset_world("heterogeneous", 40, seed=12)
-    with dspy.context(lm=w.lm()):
-        preds = [module(**e.inputs()) for e in w.examples]
+    preds = answer_all(module, w)
     evidence = hetero_model.evidence()
     for pred in preds:
         # P(round t's answer is correct | every round's answer identity) from the evidence filter (checked against
@@ -277,8 +275,7 @@ def run_sync_and_async(module, n=20):
 
 
 def test_acall_gives_the_same_answers_as_call():
-    module = refine(max_rounds=3)
-    module.model = model_from_rates(**IMPROVING)
+    module = refine(model=model_from_rates(**IMPROVING), max_rounds=3)
     sync, async_ = run_sync_and_async(module)
     assert sync == async_
 
@@ -351,8 +348,7 @@ def test_asyncio_gives_the_sequential_results():
 
 
 def test_save_load_restores_the_model_exactly(tmp_path):
-    module = refine()
-    module.model = TransitionModel.fit([[False, True], [True, True], [False, False]] * 9, prior=(0.5, 2.0))
+    module = refine(model=TransitionModel.fit([[False, True], [True, True], [False, False]] * 9, prior=(0.5, 2.0)))
     module.save(tmp_path / "state.json")
     fresh = refine()
     fresh.load(tmp_path / "state.json")
@@ -362,15 +358,13 @@ def test_save_load_restores_the_model_exactly(tmp_path):
 def test_saved_state_is_plain_json(tmp_path):
     import json
 
-    module = refine()
-    module.model = model_from_rates(**IMPROVING)
+    module = refine(model=model_from_rates(**IMPROVING))
     module.save(tmp_path / "state.json")
     assert json.loads((tmp_path / "state.json").read_text())["markov"]["format"] == "markovscale.state/2"
 
 
 def test_loading_a_state_from_another_program_fails_clearly(tmp_path):
-    module = refine()
-    module.model = model_from_rates(**IMPROVING)
+    module = refine(model=model_from_rates(**IMPROVING))
     module.save(tmp_path / "state.json")
     other = MarkovRefine(dspy.Predict("question, context -> answer"))
     with pytest.raises(StateError, match="belongs to another program"):
@@ -400,8 +394,7 @@ def test_save_then_load_in_a_fresh_module_gives_identical_predictions(tmp_path):
 
 
 def saved(tmp_path, name="s.json"):
-    module = refine()
-    module.model = model_from_rates(**IMPROVING)
+    module = refine(model=model_from_rates(**IMPROVING))
     module.save(tmp_path / name)
     return tmp_path / name
 
@@ -409,8 +402,7 @@ def saved(tmp_path, name="s.json"):
 def test_corrupt_state_file_is_a_state_error_and_leaves_the_module_alone(tmp_path):
     path = saved(tmp_path)
     path.write_text(path.read_text()[:50])
-    module = refine()
-    module.model = model_from_rates(0.5, 0.1, 0.1)
+    module = refine(model=model_from_rates(0.5, 0.1, 0.1))
     before = module.model
     with pytest.raises(StateError, match="is not valid JSON .* the file is corrupt"):
         module.load(path)

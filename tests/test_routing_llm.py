@@ -5,11 +5,9 @@ Marked ``llm`` (run under ``flock /tmp/llm.lock``). SmolLM2-135M is near the flo
 traffic, completeness and resumption, never accuracy.
 """
 
-import threading
-import time
-
 import dspy
 import pytest
+from helpers import calibrate_and_kill
 
 from markovscale_dspy import MarkovCalibrator, MarkovRefine
 from markovscale_dspy.calibrate.traces import TraceStore
@@ -78,24 +76,23 @@ def test_one_server_killed_mid_calibration_loses_and_duplicates_no_chain_and_res
         config = router_config(a, b)
         lm = build_lm(GROUP, router_config=config, temperature=0.7, max_tokens=256, cache=False)
         calibrator = calibrator_for(task, tmp_path / "t")
-        outcome = {}
 
-        def run():
-            with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
-                try:
-                    outcome["program"] = calibrator.compile(MarkovRefine(task.program(), max_rounds=2), trainset=train)
-                except Exception as exc:  # reported by the assertion below
-                    outcome["error"] = exc
+        def kill_one():  # SIGKILL one server under the running calibration; what each had served until then
+            served = dict(lm.engine.deployment_calls)
+            b.kill()
+            return served
 
-        worker = threading.Thread(target=run)
-        worker.start()
-        deadline = time.monotonic() + 120
-        while len(store) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        before_kill = dict(lm.engine.deployment_calls)
-        b.kill()  # SIGKILL one server under the running calibration
-        worker.join(timeout=300)
-        assert not worker.is_alive()
+        before_kill, outcome = calibrate_and_kill(
+            calibrator,
+            MarkovRefine(task.program(), max_rounds=2),
+            train,
+            lm,
+            store,
+            chains=3,
+            kill=kill_one,
+            wait=120,
+            join=300,
+        )
         assert "program" in outcome, outcome
         report = calibrator.report
         print(
