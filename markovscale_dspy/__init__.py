@@ -1,4 +1,4 @@
-"""markovscale-dspy: principled, measurable inference-time refinement for DSPy programs.
+"""markovscale-dspy: principled, measurable inference-time compute for DSPy programs.
 
 Refinement is modelled as a two-state Markov chain over answer correctness (MarkovScale, arXiv 2602.01120):
 ``MarkovCalibrator`` learns ``p0``, ``p_cw`` and ``p_wc`` on a labelled trainset, and ``MarkovRefine`` refines only
@@ -14,17 +14,24 @@ Example:
 
 Layout (a path tells its layer; nothing imports from a layer above it):
 
-* ``core/`` -- the maths, no DSPy: theory, belief filters (same/changed; answer identities and confidence), confidence
-  emission, TransitionModel, question types, policies, statistics, the vote model and the planner;
-* ``refine/`` -- the MarkovRefine module and its refinement loop, and the MarkovScale planner module;
+* ``core/`` -- the maths, no DSPy: theory, belief filters, confidence emission, TransitionModel, question types,
+  policies, statistics, the vote model and the planner;
+* ``usage`` -- the meter (LM calls, tokens, dollars), the ground floor of everything that calls an LM;
+* ``refine/`` -- the refinement loop, fresh samples, the MarkovRefine and MarkovScale modules;
+* ``integrations/`` and ``testing`` -- beside ``refine/``: LMs (LiteLLM, Router), the embedded llama.cpp server,
+  bundled datasets, the simulated world;
 * ``calibrate/`` -- the MarkovCalibrator teleprompter, its trace store and report;
-* ``reporting/`` -- evaluation, method comparison, text/Markdown reports, plots;
-* ``integrations/`` -- LMs (LiteLLM, Router), the embedded llama.cpp server, bundled datasets;
-* ``testing`` (the simulated world) and ``cli`` (the ``markovscale`` command).
+* ``evaluate/`` -- running programs to compare them (methods, strategies, configurations);
+* ``reporting/`` -- rendering only: text, Markdown pages, plots;
+* ``cli`` -- the ``markovscale`` command.
+
+``import markovscale_dspy`` loads the modules a program needs, not the reporting or the local-server code: those
+load when first used (``markovscale_dspy.LocalModel``, ``markovscale_dspy.load_task``).
 """
 
-import importlib as _importlib
-import sys as _sys
+from typing import Any as _Any
+
+import dspy as _dspy
 
 from markovscale_dspy._exceptions import (
     CalibrationError,
@@ -36,7 +43,7 @@ from markovscale_dspy._exceptions import (
     StateError,
 )
 from markovscale_dspy._version import __version__
-from markovscale_dspy.calibrate.calibrator import MarkovCalibrator
+from markovscale_dspy.calibrate.calibrator import Calibratable, MarkovCalibrator, fit_chains
 from markovscale_dspy.calibrate.records import ChainRecord
 from markovscale_dspy.calibrate.report import CalibrationReport
 from markovscale_dspy.core import belief, theory
@@ -54,14 +61,17 @@ from markovscale_dspy.core.policies import (
     register_policy,
 )
 from markovscale_dspy.core.voting import VoteModel
+from markovscale_dspy.integrations.lms import build_lm
 from markovscale_dspy.refine.budget import BudgetResult
+from markovscale_dspy.refine.loop import RefineAccount, RefinedPrediction
 from markovscale_dspy.refine.markov_refine import MarkovRefine
-from markovscale_dspy.refine.markov_scale import MarkovScale, ScaleAccount
-from markovscale_dspy.refine.usage import Usage, measure
+from markovscale_dspy.refine.markov_scale import MarkovScale, ScaleAccount, ScaledPrediction
+from markovscale_dspy.usage import Usage, measure_usage, register_price
 
 __all__ = [
     "BeliefPolicy",
     "BudgetResult",
+    "Calibratable",
     "CalibrationError",
     "CalibrationReport",
     "ChainRecord",
@@ -70,6 +80,7 @@ __all__ = [
     "DataError",
     "Decision",
     "FixedPolicy",
+    "LocalModel",
     "MarkovCalibrator",
     "MarkovRefine",
     "MarkovScale",
@@ -77,9 +88,12 @@ __all__ = [
     "NotCalibratedError",
     "Plan",
     "Policy",
+    "RefineAccount",
+    "RefinedPrediction",
     "RoundContext",
     "RoundZeroError",
     "ScaleAccount",
+    "ScaledPrediction",
     "StateError",
     "Strategy",
     "StrategyPrediction",
@@ -89,23 +103,55 @@ __all__ = [
     "__version__",
     "available_policies",
     "belief",
+    "build_lm",
     "default_answer_key",
-    "measure",
+    "fit_chains",
+    "load_task",
+    "measure_usage",
     "normalize_answer",
     "register_policy",
+    "register_price",
     "theory",
 ]
 
-# The 0.1.0 module paths keep working: ``markovscale_dspy.lms`` is ``markovscale_dspy.integrations.lms``, etc.
-for _old, _new in {
-    "theory": "core.theory",
-    "belief": "core.belief",
-    "lms": "integrations.lms",
-    "local": "integrations.local",
-    "datasets": "integrations.datasets",
-    "evaluation": "reporting.evaluation",
-    "report": "reporting.report",
-    "plots": "reporting.plots",
-}.items():
-    globals()[_old] = _sys.modules[f"{__name__}.{_old}"] = _importlib.import_module(f"{__name__}.{_new}")
-del _old, _new
+#: Public names whose modules load on first use (the llama.cpp server, the bundled datasets).
+_LAZY = {
+    "LocalModel": "markovscale_dspy.integrations.local",
+    "load_task": "markovscale_dspy.integrations.datasets",
+}
+
+
+def _publish(obj: _Any) -> _Any:
+    """Name ``obj`` by its public path, so tracebacks and docs say ``markovscale_dspy.X`` (as httpx does).
+
+    DSPy modules keep their defining module: ``dspy.Refine`` reads a module's source with ``inspect.getsource``,
+    which looks for the class in the file its ``__module__`` names.
+    """
+    if isinstance(obj, type) and issubclass(obj, _dspy.Module):
+        return obj
+    if isinstance(obj, type) or callable(obj):
+        try:
+            obj.__module__ = __name__
+        except (AttributeError, TypeError):  # builtins and some extension types cannot be renamed
+            pass
+    return obj
+
+
+def __getattr__(name: str) -> _Any:
+    if name in _LAZY:
+        import importlib
+
+        value = _publish(getattr(importlib.import_module(_LAZY[name]), name))
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+for _name in __all__:
+    if _name not in _LAZY and not _name.startswith("__"):
+        _publish(globals()[_name])
+del _name

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -44,8 +43,8 @@ from markovscale_dspy.integrations.lms import ROUTES, build_lm, redact
 from markovscale_dspy.integrations.routing import load_router_config
 from markovscale_dspy.refine.markov_refine import MarkovRefine
 from markovscale_dspy.refine.state import MarkovState, read_state_file
-from markovscale_dspy.reporting.evaluation import evaluate
-from markovscale_dspy.reporting.report import (
+from markovscale_dspy.reporting.pages import bench_page, configurations_page, run_context
+from markovscale_dspy.reporting.text import (
     calibration_markdown,
     comparison_markdown,
     dollars,
@@ -56,7 +55,6 @@ from markovscale_dspy.reporting.report import (
     markdown_table,
     paired_markdown,
     paired_words,
-    plan_markdown,
     verdict,
 )
 
@@ -217,7 +215,8 @@ def _calibrate(
 
 
 def _context(args: argparse.Namespace, model_name: str, task: Any, n_train: int, n_test: int | None) -> dict:
-    context = {
+    value = getattr(args, "value_per_correct", None)
+    fields = {
         "model": model_name,
         "task": f"{task.name}: {task.description}",
         "data": task.source,
@@ -225,21 +224,12 @@ def _context(args: argparse.Namespace, model_name: str, task: Any, n_train: int,
         "refinement rounds per chain": args.rounds,
         "temperature": args.temperature,
         "adapter": args.adapter,
-        **({"refiner model": args.refiner_model} if getattr(args, "refiner_model", None) else {}),
-        **({"router config": Path(args.router_config).name} if getattr(args, "router_config", None) else {}),
-        **(
-            {"value of a correct answer": f"${args.value_per_correct:g}"}
-            if getattr(args, "value_per_correct", None) is not None
-            else {}
-        ),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "markovscale-dspy": __version__,
-        "seed": args.seed,
+        "refiner model": getattr(args, "refiner_model", None),
+        "router config": Path(args.router_config).name if getattr(args, "router_config", None) else None,
+        "value of a correct answer": f"${value:g}" if value is not None else None,
+        "held-out questions": n_test,
     }
-    if n_test is not None:
-        context["held-out questions"] = n_test
-    return context
+    return run_context(fields, seed=args.seed)
 
 
 def _write_calibration(
@@ -295,7 +285,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "no refinement (its round 0), fixed refinement (its last round) and calibrated MarkovRefine (where its "
             "policy stops on that chain) are read off the same samples ..."
         )
-        from markovscale_dspy.reporting.compare import fixed_curve, replayed
+        from markovscale_dspy.evaluate.compare import fixed_curve, replayed
+        from markovscale_dspy.evaluate.evaluation import evaluate
 
         chains = MarkovRefine(task.program(reasoning=args.reasoning), policy="fixed", max_rounds=args.rounds)
         with dspy.context(lm=lm, adapter=_adapter(args.adapter)):
@@ -388,15 +379,19 @@ def _read_state(path: str) -> tuple[dict[str, Any], TransitionModel]:
     return state, model
 
 
-def _figure(report: CalibrationReport, path: Path, title: str) -> str | None:
-    """Draw the calibration figure; without matplotlib the report simply has no figure."""
+def _draw(draw: Any, *args: Any, **kwargs: Any) -> str | None:
+    """Draw a figure and return its file name; without matplotlib the report simply has no figure."""
     try:
-        from markovscale_dspy.reporting.plots import calibration_figure
-
-        return calibration_figure(report, path, title=title).name
+        return draw(*args, **kwargs).name
     except MarkovScaleError as exc:
         _say(f"  (no figure: {exc})")
         return None
+
+
+def _figure(report: CalibrationReport, path: Path, title: str) -> str | None:
+    from markovscale_dspy.reporting.plots import calibration_figure
+
+    return _draw(calibration_figure, report, path, title=title)
 
 
 def _sidecar_report(state_path: Path) -> tuple[CalibrationReport | None, dict[str, Any]]:
@@ -520,12 +515,8 @@ def _configuration_spec(spec: str) -> tuple[str, str, str | None]:
 
 
 def cmd_compare_configs(args: argparse.Namespace) -> int:
-    from markovscale_dspy.reporting.configurations import (
-        Configuration,
-        compare_configurations,
-        comparison_figure,
-        configurations_markdown,
-    )
+    from markovscale_dspy.evaluate.configurations import Configuration, compare_configurations
+    from markovscale_dspy.reporting.plots import comparison_figure
 
     specs = [_configuration_spec(spec) for spec in args.config]
     task = load_task(args.task)
@@ -572,27 +563,21 @@ def cmd_compare_configs(args: argparse.Namespace) -> int:
                 min_prob_improves=args.min_prob_improves,
                 on_result=show,
             )
-    context = {
-        "task": f"{task.name}: {task.description}",
-        "data": task.source,
-        "configurations": "; ".join(f"{n} = {r0}" + (f" + {ref}" if ref else "") for n, r0, ref in specs),
-        "calibration questions": len(train),
-        "held-out questions": len(test),
-        "refinement rounds": args.rounds,
-        "temperature": args.temperature,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "markovscale-dspy": __version__,
-        "seed": args.seed,
-    }
-    figure = None
-    try:
-        figure = comparison_figure(result, out / "compare.png", title=f"Configurations on {task.name}").name
-    except MarkovScaleError as exc:
-        _say(f"  (no figure: {exc})")
-    markdown = [f"# markovscale compare-configs: {task.name}", "", *(f"- **{k}**: {v}" for k, v in context.items())]
-    markdown += ["", configurations_markdown(result, figure=figure)]
-    (out / "compare.md").write_text("\n".join(markdown))
+    context = run_context(
+        {
+            "task": f"{task.name}: {task.description}",
+            "data": task.source,
+            "configurations": "; ".join(f"{n} = {r0}" + (f" + {ref}" if ref else "") for n, r0, ref in specs),
+            "calibration questions": len(train),
+            "held-out questions": len(test),
+            "refinement rounds": args.rounds,
+            "temperature": args.temperature,
+        },
+        seed=args.seed,
+    )
+    figure = _draw(comparison_figure, result, out / "compare.png", title=f"Configurations on {task.name}")
+    page = configurations_page(f"markovscale compare-configs: {task.name}", context, result, figure=figure)
+    (out / "compare.md").write_text(page)
     (out / "compare.json").write_text(json.dumps({"context": context, **result.to_dict()}, indent=1, default=str))
     _say(
         "\nRecommended: "
@@ -604,7 +589,7 @@ def cmd_compare_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from markovscale_dspy.reporting.compare import compare_methods
+    from markovscale_dspy.evaluate.compare import compare_methods
 
     if args.value_per_correct is not None:
         raise ConfigurationError("bench compares methods at --round-cost; --value-per-correct is for calibrate/run")
@@ -643,36 +628,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _say("\nVerdict: " + verdict(result.model, args.round_cost, args.rounds, args.min_prob_improves))
     _say("Held-out check against no refinement (paired, same questions): " + " ".join(paired))
     context = _context(args, model_name, task, len(train), len(test))
-    markdown = [f"# markovscale bench: {task.name}", "", *(f"- **{k}**: {v}" for k, v in context.items()), ""]
-    markdown += ["## Verdict", "", verdict(result.model, args.round_cost, args.rounds, args.min_prob_improves), ""]
-    markdown += ["## Methods on the same held-out questions", "", comparison_markdown(result.results), ""]
-    markdown += ["## Paired differences against no refinement", "", paired_markdown(result.results, base), ""]
-    markdown += [" ".join(paired), ""]
-    try:
-        from markovscale_dspy.reporting.plots import frontier_figure
+    from markovscale_dspy.reporting.plots import frontier_figure, strategy_figure
 
-        png = frontier_figure(result.results, out / "bench.png", title=f"{model_name} on {task.name}")
-        markdown += [f"![accuracy vs LM calls]({png.name})", ""]
-    except MarkovScaleError as exc:
-        _say(f"  (no figure: {exc})")
+    title = f"{model_name} on {task.name}"
+    frontier = _draw(frontier_figure, result.results, out / "bench.png", title=title)
+    plan_png = None
     if result.plan is not None:
-        markdown += [
-            plan_markdown(result.plan, result.strategies),
-            "",
-            "Observed: every strategy run on the held-out questions (one grid of fresh samples and chains per "
-            "question). Predicted: from the calibration alone.",
-            "",
-        ]
-        try:
-            from markovscale_dspy.reporting.plots import strategy_figure
-
-            png = strategy_figure(
-                result.plan, out / "plan.png", observed=result.strategies, title=f"{model_name} on {task.name}"
-            )
-            markdown += [f"![predicted vs observed accuracy by strategy]({png.name})", ""]
-        except MarkovScaleError as exc:
-            _say(f"  (no figure: {exc})")
-    (out / "bench.md").write_text("\n".join(markdown))
+        plan_png = _draw(strategy_figure, result.plan, out / "plan.png", observed=result.strategies, title=title)
+    words = verdict(result.model, args.round_cost, args.rounds, args.min_prob_improves)
+    page = bench_page(
+        f"markovscale bench: {task.name}",
+        context,
+        result,
+        words,
+        base,
+        paired,
+        frontier_figure=frontier,
+        plan_figure=plan_png,
+    )
+    (out / "bench.md").write_text(page)
     extra: dict[str, Any] = {}
     if result.plan is not None:
         extra = {"plan": result.plan.to_dict(), "strategies": [r.to_dict() for r in result.strategies]}

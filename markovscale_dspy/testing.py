@@ -45,7 +45,7 @@ from dspy.lm15 import Message, Response, TextPart, Usage
 
 from markovscale_dspy._exceptions import ConfigurationError
 from markovscale_dspy.core.answers import normalize_answer
-from markovscale_dspy.refine.usage import record_cost
+from markovscale_dspy.usage import record_cost
 
 __all__ = [
     "FAULT_KINDS",
@@ -559,7 +559,7 @@ class SimulatedWorld:
         Args:
             faults: ``{kind: rate}`` of injected failures.
             name: The LM is ``simulated/<name>`` (give a drafter and a refiner different names).
-            price: Dollars per prompt and per completion token, reported for every call (see ``measure``).
+            price: Dollars per prompt and per completion token, reported for every call (see ``measure_usage``).
         """
         self.prices[f"simulated/{name}"] = (float(price[0]), float(price[1]))
         engine = self.engine if faults is None else SimulatedEngine(self, faults)

@@ -13,7 +13,7 @@ from benchmarks.harness import world_study
 from benchmarks.worlds import preset_world
 from markovscale_dspy import MarkovCalibrator, MarkovRefine, TransitionModel
 from markovscale_dspy.core.confidence import auroc, select_confidence
-from markovscale_dspy.refine.confidence import answer_confidence
+from markovscale_dspy.refine.logprobs import answer_confidence
 from markovscale_dspy.testing import SimulatedWorld, simulated_confidence
 
 

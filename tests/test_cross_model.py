@@ -9,9 +9,9 @@ from dspy.lm15 import Message, Response, TextPart
 from dspy.lm15 import Usage as LMUsage
 
 from markovscale_dspy import ConfigurationError, MarkovCalibrator, MarkovRefine, NotCalibratedError, Usage
-from markovscale_dspy.refine.usage import measure, price_of, register_price
-from markovscale_dspy.reporting.report import calibration_markdown
+from markovscale_dspy.reporting.text import calibration_markdown
 from markovscale_dspy.testing import SimulatedWorld
+from markovscale_dspy.usage import measure_usage, price_of, register_price
 
 CHEAP = (1e-7, 4e-7)
 STRONG = (3e-6, 1e-5)
@@ -120,12 +120,12 @@ class _Unpriced:
 
 def test_dollars_are_unknown_for_an_unpriced_model_and_priced_once_registered():
     lm = dspy.LM("custom/unpriced-model-xyz", engine=_Unpriced(), cache=False)
-    with measure() as usage:
+    with measure_usage() as usage:
         lm("hello")
     assert usage.calls == 1 and usage.prompt_tokens == 7 and usage.cost is None
     assert price_of("custom/unpriced-model-xyz") is None
     register_price("custom/unpriced-model-xyz", 1e-6, 2e-6)
-    with measure() as usage:
+    with measure_usage() as usage:
         lm("hello again")
     assert usage.cost == pytest.approx(7e-6 + 6e-6)
 
@@ -140,8 +140,8 @@ def test_usage_without_dollars_is_unknown_and_sums_stay_unknown():
 def test_nested_meters_count_dollars_once(world):
     lm = world.lm(name="nested", price=(1e-6, 0.0))
     program = dspy.Predict("question -> answer")
-    with dspy.context(lm=lm), measure() as outer:
-        with measure() as inner:
+    with dspy.context(lm=lm), measure_usage() as outer:
+        with measure_usage() as inner:
             program(**world.examples[0].inputs())
         program(**world.examples[1].inputs())
     assert inner.calls == 1 and outer.calls == 2

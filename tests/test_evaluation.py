@@ -6,8 +6,8 @@ import pytest
 from helpers import refine, world
 
 from markovscale_dspy.core.statistics import binomial_interval
-from markovscale_dspy.reporting.evaluation import compare, evaluate
-from markovscale_dspy.reporting.report import difference_interval, format_comparison
+from markovscale_dspy.evaluate.evaluation import compare, evaluate
+from markovscale_dspy.reporting.text import difference_interval, format_comparison
 
 
 def test_evaluate_counts_accuracy_calls_and_rounds():

@@ -65,7 +65,7 @@ def run_offline(name, monkeypatch, tmp_path, api_base=None):
         built.append(real_build_lm(model, **kwargs))  # the example's configuration must be one build_lm accepts
         return world.lm(**{k: v for k, v in kwargs.items() if k in ("temperature", "max_tokens")})
 
-    monkeypatch.setattr(lms, "build_lm", stand_in)  # markovscale_dspy.lms is this very module
+    monkeypatch.setattr(lms, "build_lm", stand_in)  # markovscale_dspy.integrations.lms is this very module
     return runpy.run_path(str(EXAMPLES / name), run_name="__main__"), world, built
 
 

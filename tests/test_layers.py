@@ -1,7 +1,8 @@
 """The file layout is the architecture: a module's path names its layer, and no module imports from a layer above.
 
-theory -> estimation -> policy (``core/``) -> module (``refine/``) -> calibrator (``calibrate/``) -> reporting
-(``reporting/``) -> CLI, with integrations (LMs, local server, datasets) beside the module layer.
+theory -> estimation -> policy (``core/``) -> the meter (``usage``) -> module (``refine/``) -> calibrator
+(``calibrate/``) -> evaluation (``evaluate/``, runs programs to compare them) -> rendering (``reporting/``) -> CLI,
+with integrations (LMs, local server, datasets) and the simulated world (``testing``) beside the module layer.
 """
 
 import ast
@@ -28,17 +29,15 @@ CORE = {
     "policies": 4,
     "planner": 4,
 }
-FOLDERS = {"core": None, "refine": 5, "integrations": 5, "calibrate": 6, "reporting": 7}
-TOP = {"_exceptions": -1, "_version": -1, "testing": 7, "cli": 8, "__init__": 9}
+FOLDERS = {"core": None, "refine": 5, "integrations": 5, "calibrate": 6, "evaluate": 7, "reporting": 8}
+# usage: the meter (calls, tokens, dollars), the ground floor of everything that calls an LM.
+TOP = {"_exceptions": -1, "_version": -1, "usage": 4.5, "testing": 5, "cli": 9, "__init__": 10}
 # Where a layer is shared by several modules of one folder, their order inside it.
 WITHIN = {
-    "refine/usage": -0.4,  # the meter (calls, tokens, dollars): a leaf that engines report dollars to
     "integrations/routing": -0.25,  # the Router engine: below lms, which builds router LMs
     "integrations/datasets": 0.5,  # builds DSPy programs: above lms
-    "reporting/report": 0.5,
-    "reporting/plots": 0.5,
-    "reporting/compare": 0.25,
-    "reporting/configurations": 0.75,  # reads reports and draws figures
+    "evaluate/evaluation": -0.25,  # one method on held-out questions: what compare and configurations run
+    "reporting/pages": 0.5,  # whole pages, from text and figures
 }
 
 
@@ -87,6 +86,68 @@ def test_no_module_imports_from_a_layer_above(path):
     assert above == [], f"{path.relative_to(PACKAGE)} (layer {own}) imports {above} from a higher layer"
 
 
+def imported_names(path: Path):
+    """``(module, name)`` for every ``from markovscale_dspy.x import name`` in ``path``."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("markovscale_dspy"):
+            for alias in node.names:
+                yield node.module, alias.name
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_imports_another_modules_private_name(path):
+    private = [f"{m}.{n}" for m, n in imported_names(path) if n.startswith("_") and not n.startswith("__")]
+    assert private == [], f"{path.relative_to(PACKAGE)} imports private names {private}"
+
+
+def test_integrations_and_the_simulated_world_sit_beside_refine_not_above_it():
+    """They need the meter, which is on the ground floor: nothing of refine/."""
+    for path in [*(PACKAGE / "integrations").glob("*.py"), PACKAGE / "testing.py"]:
+        refine = [str(p.relative_to(PACKAGE)) for p in imported_paths(path) if p.parent.name == "refine"]
+        assert refine == [], f"{path.relative_to(PACKAGE)} imports {refine}"
+
+
+def test_the_calibrator_does_not_go_through_markov_scale():
+    """Following ``trainset`` from ``MarkovCalibrator.compile``: the calibrator draws samples through the sampling
+    module and knows its students by a protocol, so the MarkovScale module is never entered."""
+    reached, todo = set(), [PACKAGE / "calibrate" / "calibrator.py"]
+    while todo:
+        path = todo.pop()
+        for imported in imported_paths(path):
+            if imported not in reached:
+                reached.add(imported)
+                todo.append(imported)
+    assert PACKAGE / "refine" / "markov_scale.py" not in reached
+
+
+def test_importing_the_package_loads_no_reporting_or_local_server_code():
+    code = (
+        "import sys, markovscale_dspy; print(sorted(m for m in sys.modules if m.startswith(("
+        "'markovscale_dspy.reporting', 'markovscale_dspy.evaluate', 'markovscale_dspy.integrations.local', "
+        "'markovscale_dspy.cli', 'matplotlib', 'xllamacpp'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_public_names_say_the_public_path():
+    """Tracebacks and docs say ``markovscale_dspy.X``; DSPy modules keep their file (``dspy.Refine`` reads their
+    source through it)."""
+    import dspy
+
+    import markovscale_dspy
+
+    for name in markovscale_dspy.__all__:
+        value = getattr(markovscale_dspy, name)
+        if isinstance(value, type) and issubclass(value, dspy.Module):
+            assert value.__module__.startswith("markovscale_dspy.refine."), name
+        elif callable(value):
+            assert value.__module__ == "markovscale_dspy", f"{name} says {value.__module__}"
+    with pytest.raises(markovscale_dspy.ConfigurationError) as raised:
+        markovscale_dspy.MarkovRefine(dspy.Predict("question -> answer"), max_rounds=-1)
+    assert f"{type(raised.value).__module__}.{type(raised.value).__qualname__}" == "markovscale_dspy.ConfigurationError"
+
+
 def test_core_does_not_import_dspy():
     for path in (PACKAGE / "core").glob("*.py"):
         tree = ast.parse(path.read_text())
@@ -106,7 +167,7 @@ def test_the_wheel_ships_no_benchmark_code():
 def test_cli_help_does_not_import_the_comparison_harness():
     code = (
         "import sys; from markovscale_dspy.cli import build_parser; build_parser(); "
-        "print(sorted(m for m in sys.modules if m.startswith(('markovscale_dspy.reporting.compare', 'benchmarks', "
+        "print(sorted(m for m in sys.modules if m.startswith(('markovscale_dspy.evaluate', 'benchmarks', "
         "'matplotlib'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -22,12 +22,12 @@ from markovscale_dspy import (
 )
 from markovscale_dspy._exceptions import ConfigurationError
 from markovscale_dspy.core.planner import candidates, plan
-from markovscale_dspy.reporting.compare import (
+from markovscale_dspy.evaluate.compare import (
     compare_methods,
     grid_rounds,
     strategy_results,
 )
-from markovscale_dspy.reporting.evaluation import evaluate
+from markovscale_dspy.evaluate.evaluation import evaluate
 from markovscale_dspy.testing import SimulatedWorld
 
 HURTS = {"p0": 0.7, "p_cw": 0.3, "p_wc": 0.1, "p0_concentration": 4, "n_distractors": 3}
@@ -459,7 +459,7 @@ def test_markovscale_bench_reports_the_plan_with_predicted_and_observed_accuracy
 def test_the_calibration_report_shows_the_vote_model_and_the_plan(tmp_path):
     pytest.importorskip("matplotlib")
     from markovscale_dspy.reporting.plots import strategy_figure
-    from markovscale_dspy.reporting.report import calibration_markdown, format_calibration, observed_in_calibration
+    from markovscale_dspy.reporting.text import calibration_markdown, format_calibration, observed_in_calibration
 
     *_, calibrator = small()
     report = calibrator.report

@@ -8,9 +8,9 @@ from scipy import stats
 
 from markovscale_dspy import ConfigurationError, MarkovCalibrator, MarkovRefine
 from markovscale_dspy.core.statistics import paired_difference
-from markovscale_dspy.reporting.compare import fixed_curve, replayed
-from markovscale_dspy.reporting.evaluation import MethodResult, evaluate
-from markovscale_dspy.reporting.report import paired_words
+from markovscale_dspy.evaluate.compare import fixed_curve, replayed
+from markovscale_dspy.evaluate.evaluation import MethodResult, evaluate
+from markovscale_dspy.reporting.text import paired_words
 from markovscale_dspy.testing import SimulatedWorld
 
 KINDS = [

@@ -21,7 +21,7 @@ from helpers import (
 from benchmarks.harness import run_simulation
 from benchmarks.worlds import preset_world
 from markovscale_dspy import Decision, NotCalibratedError, theory
-from markovscale_dspy.reporting.compare import frontier_at
+from markovscale_dspy.evaluate.compare import frontier_at
 from markovscale_dspy.testing import SimulatedWorld
 
 # Fixed and closed form -------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 import dspy
 from helpers import DEGRADING, IMPROVING, model_from_rates, refine, world
 
-from markovscale_dspy.reporting.evaluation import evaluate
-from markovscale_dspy.reporting.report import calibration_markdown, format_calibration, verdict
+from markovscale_dspy.evaluate.evaluation import evaluate
+from markovscale_dspy.reporting.text import calibration_markdown, format_calibration, verdict
 
 
 def test_verdict_says_plainly_when_refinement_hurts():
@@ -81,7 +81,7 @@ def test_frontier_figure_is_a_png(tmp_path):
 
 
 def test_drift_check_flags_rates_that_change_with_the_round(calibrated):
-    from markovscale_dspy.reporting.report import drift_words
+    from markovscale_dspy.reporting.text import drift_words
 
     _, report = calibrated
     report.drift = {"p_cw": {"p_value": 0.0001}, "p_wc": {"p_value": 0.6}}

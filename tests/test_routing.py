@@ -14,8 +14,8 @@ from markovscale_dspy import ConfigurationError, MarkovCalibrator, MarkovRefine
 from markovscale_dspy.calibrate.traces import chain_key
 from markovscale_dspy.integrations.lms import build_lm
 from markovscale_dspy.integrations.routing import load_router_config
-from markovscale_dspy.refine.usage import measure
-from markovscale_dspy.reporting.report import calibration_markdown
+from markovscale_dspy.reporting.text import calibration_markdown
+from markovscale_dspy.usage import measure_usage
 
 SECRET = "sk-test-SECRET"
 ANSWER = '{"answer": "42"}'
@@ -138,7 +138,7 @@ def test_calls_go_through_the_router_with_dspy_cache_usage_and_history():
     lm = build_lm("pool", router_config=config(deployment(**PRICED)), temperature=0.7)
     assert lm.model == "router/pool" and lm.num_retries == 0  # one retry owner: the Router
     program = dspy.Predict("question -> answer")
-    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()), measure() as usage:
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()), measure_usage() as usage:
         assert program(question="six times seven?").answer == "42"
         program(question="six times seven?")  # DSPy's cache: no second call
         program(question="six times seven?", config={"rollout_id": 1})  # a fresh sample
@@ -168,7 +168,7 @@ def test_async_calls_go_through_the_router():
     program = dspy.Predict("question -> answer")
 
     async def run():
-        with measure() as usage:
+        with measure_usage() as usage:
             answers = await asyncio.gather(*[program.acall(question=f"q{i}", lm=lm) for i in range(4)])
         return answers, usage
 

@@ -9,7 +9,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import dspy
 from dspy.teleprompt import Teleprompter
@@ -25,11 +25,11 @@ from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.statistics import PARTIAL_SCORE, binomial_interval, score_to_label
 from markovscale_dspy.core.validation import check_callable, check_int, check_number, check_prior
 from markovscale_dspy.core.voting import VoteModel
-from markovscale_dspy.refine.confidence import LOGPROBS_FIELD
+from markovscale_dspy.refine.logprobs import LOGPROBS_FIELD
 from markovscale_dspy.refine.loop import describe, error_kind
 from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine
-from markovscale_dspy.refine.markov_scale import MAX_SAMPLES, MarkovScale, fresh_sample, has_pinned_lm
-from markovscale_dspy.refine.usage import Usage, measure
+from markovscale_dspy.refine.sampling import MAX_SAMPLES, fresh_sample, has_pinned_lm
+from markovscale_dspy.usage import Usage, measure_usage
 
 __all__ = ["MarkovCalibrator", "fit_chains"]
 
@@ -40,9 +40,6 @@ MIN_TRAINSET = 2
 
 #: ``question_types="auto"`` looks for latent types only with at least this many calibration chains.
 MIN_CHAINS_FOR_TYPES = 100
-
-#: Independent samples per question when a MarkovScale is calibrated without ``parallel_samples``.
-DEFAULT_PARALLEL_SAMPLES = 8
 
 #: Parametric-bootstrap refits of the vote model (its prediction intervals).
 VOTE_BOOTSTRAP = 200
@@ -143,12 +140,12 @@ class MarkovCalibrator(Teleprompter):
 
     def compile(
         self,
-        student: MarkovRefine | MarkovScale,
+        student: Calibratable,
         *,
         trainset: Sequence[dspy.Example],
         valset: Sequence[dspy.Example] | None = None,
         **kwargs: Any,
-    ) -> MarkovRefine | MarkovScale:
+    ) -> Calibratable:
         """Calibrate a copy of ``student`` on ``trainset``; ``valset`` (optional) is only evaluated for the report.
 
         Raises:
@@ -157,29 +154,39 @@ class MarkovCalibrator(Teleprompter):
             CalibrationError: no chain could be observed (every round 0 or every metric call failed), or no
                 sample could be graded when samples were asked for.
         """
-        if not isinstance(student, (MarkovRefine, MarkovScale)):
-            raise ConfigurationError(
-                f"MarkovCalibrator calibrates a MarkovRefine, got {type(student).__name__}; wrap your program: "
-                "MarkovRefine(program) (or MarkovScale(program) to plan votes too)"
-            )
-        chain_student = student.refine if isinstance(student, MarkovScale) else student
-        examples = _check_examples(trainset, chain_student, "trainset")
-        rounds = self._rounds_for(chain_student)
-        samples = self._samples_for(student)
         started = time.perf_counter()
-        program = student.deepcopy()
-        refine = program.refine if isinstance(program, MarkovScale) else program
-        refine.model = None
+        chains = _check_student(student).chain_module()
+        examples = _check_examples(trainset, chains, "trainset")
+        rounds, samples = self._rounds_for(chains), self._samples_for(student)
+
+        program = student.deepcopy()  # the student stays untouched
+        refine = program.chain_module()
         records, store_dir = self._observe(refine, examples, rounds, samples)
-        reused = sum(r.reused for r in records)
-        logger.info("MarkovCalibrator: %d of %d chains reused from %s", reused, len(records), store_dir or "no store")
-        metric_errors = [r.metric_error for r in records] + [s.get("metric_error") for r in records for s in r.samples]
-        partial = next((e for e in metric_errors if e and PARTIAL_SCORE in e), None)
-        if partial is not None:
-            raise ConfigurationError(
-                f"the metric gives partial credit ({partial.split(': ', 1)[-1]}). The finished chains are kept in "
-                "the trace store, so re-running with a threshold costs no LM call"
+        _check_metric_scores(records)
+        model = self._fit(records, rounds, samples)
+        refine.record_calibration(model, spend=spend_of(records))
+        lms = refine.markov.calibrated_for
+
+        def report(valset_result: dict[str, Any] | None = None, plan: Any = None) -> CalibrationReport:
+            seconds = time.perf_counter() - started
+            return build_report(model, records, rounds, seconds, valset_result, store_dir, lms, plan=plan)
+
+        if model.n_transitions == 0:
+            self.report = report()
+            raise CalibrationError(_no_transition_message(records))
+        valset_result = None
+        if valset:
+            valset_result = _evaluate(
+                program, _check_examples(valset, chains, "valset"), self.metric, self.threshold, self.num_threads
             )
+        self.report = report(valset_result, program.calibration_plan())
+        logger.info("MarkovCalibrator: %r", model)
+        return program
+
+    def _fit(self, records: list[ChainRecord], rounds: int, samples: int) -> TransitionModel:
+        """The chain (and the vote model, with samples) from the observed chains."""
+        reused = sum(r.reused for r in records)
+        logger.info("MarkovCalibrator: %d of %d chains reused from the trace store", reused, len(records))
         observed = [r.observed() for r in records]
         usable = [c for c in observed if c]
         if not usable:
@@ -194,47 +201,19 @@ class MarkovCalibrator(Teleprompter):
         model = fit_chains(
             labels, answers, confidences, rounds=rounds, prior=self.prior, question_types=self.question_types
         )
-        if samples:
-            model = model.with_votes(self._votes(records))
-        # Not marked _compiled: a calibrated MarkovRefine stays visible to parents (save/load, named_predictors,
-        # set_lm) and to prompt optimizers run after calibration, which keep its model (see MarkovState.reset).
-        refine.model = model
-        # What the rates were fitted for (names only) and what a round cost, for warnings and value_per_correct.
-        refine.markov.calibrated_for = refine.lm_names()
-        refine.markov.spend = spend_of(records)
-        lms = refine.markov.calibrated_for
-        if model.n_transitions == 0:
-            self.report = build_report(model, records, rounds, time.perf_counter() - started, None, store_dir, lms)
-            errors = Counter(e.split(":", 1)[0] for r in records for e in r.errors if e)
-            raise CalibrationError(
-                "no refinement round succeeded, so p_cw and p_wc cannot be estimated "
-                f"(failed rounds: {dict(errors) or 'none run'}); fix the refiner's LM and re-run (chains lost to LM "
-                "errors are recomputed, the others come from the trace store). The partial report is in "
-                "calibrator.report"
-            )
-        valset_result = None
-        if valset:
-            valset_result = _evaluate(
-                program, _check_examples(valset, student, "valset"), self.metric, self.threshold, self.num_threads
-            )
-        plan = program.plan() if isinstance(program, MarkovScale) else None
-        self.report = build_report(
-            model, records, rounds, time.perf_counter() - started, valset_result, store_dir, lms, plan=plan
-        )
-        logger.info("MarkovCalibrator: %r", model)
-        return program
+        return model.with_votes(self._votes(records)) if samples else model
 
-    def _samples_for(self, student: MarkovRefine | MarkovScale) -> int:
-        if self.parallel_samples is not None:
-            if isinstance(student, MarkovScale) and self.parallel_samples == 0:
-                warnings.warn(
-                    "MarkovCalibrator(parallel_samples=0) calibrates a MarkovScale without samples, so it can only "
-                    "plan a single call or refinement; draw samples (e.g. parallel_samples=8) to consider votes",
-                    UserWarning,
-                    stacklevel=3,
-                )
-            return self.parallel_samples
-        return DEFAULT_PARALLEL_SAMPLES if isinstance(student, MarkovScale) else 0
+    def _samples_for(self, student: Calibratable) -> int:
+        if self.parallel_samples is None:
+            return student.default_parallel_samples
+        if self.parallel_samples == 0 and student.default_parallel_samples > 0:
+            warnings.warn(
+                f"MarkovCalibrator(parallel_samples=0) calibrates a {type(student).__name__} without samples, so it "
+                "can only plan a single call or refinement; draw samples (e.g. parallel_samples=8) to consider votes",
+                UserWarning,
+                stacklevel=3,
+            )
+        return self.parallel_samples
 
     def _votes(self, records: list[ChainRecord]) -> VoteModel:
         graded = [r.graded_samples() for r in records]
@@ -330,7 +309,14 @@ class MarkovCalibrator(Teleprompter):
         entry = stored[0] if stored else None
         if entry is None:
             with dspy.context(trace=[]):
-                outcome = fresh_sample(program, sample, dict(example.inputs()), pinned)
+                outcome = fresh_sample(
+                    program.program,
+                    dict(example.inputs()),
+                    index=sample,
+                    rollout_seed=program.rollout_seed,
+                    temperature=program.temperature,
+                    pinned=pinned,
+                )
             entry = _sample_entry(program, outcome)
             if key is not None and entry.get("error_kind") in (None, "parse", "empty"):
                 store.put(key, [entry])
@@ -382,7 +368,7 @@ class MarkovCalibrator(Teleprompter):
         else:
             usage = Usage()
             try:
-                with dspy.context(trace=[]), measure() as usage:
+                with dspy.context(trace=[]), measure_usage() as usage:
                     prediction = program.run_chain(rounds, **example.inputs())
             except Exception as exc:
                 record.failure = describe(exc)
@@ -452,6 +438,55 @@ def _sample_entry(program: MarkovRefine, outcome: Any) -> dict[str, Any]:
         "error_kind": error_kind(error),
         "usage": usage,
     }
+
+
+@runtime_checkable
+class Calibratable(Protocol):
+    """What MarkovCalibrator needs from a student (MarkovRefine and MarkovScale both provide it).
+
+    ``chain_module()`` is the MarkovRefine whose chains are run and which records the calibration;
+    ``default_parallel_samples`` the independent samples per question drawn unless the calibrator is told otherwise
+    (0 for a module that plans no votes); ``calibration_plan()`` what the calibrated module will do, for the report
+    (``None`` when there is nothing to plan).
+    """
+
+    default_parallel_samples: int
+
+    def chain_module(self) -> MarkovRefine: ...
+
+    def calibration_plan(self) -> Any: ...
+
+    def deepcopy(self) -> Any: ...
+
+
+def _check_student(student: Any) -> Calibratable:
+    if not isinstance(student, Calibratable):
+        raise ConfigurationError(
+            f"MarkovCalibrator calibrates a MarkovRefine, got {type(student).__name__}; wrap your program: "
+            "MarkovRefine(program) (or MarkovScale(program) to plan votes too)"
+        )
+    return student
+
+
+def _check_metric_scores(records: list[ChainRecord]) -> None:
+    """A metric that gives partial credit needs a threshold: say so before fitting anything."""
+    errors = [r.metric_error for r in records] + [s.get("metric_error") for r in records for s in r.samples]
+    partial = next((e for e in errors if e and PARTIAL_SCORE in e), None)
+    if partial is not None:
+        raise ConfigurationError(
+            f"the metric gives partial credit ({partial.split(': ', 1)[-1]}). The finished chains are kept in "
+            "the trace store, so re-running with a threshold costs no LM call"
+        )
+
+
+def _no_transition_message(records: list[ChainRecord]) -> str:
+    errors = Counter(e.split(":", 1)[0] for r in records for e in r.errors if e)
+    return (
+        "no refinement round succeeded, so p_cw and p_wc cannot be estimated "
+        f"(failed rounds: {dict(errors) or 'none run'}); fix the refiner's LM and re-run (chains lost to LM "
+        "errors are recomputed, the others come from the trace store). The partial report is in "
+        "calibrator.report"
+    )
 
 
 def fit_chains(

@@ -14,7 +14,7 @@ from markovscale_dspy.core.model import PARAMETERS, TransitionModel
 from markovscale_dspy.core.planner import Plan
 from markovscale_dspy.core.statistics import binomial_interval, homogeneity_test
 from markovscale_dspy.core.voting import VoteModel
-from markovscale_dspy.refine.usage import Usage
+from markovscale_dspy.usage import Usage
 
 __all__ = ["REPORT_COSTS", "CalibrationReport", "build_report", "spend_of", "vote_summary"]
 

@@ -1,7 +1,7 @@
 """Answer confidence as an observation: bins, a histogram per hidden state, and whether it carries information.
 
 Estimation layer (numpy only, no DSPy). A round's *confidence* is a number in ``[0, 1]`` derived from the LM's token
-log-probabilities (see :mod:`markovscale_dspy.refine.confidence` for the definition). Its distribution is modelled
+log-probabilities (see :mod:`markovscale_dspy.refine.logprobs` for the definition). Its distribution is modelled
 separately for correct and for wrong answers as a histogram over a few bins whose edges are quantiles of the
 calibration confidences, each bin with a Dirichlet posterior. What the belief filter needs is the likelihood ratio
 ``P(bin | correct) / P(bin | wrong)``: a ratio of 1 in every bin means the confidence carries no information.

@@ -30,7 +30,7 @@ def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = Non
         >>> check_int("max_rounds", True, 0, 10)
         Traceback (most recent call last):
         ...
-        markovscale_dspy._exceptions.ConfigurationError: max_rounds must be an integer in [0, 10], got True
+        markovscale_dspy.ConfigurationError: max_rounds must be an integer in [0, 10], got True
     """
     if value is None and none_ok:
         return None

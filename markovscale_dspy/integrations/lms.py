@@ -23,7 +23,7 @@ import dspy
 
 from markovscale_dspy._exceptions import ConfigurationError
 from markovscale_dspy.integrations.routing import RouterConfig, router_lm
-from markovscale_dspy.refine.usage import register_price
+from markovscale_dspy.usage import register_price
 
 __all__ = ["ROUTES", "build_lm", "declare_structured_outputs", "redact"]
 

@@ -49,7 +49,7 @@ from typing import Any
 
 from markovscale_dspy._exceptions import ConfigurationError
 from markovscale_dspy.core.validation import check_int, check_number
-from markovscale_dspy.refine.usage import record_cost
+from markovscale_dspy.usage import record_cost
 
 __all__ = ["ROUTER_PREFIX", "AsyncRouterEngine", "RouterConfig", "RouterEngine", "load_router_config", "router_lm"]
 

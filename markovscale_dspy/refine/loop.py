@@ -1,15 +1,19 @@
-"""The state of one question's refinement chain, and the loop that runs it (written once for sync and async).
+"""The refinement loop, in one place: one question's chain state, the generator that runs it, and its two drivers.
 
-Module layer, private. A :class:`ChainState` lives for one call and is never stored on the module, which keeps
-``MarkovRefine.forward`` free of mutation and thread-safe.
+Module layer. :func:`run_chain` is written once: it yields the :class:`Call` it needs next and receives its
+:class:`Outcome`; :func:`drive` runs it with a sync call function, :func:`adrive` with an async one (and a replay
+reads recorded outcomes through the same loop). A :class:`ChainState` lives for one call and is never stored on the
+module, which keeps ``MarkovRefine.forward`` free of mutation and thread-safe. Every round leaves a
+:class:`RoundEntry` in the trajectory: a plain JSON-able dict (it is stored by the trace store and read by users as
+``pred.trajectory[t]["outputs"]``) whose keys are declared here, once.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import dspy
 
@@ -18,7 +22,20 @@ from markovscale_dspy.core.answers import default_answer_key, is_empty_answer
 from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.policies import Decision, Policy, RoundContext, evidence_for, observations_of
 
-__all__ = ["SELECT_MODES", "Call", "ChainState", "Outcome", "RefinedPrediction", "Refinement", "describe", "run_chain"]
+__all__ = [
+    "SELECT_MODES",
+    "Call",
+    "ChainState",
+    "Outcome",
+    "RefineAccount",
+    "RefinedPrediction",
+    "RoundEntry",
+    "adrive",
+    "describe",
+    "drive",
+    "error_kind",
+    "run_chain",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +67,35 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
+class RoundEntry(TypedDict, total=False):
+    """One round of a trajectory (round 0 = the wrapped program). Plain JSON-able values, so the trace store keeps
+    it as it is and users read it as a dict.
+
+    Attributes:
+        round: The round's index.
+        outputs: The program's outputs after this round (a failed round repeats the previous ones).
+        answer_key: The answer's identity (normalised answer fields).
+        error: ``"Type: message"`` of the failure that kept the previous answer, else ``None``.
+        error_kind: ``"parse"``, ``"empty"``, ``"lm"`` or ``"other"`` (only on failed rounds).
+        decision: Why the policy asked for this round (refinement rounds only).
+        usage: LM calls, tokens and dollars of this round (see :class:`markovscale_dspy.Usage`).
+        confidence: The answer's confidence from token log-probabilities, when the LM gave them.
+        belief: What the policy computed after this round (e.g. the belief that the answer is correct).
+    """
+
+    round: int
+    outputs: dict[str, Any]
+    answer_key: Hashable
+    error: str | None
+    error_kind: str
+    decision: str
+    usage: dict[str, Any] | None
+    confidence: float
+    belief: float
+
+
 @dataclass(frozen=True)
-class Refinement:
+class RefineAccount:
     """MarkovRefine's account of one answer: how many rounds ran, why it stopped, what every round did.
 
     ``calls`` and ``cost`` (dollars) add up the usage of every round.
@@ -74,7 +118,7 @@ class Refinement:
     failed_rounds: int
     selected_round: int
     belief: float | None
-    trajectory: list[dict[str, Any]]
+    trajectory: list[RoundEntry]
     posteriors: list[float] | None = None
 
     @property
@@ -106,7 +150,7 @@ class RefinedPrediction(dspy.Prediction):
     """
 
     #: Class-level default: DSPy's Example then stores ``markovscale`` as an attribute, not as a field.
-    markovscale: Refinement | None = None
+    markovscale: RefineAccount | None = None
 
 
 class EmptyAnswerError(ValueError):
@@ -142,7 +186,7 @@ class ChainState:
     key_of: Callable[[Mapping[str, Any]], Hashable] = default_answer_key
     outputs: dict[str, Any] = field(default_factory=dict)
     answer: dict[str, Any] = field(default_factory=dict)
-    trajectory: list[dict[str, Any]] = field(default_factory=list)
+    trajectory: list[RoundEntry] = field(default_factory=list)
     keys: list[Hashable] = field(default_factory=list)
     failed: list[bool] = field(default_factory=list)
     confidences: list[float | None] = field(default_factory=list)
@@ -165,7 +209,7 @@ class ChainState:
             )
         self.outputs = outputs
         self.answer = {name: outputs[name] for name in self.answer_fields}
-        entry = {"round": 0, "outputs": outputs, "answer_key": self.key_of(self.answer), "error": None}
+        entry: RoundEntry = {"round": 0, "outputs": outputs, "answer_key": self.key_of(self.answer), "error": None}
         if outcome.confidence is not None:
             entry["confidence"] = outcome.confidence
         self._append({**entry, "usage": outcome.usage}, False, outcome.confidence)
@@ -176,7 +220,7 @@ class ChainState:
 
     def record(self, outcome: Outcome, decision: Decision) -> None:
         """Record a refinement round; a failure keeps the previous answer and says why."""
-        entry: dict[str, Any] = {"round": self.rounds + 1, "decision": decision.reason, "usage": outcome.usage}
+        entry: RoundEntry = {"round": self.rounds + 1, "decision": decision.reason, "usage": outcome.usage}
         error = outcome.error
         if error is None:
             new_outputs = _outputs_of(outcome.prediction)
@@ -200,7 +244,7 @@ class ChainState:
             )
         self._append(entry, error is not None, outcome.confidence if error is None else None)
 
-    def _append(self, entry: dict[str, Any], failed: bool, confidence: float | None = None) -> None:
+    def _append(self, entry: RoundEntry, failed: bool, confidence: float | None = None) -> None:
         self.trajectory.append(entry)
         self.keys.append(entry["answer_key"])
         self.failed.append(failed)
@@ -243,7 +287,7 @@ class ChainState:
             chosen = max(range(len(posteriors)), key=lambda t: posteriors[t] + 1e-12 * t)
             extra = {"posteriors": posteriors}
         outputs = self.trajectory[chosen]["outputs"]
-        account = Refinement(
+        account = RefineAccount(
             rounds=self.rounds,
             stop_reason=stop.reason,
             stop_info=dict(stop.info),
@@ -275,3 +319,23 @@ def run_chain(
             stop = Decision(False, "max_rounds", decision.info) if capped else decision
             return state.finish(stop, model, select)
         state.record((yield state.next_call()), decision)
+
+
+def drive(chain: Generator[Call, Outcome, Any], run: Callable[[Call], Outcome]) -> Any:
+    """Run ``chain`` to its end with ``run(call) -> Outcome``; returns what the chain returns."""
+    try:
+        call = next(chain)
+        while True:
+            call = chain.send(run(call))
+    except StopIteration as stop:
+        return stop.value
+
+
+async def adrive(chain: Generator[Call, Outcome, Any], run: Callable[[Call], Awaitable[Outcome]]) -> Any:
+    """Async twin of :func:`drive`: ``run`` is awaited."""
+    try:
+        call = next(chain)
+        while True:
+            call = chain.send(await run(call))
+    except StopIteration as stop:
+        return stop.value

@@ -20,8 +20,9 @@ from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.policies import Abstain, BeliefPolicy, FixedPolicy, Policy, resolve_policy
 from markovscale_dspy.core.validation import check_callable, check_int, check_number
 from markovscale_dspy.refine.budget import BudgetResult, allocate
-from markovscale_dspy.refine.confidence import LOGPROBS_FIELD, answer_confidence
-from markovscale_dspy.refine.loop import SELECT_MODES, Call, ChainState, Outcome, run_chain
+from markovscale_dspy.refine.logprobs import LOGPROBS_FIELD, answer_confidence
+from markovscale_dspy.refine.loop import SELECT_MODES, Call, ChainState, Outcome, adrive, drive, run_chain
+from markovscale_dspy.refine.sampling import ROLLOUT_STRIDE, compose_rollout
 from markovscale_dspy.refine.signatures import answer_fields, infer_signature, refinement_signature, uses_reasoning
 from markovscale_dspy.refine.state import (
     MarkovState,
@@ -30,31 +31,16 @@ from markovscale_dspy.refine.state import (
     read_state_file,
     scrub_lm_state,
 )
-from markovscale_dspy.refine.usage import measure
+from markovscale_dspy.usage import measure_usage
 
-__all__ = ["MarkovRefine", "compose_rollout"]
+__all__ = ["MarkovRefine"]
 
 logger = logging.getLogger(__name__)
 
-#: Rollout ids of one chain are ``rollout_seed * ROLLOUT_STRIDE + round``.
-ROLLOUT_STRIDE = 1000
+#: Rounds of one chain share a rollout namespace of ``ROLLOUT_STRIDE`` ids.
 MAX_ROUNDS_LIMIT = ROLLOUT_STRIDE - 1
 #: Marker: take the outer rollout id from the LM that answers the refinement.
 _FROM_LM = object()
-
-
-def compose_rollout(outer: Any, own: int) -> Any:
-    """A rollout id for ``own`` inside an outer attempt's id: distinct for every (outer, own) pair.
-
-    Example:
-        >>> compose_rollout(None, 3), compose_rollout(2, 3), compose_rollout("a", 3)
-        (3, 3000003, 'a/3')
-    """
-    if outer is None:
-        return own
-    if isinstance(outer, int) and not isinstance(outer, bool):
-        return (outer + 1) * ROLLOUT_STRIDE**2 + own
-    return f"{outer}/{own}"
 
 
 class MarkovRefine(dspy.Module):
@@ -102,7 +88,7 @@ class MarkovRefine(dspy.Module):
             single LM, then ``dspy.settings.lm``; with none of these the first refinement round raises
             ConfigurationError. The transition rates belong to the (round-0 LM, refiner LM) pair: a calibration
             records both names, and running with other LMs warns.
-        confidence: Answer confidence from token log-probabilities (see :mod:`markovscale_dspy.refine.confidence`):
+        confidence: Answer confidence from token log-probabilities (see :mod:`markovscale_dspy.refine.logprobs`):
             ``"auto"`` (default) reads it whenever a round's prediction carries ``logprobs`` (an LM built with
             ``logprobs=True``); ``True`` also asks for them -- on the refiner's calls, and on round 0 when the program
             uses the configured LM (``dspy.configure`` / ``dspy.context``) -- and removes them from the outputs;
@@ -189,6 +175,24 @@ class MarkovRefine(dspy.Module):
         self.markov = MarkovState(list(task.input_fields), self.answer_fields)
 
     # Learned state -----------------------------------------------------------------------------------------------
+
+    #: Independent samples per question a calibration draws unless told otherwise (MarkovRefine plans no votes).
+    default_parallel_samples = 0
+
+    def chain_module(self) -> MarkovRefine:
+        """The module whose chains a calibration runs and which records it: this one."""
+        return self
+
+    def calibration_plan(self) -> None:
+        """What a calibration report shows as the plan: MarkovRefine has none (its policy decides per question)."""
+        return None
+
+    def record_calibration(self, model: TransitionModel, *, spend: dict[str, Any] | None = None) -> None:
+        """Keep a calibration: the fitted model, the names of the LMs it was fitted for (the rates belong to them)
+        and what a round cost (for ``value_per_correct``). :class:`MarkovCalibrator` calls this."""
+        self.model = model
+        self.markov.calibrated_for = self.lm_names()
+        self.markov.spend = spend
 
     @property
     def model(self) -> TransitionModel | None:
@@ -306,24 +310,22 @@ class MarkovRefine(dspy.Module):
     def forward(self, **inputs: Any) -> dspy.Prediction:
         """Answer ``inputs`` with round 0 plus as many refinement rounds as the policy allows."""
         policy = self._effective_policy()
-        return _drive(self._chain(inputs, policy, self.max_rounds, _select_for(policy, self.select)), self._call)
+        return drive(self._chain(inputs, policy, self.max_rounds, _select_for(policy, self.select)), self._call)
 
     async def aforward(self, **inputs: Any) -> dspy.Prediction:
         """Async twin of :meth:`forward`."""
         policy = self._effective_policy()
-        return await _adrive(
-            self._chain(inputs, policy, self.max_rounds, _select_for(policy, self.select)), self._acall
-        )
+        return await adrive(self._chain(inputs, policy, self.max_rounds, _select_for(policy, self.select)), self._acall)
 
     def run_chain(self, rounds: int, **inputs: Any) -> dspy.Prediction:
         """Run round 0 and exactly ``rounds`` refinement rounds, with no early stopping (used for calibration)."""
         check_int("rounds", rounds, 0, MAX_ROUNDS_LIMIT)
-        return _drive(self._chain(inputs, FixedPolicy(), rounds, select="last"), self._call)
+        return drive(self._chain(inputs, FixedPolicy(), rounds, select="last"), self._call)
 
     async def arun_chain(self, rounds: int, **inputs: Any) -> dspy.Prediction:
         """Async twin of :meth:`run_chain`."""
         check_int("rounds", rounds, 0, MAX_ROUNDS_LIMIT)
-        return await _adrive(self._chain(inputs, FixedPolicy(), rounds, select="last"), self._acall)
+        return await adrive(self._chain(inputs, FixedPolicy(), rounds, select="last"), self._acall)
 
     def replay(self, recorded: dspy.Prediction, **inputs: Any) -> dspy.Prediction:
         """What this module would have answered, read off a longer recorded chain instead of calling the LM.
@@ -360,7 +362,7 @@ class MarkovRefine(dspy.Module):
             return Outcome(None if error else dspy.Prediction(**entry["outputs"]), error, entry.get("usage"))
 
         policy = self._effective_policy()
-        return _drive(self._chain(inputs, policy, self.max_rounds, _select_for(policy, self.select)), read)
+        return drive(self._chain(inputs, policy, self.max_rounds, _select_for(policy, self.select)), read)
 
     def answer_with_budget(
         self, examples: Sequence[Any], *, budget: int, num_threads: int | None = None, display_progress: bool = False
@@ -548,7 +550,7 @@ class MarkovRefine(dspy.Module):
     def _call(self, call: Call, outer: Any = _FROM_LM, refiner: tuple[Any, Any] | None = None) -> Outcome:
         # Resolving the refiner's LM raises on a misconfiguration: that is the user's to fix, not a failed round.
         kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call, outer, refiner)
-        with measure() as usage:
+        with measure_usage() as usage:
             try:
                 if call.round == 0:
                     with self._round_zero_context():
@@ -562,7 +564,7 @@ class MarkovRefine(dspy.Module):
 
     async def _acall(self, call: Call, outer: Any = _FROM_LM, refiner: tuple[Any, Any] | None = None) -> Outcome:
         kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call, outer, refiner)
-        with measure() as usage:
+        with measure_usage() as usage:
             try:
                 if call.round > 0:
                     prediction = await self.refiner.acall(**kwargs)
@@ -618,21 +620,3 @@ def _inputs_of(example: Any) -> dict[str, Any]:
     if isinstance(example, dict):
         return dict(example)
     raise ConfigurationError(f"examples must be dspy.Example or dict of inputs, got {type(example).__name__}")
-
-
-def _drive(chain: Generator[Call, Outcome, Any], run: Any) -> Any:
-    try:
-        call = next(chain)
-        while True:
-            call = chain.send(run(call))
-    except StopIteration as stop:
-        return stop.value
-
-
-async def _adrive(chain: Generator[Call, Outcome, Any], run: Any) -> Any:
-    try:
-        call = next(chain)
-        while True:
-            call = chain.send(await run(call))
-    except StopIteration as stop:
-        return stop.value

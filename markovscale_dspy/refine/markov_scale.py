@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,92 +20,24 @@ from markovscale_dspy.core.planner import KINDS, MAX_CALLS_LIMIT, Plan, Strategy
 from markovscale_dspy.core.policies import FixedPolicy
 from markovscale_dspy.core.validation import check_int, check_number
 from markovscale_dspy.core.voting import plurality_winner
-from markovscale_dspy.refine.loop import Call, Outcome, Refinement, describe
-from markovscale_dspy.refine.markov_refine import ROLLOUT_STRIDE, MarkovRefine, _adrive, _drive, compose_rollout
+from markovscale_dspy.refine.loop import Call, Outcome, RefineAccount, adrive, describe, drive
+from markovscale_dspy.refine.markov_refine import MarkovRefine
+from markovscale_dspy.refine.sampling import (
+    MAX_SAMPLES,
+    afresh_sample,
+    compose_rollout,
+    fresh_sample,
+    has_pinned_lm,
+    rollout_of,
+    sample_rollout,
+)
 from markovscale_dspy.refine.state import MarkovState, load_into, read_state_file, scrub_lm_state
-from markovscale_dspy.refine.usage import measure
+from markovscale_dspy.usage import measure_usage
 
-__all__ = [
-    "MarkovScale",
-    "SampleChain",
-    "ScaleAccount",
-    "ScaledPrediction",
-    "afresh_sample",
-    "fresh_sample",
-    "sample_rollout",
-]
+__all__ = ["MarkovScale", "SampleChain", "ScaleAccount", "ScaledPrediction"]
 
-#: Most independent samples per question (calibration or inference).
-MAX_SAMPLES = ROLLOUT_STRIDE - 1
 #: Where a MarkovScale's calibration sits in its saved state.
 _STATE_KEY = "refine.markov"
-
-
-def sample_rollout(rollout_seed: int, index: int) -> int:
-    """Own rollout id of independent sample ``index`` (composed with any outer attempt's id when used)."""
-    return rollout_seed * ROLLOUT_STRIDE + check_int("index", index, 0, MAX_SAMPLES)
-
-
-def _rollout_of(lm: Any) -> Any:
-    return (getattr(lm, "kwargs", None) or {}).get("rollout_id")
-
-
-def has_pinned_lm(program: dspy.Module) -> bool:
-    """Whether any predictor of ``program`` has its own LM (then samples need a copy of the program)."""
-    return any(p.lm is not None for _, p in program.named_predictors())
-
-
-@contextlib.contextmanager
-def _fresh_program(
-    program: dspy.Module, own: int, temperature: float, pinned: bool | None = None
-) -> Iterator[dspy.Module]:
-    """The program set up to draw fresh sample ``own`` at ``temperature``: the configured LM through
-    ``dspy.context``, and every pinned LM through a copy of the program (its other LMs keep their own settings).
-    ``pinned`` is :func:`has_pinned_lm` if the caller knows it (walking the program costs as much as its history)."""
-    module = program
-    if has_pinned_lm(program) if pinned is None else pinned:
-        module = program.deepcopy()
-        for _, predictor in module.named_predictors():
-            if predictor.lm is not None:
-                rid = compose_rollout(_rollout_of(predictor.lm), own)
-                predictor.lm = predictor.lm.copy(rollout_id=rid, temperature=temperature)
-    lm = dspy.settings.lm
-    if lm is None:
-        yield module
-        return
-    with dspy.context(lm=lm.copy(rollout_id=compose_rollout(_rollout_of(lm), own), temperature=temperature)):
-        yield module
-
-
-def fresh_sample(refine: MarkovRefine, index: int, inputs: dict[str, Any], pinned: bool | None = None) -> Outcome:
-    """Independent round-0 sample ``index`` of the program ``refine`` wraps: its own rollout id (composed with the
-    LM's), ``refine.temperature``. What calibration draws and what votes use, so the two agree."""
-    own = sample_rollout(refine.rollout_seed, index)
-    with measure() as usage:
-        try:
-            with _fresh_program(refine.program, own, refine.temperature, pinned) as program:
-                prediction, error = program(**inputs), None
-        except Exception as exc:  # a failed sample is data: it does not vote
-            prediction, error = None, exc
-    return Outcome(prediction, error, usage.to_dict())
-
-
-async def afresh_sample(
-    refine: MarkovRefine, index: int, inputs: dict[str, Any], pinned: bool | None = None
-) -> Outcome:
-    """Async twin of :func:`fresh_sample`."""
-    own = sample_rollout(refine.rollout_seed, index)
-    with measure() as usage:
-        try:
-            with _fresh_program(refine.program, own, refine.temperature, pinned) as program:
-                if hasattr(program, "aforward"):
-                    prediction = await program.acall(**inputs)
-                else:
-                    prediction = await dspy.asyncify(program)(**inputs)
-                error = None
-        except Exception as exc:
-            prediction, error = None, exc
-    return Outcome(prediction, error, usage.to_dict())
 
 
 @dataclass(frozen=True)
@@ -132,7 +63,7 @@ class ScaleAccount:
     rounds: int
     reason: str
     predicted: dict[str, Any] | None
-    chains: list[Refinement | None]
+    chains: list[RefineAccount | None]
     errors: list[str | None]
     usage: list[dict[str, int]]
     votes: list[tuple[Hashable, int]]
@@ -263,6 +194,17 @@ class MarkovScale(dspy.Module):
         self.num_threads = num_threads
 
     # What it wraps and what it learned ----------------------------------------------------------------------------
+
+    #: Independent samples per question a calibration draws unless told otherwise (the vote model needs them).
+    default_parallel_samples = 8
+
+    def chain_module(self) -> MarkovRefine:
+        """The MarkovRefine whose chains a calibration runs and which records it."""
+        return self.refine
+
+    def calibration_plan(self) -> Plan:
+        """The plan a calibration report shows (see :meth:`plan`)."""
+        return self.plan()
 
     @property
     def program(self) -> dspy.Module:
@@ -400,6 +342,9 @@ class MarkovScale(dspy.Module):
         runs = list(await asyncio.gather(*(one(j) for j in range(strategy.samples))))
         return self._finish(strategy, reason, predicted, runs)
 
+    def _sampling(self, index: int) -> dict[str, Any]:
+        return {"index": index, "rollout_seed": self.rollout_seed, "temperature": self.temperature}
+
     def _threads(self, jobs: int) -> int:
         return max(1, min(jobs, self.num_threads or dspy.settings.num_threads or jobs))
 
@@ -416,16 +361,16 @@ class MarkovScale(dspy.Module):
         own = sample_rollout(self.rollout_seed, index)
         # The chain's refinements get their own namespace, so chains that reach the same answer still refine it
         # independently.
-        outer = compose_rollout(_rollout_of(refiner[1]), own) if refiner is not None else None
+        outer = compose_rollout(rollout_of(refiner[1]), own) if refiner is not None else None
 
         def run(call: Call) -> Outcome:
             if call.round == 0:
-                return fresh_sample(self.refine, index, call.kwargs, pinned)
+                return fresh_sample(self.program, call.kwargs, pinned=pinned, **self._sampling(index))
             return self.refine._call(call, outer=outer, refiner=refiner)
 
-        with measure() as usage:
+        with measure_usage() as usage:
             try:
-                prediction = _drive(self.refine._chain(inputs, FixedPolicy(), rounds, "last"), run)
+                prediction = drive(self.refine._chain(inputs, FixedPolicy(), rounds, "last"), run)
             except RoundZeroError as exc:
                 return SampleChain(None, describe(exc.__cause__ or exc), usage.to_dict())
         return SampleChain(prediction, None, usage.to_dict())
@@ -435,16 +380,16 @@ class MarkovScale(dspy.Module):
     ) -> SampleChain:
         pinned, refiner = setup
         own = sample_rollout(self.rollout_seed, index)
-        outer = compose_rollout(_rollout_of(refiner[1]), own) if refiner is not None else None
+        outer = compose_rollout(rollout_of(refiner[1]), own) if refiner is not None else None
 
         async def run(call: Call) -> Outcome:
             if call.round == 0:
-                return await afresh_sample(self.refine, index, call.kwargs, pinned)
+                return await afresh_sample(self.program, call.kwargs, pinned=pinned, **self._sampling(index))
             return await self.refine._acall(call, outer=outer, refiner=refiner)
 
-        with measure() as usage:
+        with measure_usage() as usage:
             try:
-                prediction = await _adrive(self.refine._chain(inputs, FixedPolicy(), rounds, "last"), run)
+                prediction = await adrive(self.refine._chain(inputs, FixedPolicy(), rounds, "last"), run)
             except RoundZeroError as exc:
                 return SampleChain(None, describe(exc.__cause__ or exc), usage.to_dict())
         return SampleChain(prediction, None, usage.to_dict())

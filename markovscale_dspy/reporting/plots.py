@@ -9,16 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from markovscale_dspy._exceptions import ConfigurationError
 from markovscale_dspy.calibrate.report import CalibrationReport
+from markovscale_dspy.core.statistics import binomial_interval
 from markovscale_dspy.core.theory import BOUND_KIND
-from markovscale_dspy.reporting.evaluation import MethodResult
 
-__all__ = ["calibration_figure", "frontier_figure", "strategy_figure"]
+if TYPE_CHECKING:  # rendering reads these results; it never runs the evaluation that makes them
+    from markovscale_dspy.evaluate.configurations import ConfigurationComparison
+    from markovscale_dspy.evaluate.evaluation import MethodResult
+
+__all__ = ["calibration_figure", "comparison_figure", "frontier_figure", "strategy_figure"]
 
 
 def _pyplot():
@@ -251,3 +255,31 @@ def _save(plt: Any, fig: Any, ax: Any, path: str | Path, title: str, legend_size
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def comparison_figure(comparison: ConfigurationComparison, path: str | Path, *, title: str | None = None) -> Path:
+    """Accuracy (95% CI when held out) against dollars per question, or LM calls when some dollars are unknown."""
+    plt = _pyplot()
+    by_dollars = all(r.dollars is not None for r in comparison.results)
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    markers = "os^DvP*Xh<>"
+    for i, r in enumerate(comparison.results):
+        x = r.dollars if by_dollars else r.calls
+        if r.held_out is not None:
+            lo, hi = r.held_out.interval
+        else:
+            n = r.report.examples
+            lo, hi = binomial_interval(round(r.predicted_accuracy * n), n)
+        best = r.name == comparison.recommended
+        ax.errorbar(
+            [x],
+            [r.accuracy],
+            yerr=[[max(r.accuracy - lo, 0.0)], [max(hi - r.accuracy, 0.0)]],
+            fmt=markers[i % len(markers)],
+            ms=10 if best else 7,
+            capsize=3,
+            label=f"{r.name} ({r.rounds} rounds)" + (" — recommended" if best else ""),
+        )
+    ax.set_xlabel("dollars per question" if by_dollars else "LM calls per question (dollars unknown)")
+    ax.set_ylabel("accuracy" + (" (held out, 95% CI)" if any(r.held_out for r in comparison.results) else ""))
+    return _save(plt, fig, ax, path, title or "Configurations: accuracy against cost", legend_size=8)

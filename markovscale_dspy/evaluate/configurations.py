@@ -1,6 +1,6 @@
 """Choose a configuration: which model drafts (round 0) and which refines, by accuracy per dollar (or per call).
 
-Reporting layer. :func:`compare_configurations` calibrates MarkovRefine once per configuration on the same
+Evaluation layer. :func:`compare_configurations` calibrates MarkovRefine once per configuration on the same
 questions, saves one state per configuration, evaluates each calibrated module on the same held-out questions, and
 recommends the configuration with the best value for the user's cost: accuracy minus dollars per question over the
 value of a correct answer (``value_per_correct``), or minus ``round_cost`` per LM call. ``markovscale
@@ -33,20 +33,15 @@ import dspy
 from markovscale_dspy._exceptions import ConfigurationError, MarkovScaleError
 from markovscale_dspy.calibrate.calibrator import MarkovCalibrator
 from markovscale_dspy.calibrate.report import CalibrationReport
-from markovscale_dspy.core.model import PARAMETERS
-from markovscale_dspy.core.statistics import binomial_interval
 from markovscale_dspy.core.validation import check_int, check_number
+from markovscale_dspy.evaluate.evaluation import MethodResult, evaluate
 from markovscale_dspy.refine.markov_refine import MarkovRefine
-from markovscale_dspy.reporting.evaluation import MethodResult, evaluate
-from markovscale_dspy.reporting.report import _pct, dollars, markdown_table, spend_rows
 
 __all__ = [
     "Configuration",
     "ConfigurationComparison",
     "ConfigurationResult",
     "compare_configurations",
-    "comparison_figure",
-    "configurations_markdown",
 ]
 
 
@@ -281,133 +276,3 @@ def compare_configurations(
             "value_per_correct": value_per_correct,
         },
     )
-
-
-def _interval(estimate: dict[str, float]) -> str:
-    return f"{estimate['mean']:.3f} [{estimate['lo']:.3f}, {estimate['hi']:.3f}]"
-
-
-def configurations_markdown(comparison: ConfigurationComparison, *, figure: str | None = None) -> str:
-    """The comparison as Markdown: the recommendation, the chains, the plan, and what each costs and scores."""
-    out = ["## Recommendation", ""]
-    if comparison.recommended is None:
-        out += ["No configuration's cost is known, so none is recommended (see the notes below).", ""]
-    else:
-        best = comparison.by_name(comparison.recommended)
-        out += [
-            f"**{best.name}** (round 0 on {', '.join(f'`{n}`' for n in best.lms.get('program') or [])}, refinement "
-            f"on `{best.lms.get('refiner')}`): {_pct(best.accuracy)} accuracy at {dollars(best.dollars)} and "
-            f"{best.calls:.2f} LM calls per question, {best.rounds} refinement round(s). Criterion: "
-            f"{comparison.criterion}.",
-            "",
-        ]
-    if figure:
-        out += [f"![accuracy against cost]({figure})", ""]
-    chain_rows = [
-        [
-            r.name,
-            ", ".join(f"`{n}`" for n in r.lms.get("program") or []),
-            f"`{r.lms.get('refiner')}`",
-            *(_interval(r.report.estimates[p]) for p in PARAMETERS),
-            r.report.regime,
-            f"{r.report.prob_improves:.2f}",
-        ]
-        for r in comparison.results
-    ]
-    out += [
-        "## Calibrated chains (95% credible intervals)",
-        "",
-        markdown_table(
-            ["configuration", "round 0 LM", "refiner LM", "p0", "p_cw", "p_wc", "regime", "P(helps)"], chain_rows
-        ),
-        "",
-    ]
-    rows = []
-    for r in comparison.results:
-        held = r.held_out
-        if held is not None:
-            lo, hi = held.interval
-            measured = [f"{_pct(held.accuracy)} [{_pct(lo)}, {_pct(hi)}]", f"{held.mean_calls:.2f}"]
-            measured += [f"{held.mean_tokens:.0f}", dollars(held.mean_cost)]
-        else:
-            measured = ["not measured", "", "", ""]
-        predicted_tokens = (r.predicted["prompt_tokens"] or 0) + (r.predicted["completion_tokens"] or 0)
-        rows.append(
-            [
-                r.name,
-                "n/a" if r.stopping_cost is None else f"{r.stopping_cost:.4g}",
-                r.rounds,
-                _pct(r.predicted_accuracy),
-                f"{r.predicted['calls']:.2f}" if r.predicted["calls"] is not None else "n/a",
-                f"{predicted_tokens:.0f}",
-                dollars(r.predicted["cost"]),
-                *measured,
-                "n/a" if r.objective is None else f"{r.objective:.4f}",
-            ]
-        )
-    out += [
-        "## Plan, spend and held-out result per question",
-        "",
-        markdown_table(
-            [
-                "configuration",
-                "stopping cost (accuracy/round)",
-                "optimal rounds",
-                "predicted accuracy",
-                "predicted calls",
-                "predicted tokens",
-                "predicted $",
-                "held-out accuracy (95% CI)",
-                "calls",
-                "tokens",
-                "$",
-                "objective",
-            ],
-            rows,
-        ),
-        "",
-    ]
-    spend = [[r.name, *row] for r in comparison.results for row in spend_rows(r.report.spend)]
-    if spend:
-        out += [
-            "## Measured per round during calibration",
-            "",
-            markdown_table(
-                ["configuration", "round", "LM calls", "prompt tokens", "completion tokens", "dollars", "n"], spend
-            ),
-            "",
-        ]
-    notes = [f"- {r.name}: {r.note}" for r in comparison.results if r.note]
-    if notes:
-        out += ["## Notes", "", *notes, ""]
-    return "\n".join(out)
-
-
-def comparison_figure(comparison: ConfigurationComparison, path: str | Path, *, title: str | None = None) -> Path:
-    """Accuracy (95% CI when held out) against dollars per question, or LM calls when some dollars are unknown."""
-    from markovscale_dspy.reporting.plots import _pyplot, _save
-
-    plt = _pyplot()
-    by_dollars = all(r.dollars is not None for r in comparison.results)
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
-    markers = "os^DvP*Xh<>"
-    for i, r in enumerate(comparison.results):
-        x = r.dollars if by_dollars else r.calls
-        if r.held_out is not None:
-            lo, hi = r.held_out.interval
-        else:
-            n = r.report.examples
-            lo, hi = binomial_interval(round(r.predicted_accuracy * n), n)
-        best = r.name == comparison.recommended
-        ax.errorbar(
-            [x],
-            [r.accuracy],
-            yerr=[[max(r.accuracy - lo, 0.0)], [max(hi - r.accuracy, 0.0)]],
-            fmt=markers[i % len(markers)],
-            ms=10 if best else 7,
-            capsize=3,
-            label=f"{r.name} ({r.rounds} rounds)" + (" — recommended" if best else ""),
-        )
-    ax.set_xlabel("dollars per question" if by_dollars else "LM calls per question (dollars unknown)")
-    ax.set_ylabel("accuracy" + (" (held out, 95% CI)" if any(r.held_out for r in comparison.results) else ""))
-    return _save(plt, fig, ax, path, title or "Configurations: accuracy against cost", legend_size=8)

@@ -33,11 +33,11 @@ from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.planner import Plan, Strategy
 from markovscale_dspy.core.statistics import score_to_label
 from markovscale_dspy.core.voting import plurality_winner
+from markovscale_dspy.evaluate.evaluation import MethodResult, evaluate
 from markovscale_dspy.refine.loop import describe
 from markovscale_dspy.refine.markov_refine import MarkovRefine
 from markovscale_dspy.refine.markov_scale import MarkovScale
-from markovscale_dspy.refine.usage import Usage
-from markovscale_dspy.reporting.evaluation import MethodResult, evaluate
+from markovscale_dspy.usage import Usage
 
 __all__ = [
     "ComparisonResult",
@@ -150,7 +150,7 @@ def read_off(
 
     ``choose(prediction, example)`` returns the outputs the method would have given and the trajectory entries it
     would have paid for. A question whose recorded round 0 failed counts as wrong for every method, as in
-    :func:`~markovscale_dspy.reporting.evaluation.evaluate`, so results stay aligned for paired comparisons.
+    :func:`~markovscale_dspy.evaluate.evaluation.evaluate`, so results stay aligned for paired comparisons.
     """
     labels, usage, rounds, failures = [], Usage(), 0, 0
     for example, pred in zip(examples, run.predictions, strict=True):

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from markovscale_dspy.calibrate.report import CalibrationReport
 from markovscale_dspy.core import statistics
-from markovscale_dspy.core.model import TransitionModel
+from markovscale_dspy.core.model import PARAMETERS, TransitionModel
 from markovscale_dspy.core.theory import BOUND_KIND
-from markovscale_dspy.reporting.evaluation import MethodResult
+
+if TYPE_CHECKING:  # rendering reads these results; it never runs the evaluation that makes them
+    from markovscale_dspy.evaluate.configurations import ConfigurationComparison
+    from markovscale_dspy.evaluate.evaluation import MethodResult
 
 __all__ = [
     "calibration_markdown",
     "comparison_markdown",
+    "configurations_markdown",
     "difference_interval",
     "dollars",
     "drift_words",
@@ -31,6 +35,7 @@ __all__ = [
     "observed_in_calibration",
     "paired_markdown",
     "paired_words",
+    "percent",
     "plan_markdown",
     "verdict",
     "votes_markdown",
@@ -43,7 +48,8 @@ _LABELS = {
 }
 
 
-def _pct(x: float | None) -> str:
+def percent(x: float | None) -> str:
+    """``x`` as a percentage with one decimal (``n/a`` for ``None``)."""
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
@@ -73,10 +79,10 @@ def verdict(
     regime = model.regime()
     planned = model.optimal_rounds(round_cost, max_rounds)
     bound = model.stationary_accuracy()
-    moves = f"each refinement round breaks {_pct(p_cw)} of correct answers and fixes {_pct(p_wc)} of wrong ones"
+    moves = f"each refinement round breaks {percent(p_cw)} of correct answers and fixes {percent(p_wc)} of wrong ones"
     direction = {"improving": "rises", "degrading": "falls", "neutral": "stays"}[regime]
     which = BOUND_KIND[regime]
-    course = f"so accuracy {direction} from {_pct(p0)} towards {_pct(bound)} (the {which} bound)"
+    course = f"so accuracy {direction} from {percent(p0)} towards {percent(bound)} (the {which} bound)"
     if helps >= 0.9:
         head = "Refinement HELPS here"
     elif helps <= 0.1:
@@ -140,8 +146,8 @@ def format_calibration(
     ]
     for row in report.observed_accuracy:
         lines.append(
-            f"  {row['round']:>5}   {_pct(row['accuracy']):>6} [{_pct(row['lo'])}, {_pct(row['hi'])}]"
-            f"   {_pct(row['predicted']):>6}   (n={row['n']})"
+            f"  {row['round']:>5}   {percent(row['accuracy']):>6} [{percent(row['lo'])}, {percent(row['hi'])}]"
+            f"   {percent(row['predicted']):>6}   (n={row['n']})"
         )
     f = report.failures
     errors = ", ".join(f"{k} x{v}" for k, v in f["round_errors"].items()) or "none"
@@ -154,8 +160,8 @@ def format_calibration(
     if report.votes:
         v = report.votes
         lines.append(
-            f"  votes: {v['samples']} samples; per-question accuracy {_pct(v['mean_accuracy'])} (sd "
-            f"{_pct(v['accuracy_sd'])}); two wrong answers agree with probability {v['wrong_agreement']:.2f}"
+            f"  votes: {v['samples']} samples; per-question accuracy {percent(v['mean_accuracy'])} (sd "
+            f"{percent(v['accuracy_sd'])}); two wrong answers agree with probability {v['wrong_agreement']:.2f}"
         )
     if report.plan:
         lines.append("  " + format_plan(report.plan))
@@ -261,7 +267,7 @@ def format_comparison(results: Sequence[MethodResult]) -> str:
     for r in results:
         lo, hi = r.interval
         lines.append(
-            f"  {r.name:<28} {_pct(r.accuracy):>6} [{_pct(lo)}, {_pct(hi)}]   {r.mean_calls:>10.2f} "
+            f"  {r.name:<28} {percent(r.accuracy):>6} [{percent(lo)}, {percent(hi)}]   {r.mean_calls:>10.2f} "
             f"{r.mean_tokens:>9.0f} {dollars(r.mean_cost):>10} {r.mean_rounds:>9.2f} {r.seconds:>7.1f} "
             f"{r.failures:>6}"
         )
@@ -285,8 +291,8 @@ def comparison_markdown(results: Sequence[MethodResult]) -> str:
         rows.append(
             [
                 r.name,
-                _pct(r.accuracy),
-                f"{_pct(lo)} – {_pct(hi)}",
+                percent(r.accuracy),
+                f"{percent(lo)} – {percent(hi)}",
                 f"{r.mean_calls:.2f}",
                 f"{r.mean_tokens:.0f}",
                 dollars(r.mean_cost),
@@ -353,7 +359,13 @@ def calibration_markdown(
     if figure:
         out += [f"![accuracy by round]({figure})", ""]
     observed = [
-        [r["round"], _pct(r["accuracy"]), f"{_pct(r['lo'])} – {_pct(r['hi'])}", _pct(r["predicted"]), r["n"]]
+        [
+            r["round"],
+            percent(r["accuracy"]),
+            f"{percent(r['lo'])} – {percent(r['hi'])}",
+            percent(r["predicted"]),
+            r["n"],
+        ]
         for r in report.observed_accuracy
     ]
     transitions = []
@@ -366,8 +378,8 @@ def calibration_markdown(
                 row["cw"],
                 row["wc"],
                 row["ww"],
-                _pct(row["cw"] / c if c else None),
-                _pct(row["wc"] / w if w else None),
+                percent(row["cw"] / c if c else None),
+                percent(row["wc"] / w if w else None),
             ]
         )
     out += [
@@ -468,7 +480,7 @@ def votes_markdown(votes: dict[str, Any]) -> str:
         "## Voting over independent samples",
         "",
         f"{votes['samples']} samples of {votes['questions']} questions. Per-question accuracy: mean "
-        f"{_pct(votes['mean_accuracy'])}, spread (sd over questions) {_pct(votes['accuracy_sd'])} -- Beta("
+        f"{percent(votes['mean_accuracy'])}, spread (sd over questions) {percent(votes['accuracy_sd'])} -- Beta("
         f"{votes['a']:.3g}, {votes['b']:.3g}). Wrong answers: {m} distractor(s) per question; two wrong answers "
         f"to one question agree with probability {votes['wrong_agreement']:.2f}"
         + ("" if votes["clusters_estimated"] else " (assumed: no question had two wrong answers to measure it)")
@@ -484,9 +496,9 @@ def votes_markdown(votes: dict[str, Any]) -> str:
         ]
     rows = []
     for row in votes["curve"]:
-        observed = "n/a" if not row["questions"] else f"{_pct(row['observed'])} ± {_pct(1.96 * (row['se'] or 0))}"
-        interval = "n/a" if row["lo"] is None else f"{_pct(row['lo'])} – {_pct(row['hi'])}"
-        rows.append([row["n"], observed, _pct(row["predicted"]), interval])
+        observed = "n/a" if not row["questions"] else f"{percent(row['observed'])} ± {percent(1.96 * (row['se'] or 0))}"
+        interval = "n/a" if row["lo"] is None else f"{percent(row['lo'])} – {percent(row['hi'])}"
+        rows.append([row["n"], observed, percent(row["predicted"]), interval])
     lines += [
         markdown_table(
             ["votes", "in-sample (every subset of each question's samples)", "predicted", "95% interval"], rows
@@ -509,13 +521,17 @@ def plan_markdown(plan: Any, observed: Sequence[MethodResult] | None = None) -> 
         row = [
             name,
             p["calls"],
-            _pct(p["accuracy"]),
-            f"{_pct(p['interval'][0])} – {_pct(p['interval'][1])}",
+            percent(p["accuracy"]),
+            f"{percent(p['interval'][0])} – {percent(p['interval'][1])}",
             "–" if p["prob_gain"] is None else f"{p['prob_gain']:.2f}",
         ]
         if seen:
             o = seen.get(p["name"])
-            row += ["n/a", "n/a"] if o is None else [_pct(o.accuracy), f"{_pct(o.interval[0])} – {_pct(o.interval[1])}"]
+            row += (
+                ["n/a", "n/a"]
+                if o is None
+                else [percent(o.accuracy), f"{percent(o.interval[0])} – {percent(o.interval[1])}"]
+            )
         rows.append(row)
     cost = f", cost {data['call_cost']:g} per call" if data["call_cost"] else ""
     return "\n".join(
@@ -559,15 +575,115 @@ def format_plan(plan: Any) -> str:
     data = plan.to_dict() if hasattr(plan, "to_dict") else plan
     c = data["chosen"]
     text = (
-        f"Chosen: {c['name']} ({c['calls']} call(s)), predicted {_pct(c['accuracy'])} "
-        f"[{_pct(c['interval'][0])}, {_pct(c['interval'][1])}]"
+        f"Chosen: {c['name']} ({c['calls']} call(s)), predicted {percent(c['accuracy'])} "
+        f"[{percent(c['interval'][0])}, {percent(c['interval'][1])}]"
     )
     if data["reason"] == "uncertain":
         b = data["best"]
         text += (
-            f"; the best prediction, {b['name']} at {_pct(b['accuracy'])}, is held back by the confidence gate "
+            f"; the best prediction, {b['name']} at {percent(b['accuracy'])}, is held back by the confidence gate "
             f"(P(gain) = {b['prob_gain']:.2f})"
         )
     for note in data.get("notes", []):
         text += f". {note}"
     return text + "."
+
+
+def _interval(estimate: dict[str, float]) -> str:
+    return f"{estimate['mean']:.3f} [{estimate['lo']:.3f}, {estimate['hi']:.3f}]"
+
+
+def configurations_markdown(comparison: ConfigurationComparison, *, figure: str | None = None) -> str:
+    """The comparison as Markdown: the recommendation, the chains, the plan, and what each costs and scores."""
+    out = ["## Recommendation", ""]
+    if comparison.recommended is None:
+        out += ["No configuration's cost is known, so none is recommended (see the notes below).", ""]
+    else:
+        best = comparison.by_name(comparison.recommended)
+        out += [
+            f"**{best.name}** (round 0 on {', '.join(f'`{n}`' for n in best.lms.get('program') or [])}, refinement "
+            f"on `{best.lms.get('refiner')}`): {percent(best.accuracy)} accuracy at {dollars(best.dollars)} and "
+            f"{best.calls:.2f} LM calls per question, {best.rounds} refinement round(s). Criterion: "
+            f"{comparison.criterion}.",
+            "",
+        ]
+    if figure:
+        out += [f"![accuracy against cost]({figure})", ""]
+    chain_rows = [
+        [
+            r.name,
+            ", ".join(f"`{n}`" for n in r.lms.get("program") or []),
+            f"`{r.lms.get('refiner')}`",
+            *(_interval(r.report.estimates[p]) for p in PARAMETERS),
+            r.report.regime,
+            f"{r.report.prob_improves:.2f}",
+        ]
+        for r in comparison.results
+    ]
+    out += [
+        "## Calibrated chains (95% credible intervals)",
+        "",
+        markdown_table(
+            ["configuration", "round 0 LM", "refiner LM", "p0", "p_cw", "p_wc", "regime", "P(helps)"], chain_rows
+        ),
+        "",
+    ]
+    rows = []
+    for r in comparison.results:
+        held = r.held_out
+        if held is not None:
+            lo, hi = held.interval
+            measured = [f"{percent(held.accuracy)} [{percent(lo)}, {percent(hi)}]", f"{held.mean_calls:.2f}"]
+            measured += [f"{held.mean_tokens:.0f}", dollars(held.mean_cost)]
+        else:
+            measured = ["not measured", "", "", ""]
+        predicted_tokens = (r.predicted["prompt_tokens"] or 0) + (r.predicted["completion_tokens"] or 0)
+        rows.append(
+            [
+                r.name,
+                "n/a" if r.stopping_cost is None else f"{r.stopping_cost:.4g}",
+                r.rounds,
+                percent(r.predicted_accuracy),
+                f"{r.predicted['calls']:.2f}" if r.predicted["calls"] is not None else "n/a",
+                f"{predicted_tokens:.0f}",
+                dollars(r.predicted["cost"]),
+                *measured,
+                "n/a" if r.objective is None else f"{r.objective:.4f}",
+            ]
+        )
+    out += [
+        "## Plan, spend and held-out result per question",
+        "",
+        markdown_table(
+            [
+                "configuration",
+                "stopping cost (accuracy/round)",
+                "optimal rounds",
+                "predicted accuracy",
+                "predicted calls",
+                "predicted tokens",
+                "predicted $",
+                "held-out accuracy (95% CI)",
+                "calls",
+                "tokens",
+                "$",
+                "objective",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    spend = [[r.name, *row] for r in comparison.results for row in spend_rows(r.report.spend)]
+    if spend:
+        out += [
+            "## Measured per round during calibration",
+            "",
+            markdown_table(
+                ["configuration", "round", "LM calls", "prompt tokens", "completion tokens", "dollars", "n"], spend
+            ),
+            "",
+        ]
+    notes = [f"- {r.name}: {r.note}" for r in comparison.results if r.note]
+    if notes:
+        out += ["## Notes", "", *notes, ""]
+    return "\n".join(out)

@@ -17,7 +17,7 @@ from dspy.utils.parallelizer import ParallelExecutor
 
 from markovscale_dspy.core.statistics import binomial_interval, score_to_label
 from markovscale_dspy.refine.loop import describe as _describe
-from markovscale_dspy.refine.usage import Usage, measure
+from markovscale_dspy.usage import Usage, measure_usage
 
 __all__ = ["MethodResult", "compare", "evaluate"]
 
@@ -99,7 +99,7 @@ def evaluate(
 
     def run(example: dspy.Example) -> dict[str, Any]:
         out: dict[str, Any] = {"label": False, "rounds": 0, "error": None, "prediction": None}
-        with measure() as usage:
+        with measure_usage() as usage:
             try:
                 prediction = program(**example.inputs())
                 out["prediction"] = prediction

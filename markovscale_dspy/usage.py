@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import dspy
 
-__all__ = ["Usage", "measure", "price_of", "record_cost", "register_price"]
+__all__ = ["Usage", "measure_usage", "price_of", "record_cost", "register_price"]
 
 
 @dataclass
@@ -80,10 +80,11 @@ _prices_lock = threading.Lock()
 
 
 def register_price(model: str, input_cost_per_token: float, output_cost_per_token: float) -> None:
-    """Dollars per prompt and completion token of ``model`` (the LM's ``model`` string), used by :func:`measure`.
+    """Dollars per prompt and completion token of ``model`` (the LM's ``model`` string), used by :func:`measure_usage`.
 
     Example:
         >>> register_price("openai/my-self-hosted-model", 0.0, 0.0)
+        >>> from markovscale_dspy.usage import price_of
         >>> price_of("openai/my-self-hosted-model")
         (0.0, 0.0)
     """
@@ -138,7 +139,8 @@ _meter: ContextVar[_Meter | None] = ContextVar("markovscale_cost_meter", default
 
 
 def record_cost(model: str, dollars: float | None) -> None:
-    """Report the price of one call to ``model`` (the LM's ``model`` string) to the enclosing :func:`measure` blocks.
+    """Report the price of one call to ``model`` (the LM's ``model`` string) to the enclosing :func:`measure_usage`
+    blocks.
 
     For engines that know what a call cost; ``None`` means the price is unknown. Calls of a model that reported
     its cost this way are not priced again from their tokens.
@@ -149,14 +151,14 @@ def record_cost(model: str, dollars: float | None) -> None:
 
 
 @contextmanager
-def measure() -> Iterator[Usage]:
+def measure_usage() -> Iterator[Usage]:
     """Count the LM calls, tokens and dollars of everything run inside the block on this thread (and its tasks).
 
     Built on ``dspy.track_usage`` (one usage entry per call that reached the provider), not on callbacks, which
     would make DSPy dispatch callbacks for every module and adapter call.
 
     Example:
-        >>> with measure() as usage:
+        >>> with measure_usage() as usage:
         ...     pass  # run a program here
         >>> usage.calls, usage.cost
         (0, 0.0)
