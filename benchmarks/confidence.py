@@ -4,7 +4,7 @@
 
 For each task, ``n`` questions are answered with full refinement chains (round 0 plus ``rounds`` refinements) by
 SmolLM2-135M through llama.cpp, JSONAdapter, temperature 0.7, ``logprobs=True``: every answer carries its
-confidence, the probability of its option-letter token (see ``markovscale_dspy.refine.confidence``). Reported:
+confidence, the probability of its option-letter token (see ``markovscale_dspy.refine.logprobs``). Reported:
 
 * the AUROC of confidence for correctness, on round-0 answers and on all answers (95% interval, Hanley-McNeil);
 * two-fold cross-fitting: calibrate on one half, run the policies on the other half's chains, and swap, so every
@@ -30,7 +30,7 @@ from markovscale_dspy import MarkovRefine
 from markovscale_dspy.calibrate.calibrator import fit_chains
 from markovscale_dspy.core.confidence import auroc
 from markovscale_dspy.core.policies import RoundContext, evidence_for
-from markovscale_dspy.reporting.evaluation import evaluate
+from markovscale_dspy.evaluate.evaluation import evaluate
 
 COSTS = (0.0, 0.01, 0.05)
 
@@ -134,7 +134,7 @@ def calibrate(data: list[dict[str, Any]], rounds: int, confidence: bool) -> Any:
 
 
 def study(task_name: str, n: int, rounds: int, threads: int, lm: dspy.LM, store: Path | None = None) -> dict[str, Any]:
-    from markovscale_dspy.datasets import load_task
+    from markovscale_dspy.integrations.datasets import load_task
 
     task = load_task(task_name)
     examples, _ = task.split(n, 0, seed=0)
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/confidence.json")
     args = parser.parse_args(argv)
-    from markovscale_dspy.local import LocalModel
+    from markovscale_dspy.integrations.local import LocalModel
 
     results = []
     with LocalModel(n_parallel=args.threads) as server:

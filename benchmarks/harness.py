@@ -19,8 +19,8 @@ import numpy as np
 
 from benchmarks.worlds import ParameterOracle, preset_world
 from markovscale_dspy import MarkovCalibrator, MarkovRefine, TransitionModel
-from markovscale_dspy.reporting.compare import ComparisonResult, baselines, compare_methods, fixed_family, frontier_at
-from markovscale_dspy.reporting.evaluation import MethodResult, evaluate
+from markovscale_dspy.evaluate.compare import ComparisonResult, baselines, compare_methods, fixed_family, frontier_at
+from markovscale_dspy.evaluate.evaluation import MethodResult, evaluate
 from markovscale_dspy.testing import SimulatedWorld
 
 SimulationResult = ComparisonResult
@@ -153,7 +153,7 @@ def run_real(
     **kwargs: Any,
 ) -> ComparisonResult:
     """Every method on a bundled task with a real LM: calibration on ``n_train`` questions, disjoint ``n_test``."""
-    from markovscale_dspy.datasets import load_task
+    from markovscale_dspy.integrations.datasets import load_task
 
     task = load_task(task_name)
     train, test = task.split(n_train, n_test, seed=seed)
@@ -236,7 +236,7 @@ def throughput(
     """
     import asyncio
 
-    from markovscale_dspy.datasets import load_task
+    from markovscale_dspy.integrations.datasets import load_task
 
     task = load_task(task_name)
     plan = ["sequential", *(f"{k} threads" for k in threads), f"async ({max(threads)} concurrent)", "sequential again"]
@@ -297,7 +297,7 @@ def run_planner(
     ``baselines_at`` (default: ``max_calls``; ``()``: none), and measure every strategy the planner considered.
     Question types are not fitted (neither the planner nor the closed form uses them)."""
     from markovscale_dspy import MarkovScale
-    from markovscale_dspy.reporting.compare import SelfConsistency, self_judge_reward, strategy_results
+    from markovscale_dspy.evaluate.compare import SelfConsistency, self_judge_reward, strategy_results
 
     make = make or (lambda: dspy.Predict("question -> answer"))
     train = preset_world(preset, n_train, seed=seed)
@@ -367,8 +367,8 @@ def run_real_planner(
     ``MarkovScale.forward`` makes); self-consistency over ``n`` samples is the grid's ``vote n=...`` row. With
     ``baselines``, MarkovRefine (closed form) and ``dspy.BestOfN`` (self-judge) run too."""
     from markovscale_dspy import MarkovScale
-    from markovscale_dspy.datasets import load_task
-    from markovscale_dspy.reporting.compare import self_judge_reward, strategy_results
+    from markovscale_dspy.evaluate.compare import self_judge_reward, strategy_results
+    from markovscale_dspy.integrations.datasets import load_task
 
     task = load_task(task_name)
     train, test = task.split(n_train, n_test, seed=seed)

@@ -20,9 +20,9 @@ from dspy.utils.parallelizer import ParallelExecutor
 from scipy import stats
 
 from markovscale_dspy import MarkovRefine
-from markovscale_dspy.datasets import load_task
-from markovscale_dspy.lms import build_lm
-from markovscale_dspy.local import LocalModel
+from markovscale_dspy.integrations.datasets import load_task
+from markovscale_dspy.integrations.lms import build_lm
+from markovscale_dspy.integrations.local import LocalModel
 
 
 def interval(k, n):

@@ -24,7 +24,7 @@ import dspy
 from benchmarks.harness import run_planner, run_real_planner
 from benchmarks.worlds import PLANNER_PRESETS, PRESETS
 from markovscale_dspy import TransitionModel
-from markovscale_dspy.reporting.compare import ComparisonResult
+from markovscale_dspy.evaluate.compare import ComparisonResult
 
 #: (world, call budget, budgets the baselines run at): the comparisons BENCHMARKS.md reports.
 SIMULATED = (
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"\n## {name} ({time.perf_counter() - started:.0f} s)")
             _say(methods_table(result) + "\n" + strategy_table(result))
         if not args.skip_real:
-            from markovscale_dspy.local import LocalModel
+            from markovscale_dspy.integrations.local import LocalModel
 
             with LocalModel(n_parallel=args.threads, port=args.port) as server:
                 lm = server.lm(temperature=0.7, cache=False, num_retries=1)

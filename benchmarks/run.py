@@ -31,8 +31,8 @@ from benchmarks.harness import (
 )
 from benchmarks.worlds import PRESETS
 from markovscale_dspy.core.statistics import paired_difference
-from markovscale_dspy.reporting.compare import frontier_at
-from markovscale_dspy.reporting.evaluation import MethodResult
+from markovscale_dspy.evaluate.compare import frontier_at
+from markovscale_dspy.evaluate.evaluation import MethodResult
 
 
 def _say(text: str = "") -> None:
@@ -123,7 +123,7 @@ def _real_targets(result: SimulationResult) -> list[str]:
 def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from markovscale_dspy.plots import calibration_figure, frontier_figure
+    from markovscale_dspy.reporting.plots import calibration_figure, frontier_figure
 
     stamp = time.strftime("%Y-%m-%d")
     md = [
@@ -188,7 +188,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             }
 
         if not args.skip_real:
-            from markovscale_dspy.local import LocalModel
+            from markovscale_dspy.integrations.local import LocalModel
 
             with LocalModel(n_parallel=2) as server:
                 lm = server.lm(temperature=0.7, cache=False, num_retries=1)
