@@ -28,7 +28,7 @@ from markovscale_dspy.core.voting import VoteModel
 from markovscale_dspy.refine.logprobs import LOGPROBS_FIELD
 from markovscale_dspy.refine.loop import describe, error_kind
 from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine
-from markovscale_dspy.refine.sampling import MAX_SAMPLES, fresh_sample, has_pinned_lm
+from markovscale_dspy.refine.sampling import MAX_SAMPLES, fresh_sample, has_pinned_lm, sample_rollout
 from markovscale_dspy.usage import Usage, measure_usage
 
 __all__ = ["MarkovCalibrator", "fit_chains"]
@@ -312,8 +312,7 @@ class MarkovCalibrator(Teleprompter):
                 outcome = fresh_sample(
                     program.program,
                     dict(example.inputs()),
-                    index=sample,
-                    rollout_seed=program.rollout_seed,
+                    rollout=sample_rollout(program.rollout_seed, sample),
                     temperature=program.temperature,
                     pinned=pinned,
                 )

@@ -343,7 +343,7 @@ class MarkovScale(dspy.Module):
         return self._finish(strategy, reason, predicted, runs)
 
     def _sampling(self, index: int) -> dict[str, Any]:
-        return {"index": index, "rollout_seed": self.rollout_seed, "temperature": self.temperature}
+        return {"rollout": sample_rollout(self.rollout_seed, index), "temperature": self.temperature}
 
     def _threads(self, jobs: int) -> int:
         return max(1, min(jobs, self.num_threads or dspy.settings.num_threads or jobs))

@@ -92,21 +92,14 @@ def _fresh_program(
 
 
 def fresh_sample(
-    program: dspy.Module,
-    inputs: dict[str, Any],
-    *,
-    index: int,
-    rollout_seed: int,
-    temperature: float,
-    pinned: bool | None = None,
+    program: dspy.Module, inputs: dict[str, Any], *, rollout: int, temperature: float, pinned: bool | None = None
 ) -> Outcome:
-    """Independent round-0 sample ``index`` of ``program``: its own rollout id (composed with the LM's) at
-    ``temperature``. What calibration draws and what votes use, so the two agree. A failure is returned, not
-    raised (a failed sample does not vote)."""
-    own = sample_rollout(rollout_seed, index)
+    """An independent round-0 sample of ``program``: own rollout id ``rollout`` (see :func:`sample_rollout`; composed
+    with the LM's) at ``temperature``. What calibration draws and what votes use, so the two agree. A failure is
+    returned, not raised (a failed sample does not vote)."""
     with measure_usage() as usage:
         try:
-            with _fresh_program(program, own, temperature, pinned) as module:
+            with _fresh_program(program, rollout, temperature, pinned) as module:
                 prediction, error = module(**inputs), None
         except Exception as exc:  # a failed sample is data: it does not vote
             prediction, error = None, exc
@@ -114,19 +107,12 @@ def fresh_sample(
 
 
 async def afresh_sample(
-    program: dspy.Module,
-    inputs: dict[str, Any],
-    *,
-    index: int,
-    rollout_seed: int,
-    temperature: float,
-    pinned: bool | None = None,
+    program: dspy.Module, inputs: dict[str, Any], *, rollout: int, temperature: float, pinned: bool | None = None
 ) -> Outcome:
     """Async twin of :func:`fresh_sample`."""
-    own = sample_rollout(rollout_seed, index)
     with measure_usage() as usage:
         try:
-            with _fresh_program(program, own, temperature, pinned) as module:
+            with _fresh_program(program, rollout, temperature, pinned) as module:
                 if hasattr(module, "aforward"):
                     prediction = await module.acall(**inputs)
                 else:
