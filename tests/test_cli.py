@@ -3,7 +3,7 @@
 import dspy
 from helpers import IMPROVING, model_from_rates, refine
 
-from markovscale_dspy.cli import build_parser, main
+from markovscale_dspy.cli import main
 
 
 def saved_state(tmp_path, model=None):
@@ -43,11 +43,6 @@ def test_report_on_an_uncalibrated_state_is_a_clear_error(tmp_path, capsys):
     refine().save(path)
     assert main(["report", str(path)]) == 2
     assert "uncalibrated" in capsys.readouterr().err
-
-
-def test_demo_defaults_are_the_measured_ones():
-    args = build_parser().parse_args(["demo"])
-    assert (args.task, args.train, args.test, args.rounds) == ("winogrande", 100, 50, 3)
 
 
 def test_report_writes_markdown_and_a_png(tmp_path, capsys):

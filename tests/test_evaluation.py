@@ -13,9 +13,13 @@ from markovscale_dspy.reporting.text import difference_interval, format_comparis
 def test_evaluate_counts_accuracy_calls_and_rounds():
     w = world(30)
     with dspy.context(lm=w.lm()):
-        result = evaluate(refine(policy="fixed", max_rounds=2), w.examples, w.metric, name="fixed-2")
+        result = evaluate(
+            refine(policy="fixed", max_rounds=2), w.examples, w.metric, name="fixed-2", keep_predictions=True
+        )
     assert (result.n, result.calls, result.rounds, result.failures) == (30, 90, 60, 0)
-    assert result.correct == sum(result.labels) and result.prompt_tokens > 0
+    # Graded by the world's own truth, not by the harness: each question's last answer against its gold label.
+    truth = [p.answer == e.answer for e, p in zip(w.examples, result.predictions, strict=True)]
+    assert result.correct == sum(truth) and result.calls == w.calls
 
 
 def test_evaluate_counts_failed_questions_as_wrong():

@@ -59,15 +59,3 @@ def test_every_error_shares_one_base_class(tmp_path):
         assert type(info.value) is expected, (expected.__name__, repr(info.value))
         with pytest.raises(builtin):
             provoke()
-
-
-def test_not_calibrated_error_is_a_value_error():
-    # A caller who guards a call with `except ValueError` catches the real error a policy without the rates it
-    # needs raises (before the module spends any refinement round).
-    try:
-        _belief_policy_without_answer_change_rates()
-    except ValueError as exc:
-        caught = exc
-    else:
-        pytest.fail("the belief policy answered without answer-change rates")
-    assert type(caught) is NotCalibratedError and "answer-change rates" in str(caught)
