@@ -38,10 +38,12 @@ from markovscale_dspy.calibrate.calibrator import MarkovCalibrator
 from markovscale_dspy.calibrate.report import CalibrationReport
 from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.theory import BOUND_KIND
+from markovscale_dspy.core.validation import check_int, check_number
 from markovscale_dspy.integrations.datasets import available_tasks, load_task
 from markovscale_dspy.integrations.lms import ROUTES, build_lm, redact
 from markovscale_dspy.integrations.routing import load_router_config
-from markovscale_dspy.refine.markov_refine import MarkovRefine
+from markovscale_dspy.refine.loop import describe, unrecoverable
+from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine
 from markovscale_dspy.refine.state import MarkovState, read_state_file
 from markovscale_dspy.reporting.pages import bench_page, configurations_page, run_context
 from markovscale_dspy.reporting.text import (
@@ -58,7 +60,17 @@ from markovscale_dspy.reporting.text import (
     verdict,
 )
 
-__all__ = ["main"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NOTHING_USABLE", "EXIT_USAGE", "check_arguments", "main"]
+
+#: Exit codes (also in ``markovscale --help`` and the README): 0 success.
+EXIT_NOTHING_USABLE = 1  # it ran, but nothing usable came out (every question failed, no usable chain)
+EXIT_USAGE = 2  # a usage or configuration error: bad argument, missing file, rejected key, unknown model
+EXIT_INTERRUPTED = 130
+EXIT_CODES = (
+    "exit codes: 0 success; 1 it ran but nothing usable came out (every question failed, no usable chain, too many "
+    "errors); 2 usage or configuration error (bad argument, missing or unreadable file, rejected API key, unknown "
+    "model; argparse's own errors too); 130 interrupted"
+)
 
 
 #: Retries of transient errors for a direct LM (a router LM's Router retries instead; see --router-config).
@@ -479,15 +491,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         examples = [dspy.Example(question=q).with_inputs("question") for q in args.question]
     else:
         _, examples = task.split(0, args.n, seed=args.seed)
+    answered = correct = graded = 0
     with _lm_from_args(args) as (lm, _), dspy.context(lm=lm, adapter=_adapter(args.adapter)):
         refine.refiner_lm = _refiner_from_args(args)
-        correct = graded = 0
         for example in examples:
             try:
                 pred = refine(**example.inputs())
             except MarkovScaleError as exc:
+                fix = unrecoverable(exc)
+                if fix is not None:  # the next question would fail the same way: stop, and say what to change
+                    raise ConfigurationError(f"{describe(exc.__cause__ or exc)}: {fix}") from exc
                 _say(f"- {example.question[:70]!r}: failed: {exc}")
                 continue
+            answered += 1
             line = (
                 f"- {example.question.splitlines()[0][:70]!r} -> {pred.answer!r} ({pred.rounds} rounds, "
                 f"{pred.stop_reason})"
@@ -499,6 +515,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             _say(line)
     if graded:
         _say(f"{correct}/{graded} correct")
+    if answered == 0:
+        _say(f"No question was answered ({len(examples)} failed): see the errors above.")
+        return EXIT_NOTHING_USABLE
     return 0
 
 
@@ -669,10 +688,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="markovscale", description="Principled refinement for DSPy programs.")
+    parser = argparse.ArgumentParser(
+        prog="markovscale", description="Principled refinement for DSPy programs.", epilog=EXIT_CODES
+    )
     parser.add_argument("--version", action="version", version=f"markovscale-dspy {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_verb(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, epilog=EXIT_CODES, **kwargs)
 
     def task_options(p: argparse.ArgumentParser, default: str) -> None:
         p.add_argument("--task", choices=available_tasks(), default=default, help=f"bundled task (default {default})")
@@ -715,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="reuse finished chains from an earlier run" + ("" if fresh else " (default)"),
         )
 
-    demo = sub.add_parser("demo", help="the main job: calibrate and evaluate on the embedded model, offline")
+    demo = add_verb("demo", help="the main job: calibrate and evaluate on the embedded model, offline")
     task_options(demo, DEMO_TASK)
     demo.add_argument("--train", type=int, default=DEMO_TRAIN, help=f"calibration questions (default {DEMO_TRAIN})")
     demo.add_argument("--test", type=int, default=DEMO_TEST, help=f"held-out questions (default {DEMO_TEST})")
@@ -725,7 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lm_options(demo)
     demo.set_defaults(func=cmd_demo, no_cache=True)
 
-    cal = sub.add_parser("calibrate", help="calibrate MarkovRefine for a model on a bundled task")
+    cal = add_verb("calibrate", help="calibrate MarkovRefine for a model on a bundled task")
     task_options(cal, DEMO_TASK)
     cal.add_argument("--train", type=int, default=200, help="calibration questions (default 200)")
     cal.add_argument("--rounds", type=int, default=4, help="refinement rounds per chain (default 4)")
@@ -737,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.set_defaults(func=cmd_calibrate)
 
-    rep = sub.add_parser("report", help="print what a saved state says")
+    rep = add_verb("report", help="print what a saved state says")
     rep.add_argument("state", help="state JSON written by calibrate, demo or refine.save()")
     rep.add_argument("--cost", type=float, nargs="+", default=[0.0, 0.01, 0.05], help="costs per round to plan for")
     rep.add_argument("--max-rounds", type=int, default=8)
@@ -746,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-files", action="store_true", help="only print, write no report files")
     rep.set_defaults(func=cmd_report)
 
-    run = sub.add_parser("run", help="answer questions with a calibrated state")
+    run = add_verb("run", help="answer questions with a calibrated state")
     run.add_argument("state", help="state JSON written by calibrate or demo")
     task_options(run, DEMO_TASK)
     run.add_argument("--question", action="append", help="a question to answer (repeatable); default: task sample")
@@ -759,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
-    bench = sub.add_parser(
+    bench = add_verb(
         "bench", help="every method side by side on your model and task: calibrate, then compare on held-out questions"
     )
     task_options(bench, DEMO_TASK)
@@ -787,7 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lm_options(bench)
     bench.set_defaults(func=cmd_bench, no_cache=True)
 
-    cmp = sub.add_parser(
+    cmp = add_verb(
         "compare-configs",
         help="which model drafts and which refines: calibrate each configuration on the same questions, one state "
         "each, and a report of accuracy against dollars with a recommendation",
@@ -819,6 +843,35 @@ DEMO_TRAIN = 100
 DEMO_TEST = 50
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every file and number the command was given, checked before data packages load or a server starts (so a
+    missing state file is reported as that, not as whatever a later step trips over).
+
+    Raises:
+        ConfigurationError: a bad number or option, or an unset ``--api-key-env`` variable.
+        StateError: a state file that is missing or unreadable.
+    """
+    for name, lo, hi in (("train", 2, None), ("test", 1, None), ("rounds", 1, MAX_ROUNDS_LIMIT), ("n", 1, None)):
+        if hasattr(args, name):
+            check_int(f"--{name}", getattr(args, name), lo, hi)
+    if hasattr(args, "threads"):
+        check_int("--threads", args.threads, 1)
+        check_int("--max-tokens", args.max_tokens, 1)
+        check_number("--temperature", args.temperature, 0, lo_open=True)
+    for name in ("round_cost", "min_prob_improves"):
+        if getattr(args, name, None) is not None:
+            check_number(f"--{name.replace('_', '-')}", getattr(args, name), 0, 1)
+    if getattr(args, "value_per_correct", None) is not None:
+        check_number("--value-per-correct", args.value_per_correct, 0, lo_open=True, unit="dollars")
+    if getattr(args, "state", None) is not None:
+        read_state_file(args.state)
+    if getattr(args, "router_config", None):
+        load_router_config(args.router_config)
+    env = getattr(args, "api_key_env", None)
+    if env and not os.environ.get(env):
+        raise ConfigurationError(f"--api-key-env {env}: the environment variable {env} is not set; export it first")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -827,14 +880,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("LiteLLM", "litellm", "httpx", "dspy"):
         logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.ERROR)
     try:
+        check_arguments(args)  # before any data package is imported or server started
         return args.func(args)
     except MarkovScaleError as exc:
         secrets = [os.environ.get(args.api_key_env)] if getattr(args, "api_key_env", None) else []
         print(f"markovscale: error: {redact(str(exc), *secrets)}", file=sys.stderr)
-        return 2
+        # Bad input (ValueError family) is the user's to fix; a run that produced nothing usable is a failure.
+        return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_NOTHING_USABLE
     except KeyboardInterrupt:
         print("markovscale: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

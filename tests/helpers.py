@@ -148,3 +148,50 @@ def calibrate_and_kill(calibrator, program, train, lm, store, *, chains, kill, w
     worker.join(timeout=join)
     assert not worker.is_alive()
     return killed, outcome
+
+
+class StatusServer:
+    """A loopback OpenAI-compatible server that answers every request with one HTTP status and an OpenAI-style error
+    body (401 for a missing key, 404 for an unknown model...), counting the requests it saw.
+
+    Use as a context manager; ``api_base`` is its ``/v1`` URL.
+    """
+
+    def __init__(self, status: int, message: str = "Incorrect API key provided", code: str = "invalid_api_key"):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+        self.hits = 0
+        self._lock = threading.Lock()
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": code}}).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with outer._lock:
+                    outer.hits += 1
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def __enter__(self) -> "StatusServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()

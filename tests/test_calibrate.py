@@ -118,8 +118,10 @@ def test_metric_that_always_raises_is_a_clear_error():
     def broken(example, pred, trace=None):
         raise KeyError("gold")
 
-    with pytest.raises(CalibrationError, match="no usable chain among 10 trainset examples; failures: 10x KeyError"):
+    with pytest.raises(CalibrationError, match=r"stopped after 10 errors .*max_errors=10\): 10x metric: KeyError"):
         calibrate(world(10), metric=broken)
+    with pytest.raises(CalibrationError, match="no usable chain among 10 trainset examples; failures: 10x KeyError"):
+        calibrate(world(10), metric=broken, max_errors=11)
 
 
 def test_failed_rounds_are_dropped_from_the_fit():
@@ -141,15 +143,17 @@ def test_no_successful_refinement_is_a_clear_error_with_the_report_kept():
     assert calibrator.report.failures["rounds_failed"] == 40
 
 
-ALL_FAULTS = {kind: 0.07 for kind in FAULT_KINDS}  # 49% of calls fail, every kind
+# 48% of calls fail, every transient kind; a prompt over the context window is no transient failure: calibration
+# stops at it (tests/test_failures.py).
+TRANSIENT_FAULTS = {kind: 0.08 for kind in FAULT_KINDS if kind != "context_window"}
 
 
 @pytest.mark.slow
 def test_a_thousand_faulty_rounds_never_crash_calibration_or_forward():
     w = SimulatedWorld.homogeneous(400, seed=40, **IMPROVING)
-    faulty = w.lm(faults=ALL_FAULTS)
+    faulty = w.lm(faults=TRANSIENT_FAULTS)
     engine = w.last_fault_engine
-    calibrator = MarkovCalibrator(w.metric, rounds=4, num_threads=4, question_types=1)
+    calibrator = MarkovCalibrator(w.metric, rounds=4, num_threads=4, question_types=1, max_errors=400)
     with dspy.context(lm=faulty):
         program = calibrator.compile(refine(max_rounds=4), trainset=w.examples)
         outcomes = {"ok": 0, "round0": 0}
@@ -162,11 +166,7 @@ def test_a_thousand_faulty_rounds_never_crash_calibration_or_forward():
                 outcomes["round0"] += 1
     faults = sum(engine.fault_counts.values())
     failures = calibrator.report.failures
-    print(
-        f"\n{faults} injected faults {dict(engine.fault_counts)}; calibration: {failures['chains_failed']} chains "
-        f"lost at round 0, {failures['rounds_failed']} refinement rounds kept the previous answer; forward: "
-        f"{outcomes}"
-    )
+    assert failures["round0"]["failed"] == program.model.n0_failed == failures["chains_failed"]
     assert faults >= 1000 and program.model.n_transitions > 0
     assert failures["rounds_failed"] > 0 and failures["chains_failed"] > 0 and outcomes["ok"] > 0
 

@@ -31,7 +31,7 @@ CORE = {
 }
 FOLDERS = {"core": None, "refine": 5, "integrations": 5, "calibrate": 6, "evaluate": 7, "reporting": 8}
 # usage: the meter (calls, tokens, dollars), the ground floor of everything that calls an LM.
-TOP = {"_exceptions": -1, "_version": -1, "usage": 4.5, "testing": 5, "cli": 9, "__init__": 10}
+TOP = {"_exceptions": -1, "_version": -1, "_warnings": -1, "usage": 4.5, "testing": 5, "cli": 9, "__init__": 10}
 # Where a layer is shared by several modules of one folder, their order inside it.
 WITHIN = {
     "integrations/routing": -0.25,  # the Router engine: below lms, which builds router LMs

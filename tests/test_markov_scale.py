@@ -348,12 +348,11 @@ def test_strategy_figure_marks_the_plan(tmp_path):
 
 
 def test_compare_methods_adds_the_planner_and_its_strategies():
-    train = SimulatedWorld.mixture(40, [(1.0, HURTS)], seed=5)
-    test = SimulatedWorld.mixture(15, [(1.0, HURTS)], seed=6)
-    with dspy.context(lm=test.lm()), warnings.catch_warnings():
+    w = SimulatedWorld.mixture(55, [(1.0, HURTS)], seed=5)
+    with dspy.context(lm=w.lm()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = compare_methods(
-            predict, train.examples, test.examples, test.metric, num_threads=1, include_baselines=False, max_calls=3
+            predict, w.examples[:40], w.examples[40:], w.metric, num_threads=1, include_baselines=False, max_calls=3
         )
     assert result.plan is not None and result.model.votes is not None
     assert any(r.name.startswith("MarkovScale (") for r in result.results)

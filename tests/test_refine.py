@@ -222,7 +222,8 @@ def test_each_fault_in_a_refinement_round_keeps_the_previous_answer(kind):
     with dspy.context(lm=w.lm()):
         pred = module(**w.examples[0].inputs())
     assert pred.failed_rounds == 2 and pred.answer == pred.trajectory[0]["outputs"]["answer"]
-    assert pred.trajectory[1]["error_kind"] in {"lm", "parse", "empty"}
+    # A prompt over the context window is no transient failure: a calibration stops at it (see test_failures.py).
+    assert pred.trajectory[1]["error_kind"] in ({"fatal"} if kind == "context_window" else {"lm", "parse", "empty"})
 
 
 def test_round_zero_fault_is_a_clear_exception():

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import dspy
 import pytest
+from helpers import needs_olmo_eval
 
 from markovscale_dspy import ConfigurationError, MarkovCalibrator, MarkovRefine
 from markovscale_dspy.calibrate.traces import chain_key
@@ -301,6 +302,7 @@ def router_yaml(tmp_path):
     return path
 
 
+@needs_olmo_eval
 def test_cli_calibrates_through_a_router_group_with_another_refiner(router_yaml, tmp_path, capsys, caplog):
     from markovscale_dspy.cli import main
 
@@ -338,6 +340,7 @@ def test_cli_calibrates_through_a_router_group_with_another_refiner(router_yaml,
         assert SECRET not in text
 
 
+@needs_olmo_eval
 def test_cli_compare_configs_writes_states_and_a_recommendation(router_yaml, tmp_path, capsys):
     from markovscale_dspy.cli import main
 

@@ -3,22 +3,25 @@ voting over independent samples behaves for a MarkovScale."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import dspy
 from dspy.teleprompt import Teleprompter
 from dspy.utils.parallelizer import ParallelExecutor
 
-from markovscale_dspy._exceptions import CalibrationError, ConfigurationError, DataError
+from markovscale_dspy._exceptions import CalibrationError, ConfigurationError, DataError, RoundZeroError
+from markovscale_dspy._warnings import warn
+from markovscale_dspy.calibrate.guard import RunGuard
 from markovscale_dspy.calibrate.records import ChainRecord, jsonable
 from markovscale_dspy.calibrate.report import CalibrationReport, build_report, spend_of
-from markovscale_dspy.calibrate.traces import TraceStore, UnknownLMIdentityError, chain_key
+from markovscale_dspy.calibrate.traces import TraceStore, UnknownLMIdentityError, chain_key, restore_outputs
 from markovscale_dspy.core.answers import default_answer_key, is_empty_answer
 from markovscale_dspy.core.mixture import chain_statistics, fit_mixture, select_mixture
 from markovscale_dspy.core.model import TransitionModel
@@ -26,7 +29,7 @@ from markovscale_dspy.core.statistics import PARTIAL_SCORE, binomial_interval, s
 from markovscale_dspy.core.validation import check_callable, check_int, check_number, check_prior
 from markovscale_dspy.core.voting import VoteModel
 from markovscale_dspy.refine.logprobs import LOGPROBS_FIELD
-from markovscale_dspy.refine.loop import describe, error_kind
+from markovscale_dspy.refine.loop import describe, error_kind, unrecoverable
 from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine
 from markovscale_dspy.refine.sampling import MAX_SAMPLES, fresh_sample, has_pinned_lm, sample_rollout
 from markovscale_dspy.usage import Usage, measure_usage
@@ -85,6 +88,15 @@ class MarkovCalibrator(Teleprompter):
             ``BaseLM``, an engine without ``fingerprint``). Without it such calibrations neither store nor reuse
             chains: two different LMs must never share them.
         display_progress: Show a progress bar.
+        max_errors: Errors (a round 0 that raises or does not parse, a failed sample, a metric that raises) after
+            which calibration stops with a CalibrationError listing them; ``None``: DSPy's ``max_errors`` setting.
+            An LM failure no retry can mend (rejected key, unknown model, invalid request, prompt over the context
+            window) stops it at the first occurrence. Either way nothing more is paid for, and finished chains stay
+            in the trace store.
+
+    Round-0 failures the calibration survives are scored as ``dspy.Evaluate`` scores them: the model keeps how
+    many there were (``model.n0_failed``), ``model.expected_accuracy(t)`` counts them as wrong, the report shows the
+    rate beside ``p0``, and a warning names the commonest error.
 
     Example:
         >>> import dspy
@@ -114,10 +126,11 @@ class MarkovCalibrator(Teleprompter):
         store_traces: bool = True,
         display_progress: bool = False,
         trace_key: str | None = None,
+        max_errors: int | None = None,
     ):
         super().__init__()
         # Validate and store each argument as given (a bad value fails here, not an hour into a calibration).
-        self.metric = check_callable("metric", metric, "metric(example, prediction)")
+        self.metric = check_metric(metric)
         self.rounds = check_int("rounds", rounds, 1, MAX_ROUNDS_LIMIT, none_ok=True)
         self.parallel_samples = check_int("parallel_samples", parallel_samples, 0, MAX_SAMPLES, none_ok=True)
         if parallel_samples == 1:
@@ -136,6 +149,7 @@ class MarkovCalibrator(Teleprompter):
         self.store_traces = store_traces
         self.display_progress = display_progress
         self.trace_key = trace_key
+        self.max_errors = check_int("max_errors", max_errors, 1, none_ok=True)
         self.report: CalibrationReport | None = None
 
     def compile(
@@ -161,9 +175,12 @@ class MarkovCalibrator(Teleprompter):
 
         program = student.deepcopy()  # the student stays untouched
         refine = program.chain_module()
-        records, store_dir = self._observe(refine, examples, rounds, samples)
+        guard = RunGuard(self.max_errors or dspy.settings.max_errors)
+        records, store_dir = self._observe(refine, examples, rounds, samples, guard)
         _check_metric_scores(records)
+        guard.check(len(examples))
         model = self._fit(records, rounds, samples)
+        model = model.with_round0_failures(_warn_round0_failures(records))
         refine.record_calibration(model, spend=spend_of(records))
         lms = refine.markov.calibrated_for
 
@@ -207,11 +224,9 @@ class MarkovCalibrator(Teleprompter):
         if self.parallel_samples is None:
             return student.default_parallel_samples
         if self.parallel_samples == 0 and student.default_parallel_samples > 0:
-            warnings.warn(
+            warn(
                 f"MarkovCalibrator(parallel_samples=0) calibrates a {type(student).__name__} without samples, so it "
                 "can only plan a single call or refinement; draw samples (e.g. parallel_samples=8) to consider votes",
-                UserWarning,
-                stacklevel=3,
             )
         return self.parallel_samples
 
@@ -237,7 +252,7 @@ class MarkovCalibrator(Teleprompter):
                 )
             return student.max_rounds
         if self.rounds != student.max_rounds:
-            warnings.warn(
+            warn(
                 f"MarkovCalibrator(rounds={self.rounds}) calibrates chains of a different length than the "
                 f"student's max_rounds={student.max_rounds}; "
                 + (
@@ -246,13 +261,11 @@ class MarkovCalibrator(Teleprompter):
                     else "the extra calibrated rounds are never run"
                 )
                 + ". Leave rounds=None to calibrate exactly the rounds the module can run",
-                UserWarning,
-                stacklevel=3,
             )
         return self.rounds
 
     def _observe(
-        self, program: MarkovRefine, examples: list[dspy.Example], rounds: int, samples: int = 0
+        self, program: MarkovRefine, examples: list[dspy.Example], rounds: int, samples: int, guard: RunGuard
     ) -> tuple[list[ChainRecord], str | None]:
         # One job per chain and one per sample, all in one executor, so samples run as concurrently as chains.
         jobs = [(i, example, None) for i, example in enumerate(examples)]
@@ -263,13 +276,19 @@ class MarkovCalibrator(Teleprompter):
         store = (
             TraceStore(self.trace_dir) if self.store_traces and self._identifiable(program, rounds, examples) else None
         )
-        pinned = has_pinned_lm(program.program)  # once: walking the program costs as much as its history
+        run = _Run(
+            program=program,
+            store=store,
+            guard=guard,
+            pinned=has_pinned_lm(program.program),  # once: walking the program costs as much as its history
+            types={name: f.annotation for name, f in program.signature.output_fields.items()},
+        )
 
         def work(job: tuple[int, dspy.Example, int | None]) -> Any:
             index, example, sample = job
             if sample is None:
-                return self._chain(program, store, rounds, index, example)
-            return self._sample(program, store, index, example, sample, pinned)
+                return self._chain(run, rounds, index, example)
+            return self._sample(run, index, example, sample)
 
         try:
             results = executor.execute(work, jobs)
@@ -287,26 +306,25 @@ class MarkovCalibrator(Teleprompter):
             )
         for record in records:
             record.samples.sort(key=lambda s: s["sample"])
+        if run.unstored:
+            reason = Counter(run.unstored).most_common(1)[0][0]
+            logger.warning(
+                "MarkovCalibrator: %d finished chains or samples could not be stored for resuming, so a re-run pays "
+                "for them again (%s); make the program's outputs JSON-serialisable by pydantic",
+                len(run.unstored),
+                reason,
+            )
         return records, None if store is None else str(store.directory)
 
-    def _sample(
-        self,
-        program: MarkovRefine,
-        store: TraceStore | None,
-        index: int,
-        example: dspy.Example,
-        sample: int,
-        pinned: bool,
-    ) -> dict[str, Any]:
+    def _sample(self, run: _Run, index: int, example: dspy.Example, sample: int) -> dict[str, Any]:
         """Worker: independent round-0 sample ``sample`` of one example, graded. Pure, like :meth:`_chain`."""
-        key = None
-        if store is not None:
-            try:
-                key = chain_key(program, 0, example, self.trace_key, sample=sample)
-            except Exception as exc:  # the store is an optimisation: without a key, just draw the sample
-                logger.warning("trace store disabled for example %d: %s", index, describe(exc))
-        stored = store.get(key) if key is not None and self.resume else None
-        entry = stored[0] if stored else None
+        program = run.program
+        out: dict[str, Any] = {"sample": sample, "label": None, "answer": None, "error": None, "usage": {}}
+        if run.guard.stopped:
+            return {**out, "error": _SKIPPED, "skipped": True}
+        key = self._key(run, index, example, 0, sample=sample)
+        entry = self._reused(run, key)
+        stored = entry is not None
         if entry is None:
             with dspy.context(trace=[]):
                 outcome = fresh_sample(
@@ -314,25 +332,57 @@ class MarkovCalibrator(Teleprompter):
                     dict(example.inputs()),
                     rollout=sample_rollout(program.rollout_seed, sample),
                     temperature=program.temperature,
-                    pinned=pinned,
+                    pinned=run.pinned,
                 )
             entry = _sample_entry(program, outcome)
-            if key is not None and entry.get("error_kind") in (None, "parse", "empty"):
-                store.put(key, [entry])
-        out = {
-            "sample": sample,
-            "label": None,
-            "answer": entry["answer_key"],
-            "error": entry["error"],
-            "usage": entry.get("usage") or {},
-            "reused": stored is not None,
-        }
+            if outcome.error is not None:
+                _count_error(run.guard, outcome.error)
+            self._store(run, key, [entry])
+        else:
+            entry = entry[0]
+        out.update(answer=entry["answer_key"], error=entry["error"], usage=entry.get("usage") or {}, reused=stored)
         if entry["error"] is None:
             try:
                 out["label"] = score_to_label(self.metric(example, dspy.Prediction(**entry["outputs"])), self.threshold)
-            except Exception as exc:  # reported with the record, never aborts the run
+            except Exception as exc:  # reported with the record and counted against max_errors
                 out["metric_error"] = describe(exc)
+                run.guard.error(f"metric: {describe(exc)}")
         return out
+
+    def _key(self, run: _Run, index: int, example: dspy.Example, rounds: int, sample: int | None = None) -> str | None:
+        if run.store is None:
+            return None
+        try:
+            return chain_key(run.program, rounds, example, self.trace_key, sample=sample)
+        except Exception as exc:  # the store is an optimisation: without a key, just run the chain
+            logger.warning("trace store disabled for example %d: %s", index, describe(exc))
+            return None
+
+    def _reused(self, run: _Run, key: str | None) -> list[dict[str, Any]] | None:
+        """The stored trajectory under ``key`` with its outputs' types restored, or ``None`` (not stored, not
+        resuming, or stored by a program whose output types changed)."""
+        if key is None or not self.resume:
+            return None
+        trajectory = run.store.get(key)
+        if trajectory is None:
+            return None
+        try:
+            return [
+                {**e, "outputs": restore_outputs(e["outputs"], run.types) if e.get("outputs") is not None else None}
+                for e in trajectory
+            ]
+        except (ValueError, TypeError, KeyError) as exc:
+            logger.info("recomputing a stored chain whose outputs no longer fit the program: %s", describe(exc))
+            return None
+
+    def _store(self, run: _Run, key: str | None, trajectory: list[dict[str, Any]]) -> None:
+        # Only chains that are the model's own behaviour are remembered; a round lost to a service failure
+        # (timeout, rate limit, dead server, rejected key) is recomputed by the next run.
+        if key is None or any(e.get("error_kind") not in (None, "parse", "empty") for e in trajectory):
+            return
+        reason = run.store.put(key, trajectory)
+        if reason is not None:
+            run.unstored.append(reason)
 
     def _identifiable(self, program: MarkovRefine, rounds: int, examples: list[dspy.Example]) -> bool:
         """Whether chains can be keyed by the LM's identity (else they are neither stored nor reused)."""
@@ -349,29 +399,26 @@ class MarkovCalibrator(Teleprompter):
             pass
         return True
 
-    def _chain(
-        self, program: MarkovRefine, store: TraceStore | None, rounds: int, index: int, example: dspy.Example
-    ) -> ChainRecord:
+    def _chain(self, run: _Run, rounds: int, index: int, example: dspy.Example) -> ChainRecord:
         """Worker: one full chain and its labels. Pure (returns its record) because the executor may re-run it;
         the store write is idempotent (same key, same chain)."""
         record = ChainRecord(index=index)
-        key = None
-        if store is not None:
-            try:
-                key = chain_key(program, rounds, example, self.trace_key)
-            except Exception as exc:  # the store is an optimisation: without a key, just run the chain
-                logger.warning("trace store disabled for example %d: %s", index, describe(exc))
-        trajectory = store.get(key) if key is not None and self.resume else None
+        if run.guard.stopped:
+            record.failure, record.skipped = _SKIPPED, True
+            return record
+        key = self._key(run, index, example, rounds)
+        trajectory = self._reused(run, key)
         if trajectory is not None:
             record.reused = True
         else:
             usage = Usage()
             try:
                 with dspy.context(trace=[]), measure_usage() as usage:
-                    prediction = program.run_chain(rounds, **example.inputs())
+                    prediction = run.program.run_chain(rounds, **example.inputs())
             except Exception as exc:
-                record.failure = describe(exc)
+                record.failure = describe(exc.__cause__ if isinstance(exc, RoundZeroError) and exc.__cause__ else exc)
                 record.usage = usage.to_dict()
+                _count_error(run.guard, exc)
                 return record
             # Token log-probabilities are summarised by each round's confidence; the store keeps that, not them.
             trajectory = [
@@ -382,14 +429,16 @@ class MarkovCalibrator(Teleprompter):
                 }
                 for entry in prediction.markovscale.trajectory
             ]
-            # Only chains that are the model's own behaviour are remembered; a round lost to a transient service
-            # failure (timeout, rate limit, dead server) is recomputed by the next run.
-            if key is not None and all(e.get("error_kind") in (None, "parse", "empty") for e in trajectory):
-                store.put(key, trajectory)
-        self._label(record, example, trajectory)
+            for entry in trajectory:
+                if entry.get("error_kind") == "fatal":
+                    run.guard.fatal(f"refinement round {entry['round']}: {entry['error']}", entry.get("fix", ""))
+            self._store(run, key, trajectory)
+        self._label(record, example, trajectory, run.guard)
         return record
 
-    def _label(self, record: ChainRecord, example: dspy.Example, trajectory: list[dict[str, Any]]) -> None:
+    def _label(
+        self, record: ChainRecord, example: dspy.Example, trajectory: list[dict[str, Any]], guard: RunGuard
+    ) -> None:
         usage = Usage()
         for entry in trajectory:
             spent = Usage.from_dict(entry.get("usage"))
@@ -402,10 +451,37 @@ class MarkovCalibrator(Teleprompter):
             if entry["error"] is None and record.metric_error is None:
                 try:
                     label = score_to_label(self.metric(example, dspy.Prediction(**entry["outputs"])), self.threshold)
-                except Exception as exc:  # a broken metric is reported per example, never aborts the run
+                except Exception as exc:  # reported per example and counted against max_errors
                     record.metric_error = describe(exc)
+                    guard.error(f"metric: {describe(exc)}")
             record.labels.append(label)
         record.usage = usage.to_dict()
+
+
+#: Why a chain or sample did not run: the calibration had already stopped.
+_SKIPPED = "skipped: the calibration stopped"
+
+
+@dataclass
+class _Run:
+    """What the workers of one calibration share."""
+
+    program: MarkovRefine
+    store: TraceStore | None
+    guard: RunGuard
+    pinned: bool
+    types: dict[str, Any]
+    unstored: list[str] = field(default_factory=list)
+
+
+def _count_error(guard: RunGuard, error: BaseException) -> None:
+    """A failed round 0 or sample: an unrecoverable LM failure stops the calibration, anything else counts."""
+    fix = unrecoverable(error)
+    cause = error.__cause__ if isinstance(error, RoundZeroError) and error.__cause__ is not None else error
+    if fix is not None:
+        guard.fatal(describe(cause), fix)
+    else:
+        guard.error(describe(cause))
 
 
 def _sample_entry(program: MarkovRefine, outcome: Any) -> dict[str, Any]:
@@ -465,6 +541,58 @@ def _check_student(student: Any) -> Calibratable:
             "MarkovRefine(program) (or MarkovScale(program) to plan votes too)"
         )
     return student
+
+
+def check_metric(metric: Any) -> Callable[..., Any]:
+    """``metric`` if DSPy's way of calling a metric, ``metric(example, prediction)`` (with ``trace=None`` allowed),
+    fits its signature; else a ConfigurationError naming the metric and the fix, before any LM call is paid for.
+
+    Example:
+        >>> check_metric(lambda example, pred, trace=None: True) is not None
+        True
+        >>> check_metric(lambda gold, pred, trace, pred_name, pred_trace: 1.0)
+        Traceback (most recent call last):
+        ...
+        markovscale_dspy.ConfigurationError: the metric <lambda>(gold, pred, trace, pred_name, pred_trace) ...
+    """
+    check_callable("metric", metric, "metric(example, prediction, trace=None)")
+    try:
+        signature = inspect.signature(metric)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+        return metric
+    try:
+        signature.bind(None, None)
+    except TypeError as exc:
+        name = getattr(metric, "__qualname__", None) or type(metric).__name__
+        required = [
+            p.name
+            for p in signature.parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        hint = (
+            "this is GEPA's feedback-metric form: give the arguments after the prediction defaults, e.g. "
+            "def metric(gold, pred, trace=None, pred_name=None, pred_trace=None)"
+            if len(required) > 2
+            else "DSPy passes the example and the prediction: def metric(example, pred, trace=None)"
+        )
+        raise ConfigurationError(
+            f"the metric {name}{signature} cannot be called as DSPy calls a metric, metric(example, prediction) "
+            f"({exc}); {hint}"
+        ) from None
+    return metric
+
+
+def _warn_round0_failures(records: list[ChainRecord]) -> int:
+    """Say how many chains' round 0 gave no answer and the commonest error; return how many."""
+    failed = [r.failure for r in records if r.failure is not None and not r.skipped]
+    if failed:
+        error, count = Counter(failed).most_common(1)[0]
+        warn(
+            f"round 0 gave no answer on {len(failed)} of {len(records)} calibration questions (commonest: {count}x "
+            f"{error}); they are scored as wrong, as dspy.Evaluate scores them (model.expected_accuracy, the "
+            "report's answer rate), and p0, p_cw, p_wc describe the answered questions"
+        )
+    return len(failed)
 
 
 def _check_metric_scores(records: list[ChainRecord]) -> None:

@@ -25,6 +25,7 @@ class ChainRecord:
         samples: Independent round-0 samples of the example (``parallel_samples``), each a dict with its
             ``label``, normalised ``answer``, ``error``, ``usage`` and whether it was ``reused``.
         confidences: Every round's answer confidence from token log-probabilities (``None`` where there was none).
+        skipped: The chain never ran: the calibration had stopped (an unrecoverable failure or ``max_errors``).
     """
 
     index: int
@@ -38,6 +39,7 @@ class ChainRecord:
     reused: bool = False
     samples: list[dict[str, Any]] = field(default_factory=list)
     confidences: list[float | None] = field(default_factory=list)
+    skipped: bool = False
 
     def observed(self) -> list[tuple[bool, Any]]:
         """The (label, answer) pairs the fit may use: failed rounds dropped (they kept the previous answer, so the

@@ -190,7 +190,17 @@ def build_report(
     drift = _drift(by_round)
     round_errors = Counter(e.split(":", 1)[0] for r in records for e in r.errors if e)
     sample_errors = Counter(s["error"].split(":", 1)[0] for r in records for s in r.samples if s.get("error"))
+    round0 = [r.failure for r in records if r.failure is not None and not r.skipped]
     failures = {
+        "round0": {
+            "failed": len(round0),
+            "questions": len(records),
+            "rate": len(round0) / len(records) if records else 0.0,
+            "interval": list(binomial_interval(len(round0), len(records))) if records else [0.0, 0.0],
+            "commonest": Counter(round0).most_common(1)[0][0] if round0 else None,
+            "answer_rate": model.answer_rate,
+            "expected_accuracy_round0": float(model.expected_accuracy(0)),
+        },
         "chains_failed": sum(r.failure is not None for r in records),
         "chain_failures": [{"index": r.index, "error": r.failure} for r in records if r.failure],
         "rounds_failed": sum(round_errors.values()),

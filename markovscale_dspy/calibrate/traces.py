@@ -6,7 +6,9 @@ the LM (model, sampling settings, endpoint -- hashed, never stored), the adapter
 the same calibration finds every finished chain and calls the LM only for the rest.
 
 Storage is ``diskcache`` with its JSON disk: values are JSON, never pickles, and the directory can be shared by
-processes. Default location: ``$MARKOVSCALE_TRACE_DIR``, else ``~/.cache/markovscale/traces``.
+processes. Outputs that are not plain JSON (pydantic models, dates, enums, nested lists and dicts of them) are
+stored in pydantic's JSON form and restored to the types of the program's output fields when a chain is reused.
+Default location: ``$MARKOVSCALE_TRACE_DIR``, else ``~/.cache/markovscale/traces``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,19 @@ from typing import Any
 
 import diskcache
 import dspy
+from pydantic import TypeAdapter
+from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from markovscale_dspy.refine.state import ENDPOINT_KEYS
 
-__all__ = ["DEFAULT_TRACE_DIR", "TraceStore", "UnknownLMIdentityError", "chain_key", "lm_fingerprint"]
+__all__ = [
+    "DEFAULT_TRACE_DIR",
+    "TraceStore",
+    "UnknownLMIdentityError",
+    "chain_key",
+    "lm_fingerprint",
+    "restore_outputs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -157,16 +168,16 @@ class TraceStore:
             return None
         return value.get("trajectory")
 
-    def put(self, key: str, trajectory: list[dict[str, Any]]) -> bool:
-        """Store a finished chain; returns False (and stores nothing) if it is not plain JSON."""
-        value = {"format": _FORMAT, "trajectory": trajectory}
+    def put(self, key: str, trajectory: list[dict[str, Any]]) -> str | None:
+        """Store a finished chain, its outputs in pydantic's JSON form. Returns ``None`` when stored, else why it
+        could not be (an output pydantic cannot serialise): then nothing is stored."""
         try:
+            value = {"format": _FORMAT, "trajectory": to_jsonable_python(trajectory)}
             json.dumps(value)
-        except (TypeError, ValueError):
-            logger.debug("not storing a chain whose outputs are not plain JSON")
-            return False
+        except (PydanticSerializationError, TypeError, ValueError) as exc:
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         self._cache.set(key, value)
-        return True
+        return None
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -176,3 +187,39 @@ class TraceStore:
 
     def __repr__(self) -> str:
         return f"TraceStore({str(self.directory)!r}, chains={len(self)})"
+
+
+def restore_outputs(outputs: dict[str, Any], types: dict[str, Any]) -> dict[str, Any]:
+    """A stored round's outputs with their declared types back (``types``: output field name -> annotation), so a
+    metric sees on a reused chain what it saw on the fresh one.
+
+    Raises:
+        ValueError: a stored value no longer fits its field's type (the program changed): recompute the chain.
+
+    Example:
+        >>> import pydantic
+        >>> class Answer(pydantic.BaseModel):
+        ...     value: int
+        >>> restore_outputs({"answer": {"value": 3}, "reasoning": "r"}, {"answer": Answer, "reasoning": str})
+        {'answer': Answer(value=3), 'reasoning': 'r'}
+    """
+    restored = dict(outputs)
+    for name, annotation in types.items():
+        if name in restored and annotation not in (str, Any, None):
+            restored[name] = _adapter(annotation).validate_python(restored[name])
+    return restored
+
+
+def _adapter(annotation: Any) -> TypeAdapter:
+    try:
+        return _ADAPTERS[annotation]
+    except (KeyError, TypeError):  # TypeError: an unhashable annotation is adapted each time
+        adapter = TypeAdapter(annotation)
+        try:
+            _ADAPTERS[annotation] = adapter
+        except TypeError:
+            pass
+        return adapter
+
+
+_ADAPTERS: dict[Any, TypeAdapter] = {}

@@ -29,9 +29,10 @@ PARAMETERS = ("p0", "p_cw", "p_wc")
 #: Emission parameters, estimated when calibration chains carry answer identities.
 EMISSIONS = ("p_same_wrong", "p_change_correct")
 
-_FORMAT = "markovscale.transition_model/2"
-#: Formats :meth:`TransitionModel.from_dict` reads (version 1 had no answer returns and no confidence).
-_READS = ("markovscale.transition_model/1", _FORMAT)
+_FORMAT = "markovscale.transition_model/3"
+#: Formats :meth:`TransitionModel.from_dict` reads (version 1 had no answer returns and no confidence, version 2 no
+#: round-0 failures).
+_READS = ("markovscale.transition_model/1", "markovscale.transition_model/2", _FORMAT)
 
 
 def _check_chains(labels: Any) -> list[list[bool]]:
@@ -80,6 +81,9 @@ class TransitionModel:
             (``None``: not observed; models saved before answer identities were tracked).
         n_return_miss: The earlier wrong answers it could have landed on and did not.
         confidence: The answer-confidence emission (``None``: no confidence, or none that carried information).
+        n0_failed: Chains whose round 0 gave no answer (the program raised, or its output did not parse). They are
+            not in ``n0_total``: ``p0`` and the rates describe the questions that were answered, and
+            :meth:`expected_accuracy` scores the failed ones as wrong, as ``dspy.Evaluate`` does.
 
     Example:
         >>> from markovscale_dspy import TransitionModel
@@ -104,10 +108,11 @@ class TransitionModel:
     n_return_hit: int | None = None
     n_return_miss: int | None = None
     confidence: ConfidenceFit | None = None
+    n0_failed: int = 0
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("n0_correct", "n0_total", "n_cc", "n_cw", "n_wc", "n_ww"):
+        for name in ("n0_correct", "n0_total", "n_cc", "n_cw", "n_wc", "n_ww", "n0_failed"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), 0))
         if self.n0_correct > self.n0_total:
             raise ConfigurationError(f"n0_correct ({self.n0_correct}) cannot exceed n0_total ({self.n0_total})")
@@ -264,6 +269,28 @@ class TransitionModel:
         """The same model with question types attached (or removed)."""
         return replace(self, mixture=mixture)
 
+    def with_round0_failures(self, failed: int) -> TransitionModel:
+        """This model, knowing that round 0 gave no answer on ``failed`` more chains (see :attr:`answer_rate`)."""
+        return replace(self, n0_failed=failed)
+
+    @property
+    def answer_rate(self) -> float:
+        """Fraction of calibration questions whose round 0 gave an answer (1 when none failed)."""
+        total = self.n0_total + self.n0_failed
+        return self.n0_total / total if total else 1.0
+
+    def expected_accuracy(self, t: int | np.ndarray) -> float | np.ndarray:
+        """Accuracy after ``t`` rounds over *all* questions, as ``dspy.Evaluate`` scores them: a question whose round
+        0 gave no answer is wrong (MarkovRefine raises RoundZeroError there), the others follow the chain. Equals
+        :meth:`accuracy_at` when no round 0 failed.
+
+        Example:
+            >>> model = TransitionModel(n0_correct=5, n0_total=10, n_cc=0, n_cw=0, n_wc=0, n_ww=0, n0_failed=10)
+            >>> round(model.accuracy_at(0), 3), round(model.expected_accuracy(0), 3)
+            (0.5, 0.25)
+        """
+        return self.answer_rate * self.accuracy_at(t)
+
     def with_votes(self, votes: VoteModel | None) -> TransitionModel:
         """The same model with a vote model attached (or removed)."""
         return replace(self, votes=votes)
@@ -405,6 +432,7 @@ class TransitionModel:
                     if self.n_return_hit is not None
                     else {}
                 ),
+                **({"n0_failed": self.n0_failed} if self.n0_failed else {}),
             },
             "prior": list(self.prior),
             "estimates": {name: self._mean(name) for name in self._estimated()},
@@ -455,11 +483,13 @@ class TransitionModel:
             if self.votes is not None
             else ""
         )
+        failed = f", round0_failed={self.n0_failed}" if self.n0_failed else ""
         conf = ""
         if self.confidence is not None:
             score = "?" if self.confidence.auroc is None else f"{self.confidence.auroc:.2f}"
             conf = f", confidence_bins={self.confidence.bins}, confidence_auroc={score}"
         return (
             f"TransitionModel(p0={self.p0:.3f}, p_cw={self.p_cw:.3f}, p_wc={self.p_wc:.3f}, "
-            f"chains={self.n0_total}, transitions={self.n_transitions}{types}{votes}{conf}, regime={self.regime()!r})"
+            f"chains={self.n0_total}, transitions={self.n_transitions}{failed}{types}{votes}{conf}, "
+            f"regime={self.regime()!r})"
         )

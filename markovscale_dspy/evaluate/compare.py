@@ -361,11 +361,11 @@ def compare_methods(
     Example:
         >>> import dspy
         >>> from markovscale_dspy.testing import SimulatedWorld
-        >>> train = SimulatedWorld.homogeneous(30, p0=0.4, p_cw=0.1, p_wc=0.3, seed=0)
-        >>> test = SimulatedWorld.homogeneous(20, p0=0.4, p_cw=0.1, p_wc=0.3, seed=1)
-        >>> with dspy.context(lm=test.lm()):
-        ...     result = compare_methods(lambda: dspy.Predict("question -> answer"), train.examples,
-        ...                              test.examples, test.metric, num_threads=1, include_baselines=False)
+        >>> world = SimulatedWorld.homogeneous(50, p0=0.4, p_cw=0.1, p_wc=0.3, seed=0)
+        >>> train, test = world.examples[:30], world.examples[30:]
+        >>> with dspy.context(lm=world.lm()):
+        ...     result = compare_methods(lambda: dspy.Predict("question -> answer"), train, test, world.metric,
+        ...                              num_threads=1, include_baselines=False)
         >>> [r.name for r in result.results][:3]
         ['fixed-0', 'fixed-1', 'fixed-2']
     """

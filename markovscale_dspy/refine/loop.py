@@ -35,6 +35,7 @@ __all__ = [
     "drive",
     "error_kind",
     "run_chain",
+    "unrecoverable",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ class RoundEntry(TypedDict, total=False):
         outputs: The program's outputs after this round (a failed round repeats the previous ones).
         answer_key: The answer's identity (normalised answer fields).
         error: ``"Type: message"`` of the failure that kept the previous answer, else ``None``.
-        error_kind: ``"parse"``, ``"empty"``, ``"lm"`` or ``"other"`` (only on failed rounds).
+        error_kind: ``"parse"``, ``"empty"``, ``"fatal"``, ``"lm"`` or ``"other"`` (only on failed rounds).
+        fix: For a ``"fatal"`` failure, what to change (see :func:`unrecoverable`).
         decision: Why the policy asked for this round (refinement rounds only).
         usage: LM calls, tokens and dollars of this round (see :class:`markovscale_dspy.Usage`).
         confidence: The answer's confidence from token log-probabilities, when the LM gave them.
@@ -88,6 +90,7 @@ class RoundEntry(TypedDict, total=False):
     answer_key: Hashable
     error: str | None
     error_kind: str
+    fix: str
     decision: str
     usage: dict[str, Any] | None
     confidence: float
@@ -158,15 +161,69 @@ class EmptyAnswerError(ValueError):
 
 
 def error_kind(error: BaseException) -> str:
-    """``"parse"`` / ``"empty"`` (the model's own behaviour: worth remembering), ``"lm"`` (a transient service
-    failure: timeout, rate limit, transport, server, context window) or ``"other"``."""
+    """``"parse"`` / ``"empty"`` (the model's own behaviour: worth remembering), ``"fatal"`` (no retry can mend it:
+    see :func:`unrecoverable`), ``"lm"`` (a transient service failure: timeout, rate limit, transport, server) or
+    ``"other"``."""
     if isinstance(error, dspy.AdapterParseError):
         return "parse"
     if isinstance(error, EmptyAnswerError):
         return "empty"
+    if unrecoverable(error) is not None:
+        return "fatal"
     if isinstance(error, dspy.LMError):
         return "lm"
     return "other"
+
+
+#: LM failures that no retry can mend, most specific first, with the fix to name.
+_UNRECOVERABLE = (
+    (
+        dspy.LMAuthError,
+        "the provider rejected the credentials: give a valid API key (--api-key-env VAR, $MARKOVSCALE_API_KEY, the "
+        "provider's own variable such as OPENAI_API_KEY, or api_key= in build_lm / dspy.LM)",
+    ),
+    (dspy.LMBillingError, "the provider refused for billing or quota: check the account's plan and credit"),
+    (
+        dspy.LMUnsupportedModelError,
+        "the provider does not know this model: check the model name (--model / dspy.LM('provider/model')) and the "
+        "server it is sent to (--api-base)",
+    ),
+    (
+        dspy.ContextWindowExceededError,
+        "the prompt does not fit the model's context window: shorten the inputs or demos, lower max_tokens, or use a "
+        "model with a longer context",
+    ),
+    (
+        dspy.LMInvalidRequestError,
+        "the provider rejected the request as invalid: check the LM's settings (model, temperature, max_tokens, "
+        "response format) against what the provider accepts",
+    ),
+    (
+        dspy.LMConfigurationError,
+        "the LM is not configured: give the model, its key and endpoint (dspy.configure(lm=...), build_lm(...))",
+    ),
+    (dspy.LMUnsupportedFeatureError, "the LM does not support a feature the program asks for (see the message)"),
+)
+
+
+def unrecoverable(error: BaseException | None) -> str | None:
+    """The fix for an LM failure that no retry can mend -- a rejected key, an unknown model, an invalid request, a
+    prompt over the context window -- or ``None`` for anything else (transient failures, parse errors, a
+    program's own exceptions). The error's causes are searched too (a RoundZeroError wraps the LM's error).
+
+    Example:
+        >>> unrecoverable(dspy.LMAuthError("Incorrect API key provided")).startswith("the provider rejected")
+        True
+        >>> unrecoverable(dspy.LMTimeoutError("slow")) is None
+        True
+    """
+    seen = 0
+    while error is not None and seen < 8:
+        for kind, fix in _UNRECOVERABLE:
+            if isinstance(error, kind):
+                return fix
+        error, seen = error.__cause__, seen + 1
+    return None
 
 
 def _outputs_of(prediction: Any) -> dict[str, Any]:
@@ -242,6 +299,9 @@ class ChainState:
                 error=describe(error),
                 error_kind=error_kind(error),
             )
+            fix = unrecoverable(error)
+            if fix is not None:
+                entry["fix"] = fix
         self._append(entry, error is not None, outcome.confidence if error is None else None)
 
     def _append(self, entry: RoundEntry, failed: bool, confidence: float | None = None) -> None:

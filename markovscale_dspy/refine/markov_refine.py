@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import warnings
+import threading
 from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,13 +15,14 @@ import orjson
 from dspy.utils.saving import get_dependency_versions
 
 from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError, StateError
+from markovscale_dspy._warnings import warn
 from markovscale_dspy.core.answers import AnswerKey, default_answer_key
 from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.policies import Abstain, BeliefPolicy, FixedPolicy, Policy, resolve_policy
 from markovscale_dspy.core.validation import check_callable, check_int, check_number
 from markovscale_dspy.refine.budget import BudgetResult, allocate
 from markovscale_dspy.refine.logprobs import LOGPROBS_FIELD, answer_confidence
-from markovscale_dspy.refine.loop import SELECT_MODES, Call, ChainState, Outcome, adrive, drive, run_chain
+from markovscale_dspy.refine.loop import SELECT_MODES, Call, ChainState, Outcome, adrive, describe, drive, run_chain
 from markovscale_dspy.refine.sampling import ROLLOUT_STRIDE, compose_rollout
 from markovscale_dspy.refine.signatures import answer_fields, infer_signature, refinement_signature, uses_reasoning
 from markovscale_dspy.refine.state import (
@@ -282,12 +283,10 @@ class MarkovRefine(dspy.Module):
         state = read_state_file(path)
         MarkovState.parse(state["markov"], self.markov.input_fields, self.markov.answer_fields)  # fail early
         for where in drop_unrestorable_lms(state):
-            warnings.warn(
+            warn(
                 f"{Path(path).name}: the LM pinned at {where} is a router group, which a file cannot restore (it "
                 "holds no endpoints or keys); it is left unpinned: pin it again with set_lm(build_lm(group, "
                 "router_config=...)) or pass it in dspy.context(lm=...)",
-                UserWarning,
-                stacklevel=2,
             )
         load_into(self, state, path, "MarkovRefine", allow_unsafe_lm_state)
         return self
@@ -412,12 +411,10 @@ class MarkovRefine(dspy.Module):
         if model is None:
             # No calibration is no evidence that refinement pays: answer in one call, and say so. (Prompt
             # optimizers run the module before it is calibrated; that must work.)
-            warnings.warn(
+            warn(
                 "MarkovRefine is not calibrated, so it answers with the wrapped program alone (stop_reason "
                 "'uncalibrated'); calibrate it with MarkovCalibrator(metric).compile(refine, trainset=...), or use "
                 "policy='fixed' to refine max_rounds times regardless",
-                UserWarning,
-                stacklevel=4,
             )
             return Abstain("uncalibrated")
         self._check_lms()
@@ -444,14 +441,12 @@ class MarkovRefine(dspy.Module):
         now = self.lm_names()
         if now["program"] == fitted.get("program") and now["refiner"] == fitted.get("refiner"):
             return
-        warnings.warn(
+        warn(
             f"MarkovRefine was calibrated with round 0 on {_names(fitted.get('program'))} and refinement on "
             f"{fitted.get('refiner')!r}, but runs round 0 on {_names(now['program'])} and refinement on "
             f"{now['refiner']!r}. p0, p_cw and p_wc belong to the (round-0 LM, refiner LM) pair, so its stopping "
             "decisions may be wrong for these LMs: recalibrate with them (MarkovCalibrator(metric).compile(...)) or "
             "run with the calibrated ones",
-            UserWarning,
-            stacklevel=5,
         )
 
     def _check_inputs(self, inputs: dict[str, Any]) -> None:
@@ -541,7 +536,10 @@ class MarkovRefine(dspy.Module):
             else:
                 value = answer_confidence(prediction, self.answer_fields)
         except Exception as exc:  # a confidence that cannot be read is no confidence, never a failed round
-            logger.debug("MarkovRefine: no confidence for this round: %s", exc)
+            if callable(self.confidence) and not isinstance(self.confidence, bool):
+                _warn_once_about(self.confidence, exc)
+            else:
+                logger.debug("MarkovRefine: no confidence for this round: %s", exc)
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             return None
@@ -585,6 +583,26 @@ class ScrubbedPredict(dspy.Predict):
 
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
         return scrub_lm_state(super().dump_state(json_mode=json_mode))
+
+
+_warned_about: set[int] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once_about(confidence: Any, error: BaseException) -> None:
+    """A user's ``confidence=`` function that raises is said once, at WARNING, with the exception (the rounds go on
+    without confidence, as if the LM had given no log-probabilities)."""
+    with _warned_lock:
+        if id(confidence) in _warned_about:
+            return
+        _warned_about.add(id(confidence))
+    name = getattr(confidence, "__qualname__", type(confidence).__name__)
+    logger.warning(
+        "MarkovRefine: your confidence function %s raised %s; rounds go on without confidence (said once)",
+        name,
+        describe(error),
+        exc_info=error,
+    )
 
 
 def _lm_name(lm: Any) -> str | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import warnings
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import dspy
 from dspy.utils.parallelizer import ParallelExecutor
 
 from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError, RoundZeroError
+from markovscale_dspy._warnings import warn
 from markovscale_dspy.core.answers import AnswerKey
 from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.planner import KINDS, MAX_CALLS_LIMIT, Plan, Strategy, plan
@@ -274,12 +274,10 @@ class MarkovScale(dspy.Module):
 
     def _choice(self) -> tuple[Strategy, str, dict[str, Any] | None]:
         if self.model is None:
-            warnings.warn(
+            warn(
                 "MarkovScale is not calibrated, so it answers with the wrapped program alone (reason "
                 "'uncalibrated'); calibrate it with MarkovCalibrator(metric, parallel_samples=8).compile(scale, "
                 "trainset=...)",
-                UserWarning,
-                stacklevel=4,
             )
             return Strategy(1, 0), "uncalibrated", None
         chosen = self.plan()

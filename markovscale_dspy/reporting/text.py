@@ -37,6 +37,7 @@ __all__ = [
     "paired_words",
     "percent",
     "plan_markdown",
+    "round0_words",
     "verdict",
     "votes_markdown",
 ]
@@ -122,6 +123,20 @@ def _bound_words(report: CalibrationReport) -> str:
     return f"{kind} bound (stationary accuracy) {report.stationary_accuracy:.3f}"
 
 
+def round0_words(report: CalibrationReport) -> str:
+    """How often round 0 gave no answer and what that does to the accuracy a user will see ("" when never)."""
+    r0 = report.failures.get("round0") or {}
+    if not r0.get("failed"):
+        return ""
+    lo, hi = r0["interval"]
+    return (
+        f"round 0 gave no answer on {r0['failed']} of {r0['questions']} questions ({percent(r0['rate'])} "
+        f"[{percent(lo)}, {percent(hi)}]; commonest: {r0['commonest']}): p0, p_cw, p_wc describe the answered "
+        f"questions, and scored as dspy.Evaluate scores failures (wrong), single-pass accuracy is "
+        f"{percent(r0['expected_accuracy_round0'])} of all questions"
+    )
+
+
 def format_calibration(
     report: CalibrationReport, round_cost: float = 0.0, max_rounds: int | None = None, min_prob_improves: float = 0.0
 ) -> str:
@@ -150,6 +165,8 @@ def format_calibration(
             f"   {percent(row['predicted']):>6}   (n={row['n']})"
         )
     f = report.failures
+    if round0_words(report):
+        lines.append("  " + round0_words(report))
     errors = ", ".join(f"{k} x{v}" for k, v in f["round_errors"].items()) or "none"
     lines.append(
         f"  failures: {f['chains_failed']} chains, {f['rounds_failed']} refinement rounds ({errors}), "
@@ -404,7 +421,8 @@ def calibration_markdown(
         "",
         "## Failures",
         "",
-        f"- chains whose round 0 failed: {f['chains_failed']}",
+        f"- chains whose round 0 failed: {f['chains_failed']}"
+        + (f" ({round0_words(report)})" if round0_words(report) else ""),
         f"- refinement rounds that failed and kept the previous answer: {f['rounds_failed']} {f['round_errors'] or ''}",
         f"- metric errors: {len(f['metric_errors'])}",
         "",
