@@ -297,6 +297,17 @@ def test_the_policy_s_accuracy_and_calls_match_a_replay_of_simulated_questions()
     assert abs(calls.mean() - table.expected_calls) < 4 * calls.std() / math.sqrt(calls.size)
 
 
+def test_evaluating_a_rule_exactly_agrees_with_the_table_and_with_fixed_votes():
+    prior = VotePrior.single(3.0, 1.5, 3, 0.6)
+    for cost in (0.0, 0.004, 0.03):
+        table = stopping.stopping_table(prior, 8, cost)
+        acc, calls = stopping.evaluate_policy(prior, lambda s, r, t=table: t.stop[(s, r)], 8)
+        assert (acc, calls) == pytest.approx((table.accuracy, table.expected_calls), abs=1e-12)
+    for n in (1, 3, 6):
+        acc, calls = stopping.evaluate_policy(prior, lambda s, r, n=n: sum(s) >= n, 8)
+        assert calls == pytest.approx(n) and acc == pytest.approx(vote_accuracy(n, 3.0, 1.5, 3, 0.6), abs=1e-12)
+
+
 # The zero-cost rule: never stop while the answer can still change -----------------------------------------------
 
 

@@ -46,7 +46,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -63,6 +63,7 @@ __all__ = [
     "StoppingTable",
     "VotePrior",
     "cluster_posterior",
+    "evaluate_policy",
     "leader_posterior",
     "next_answer_probabilities",
     "settled",
@@ -523,3 +524,50 @@ def should_stop(
     if call_cost > 0 and table.stop[(key, remaining)]:
         return True, {**info, "reason": "not_worth_a_call"}
     return False, {**info, "reason": "worth_a_call"}
+
+
+def evaluate_policy(
+    model: VoteModel | VotePrior, decide: Callable[[tuple[int, ...], int], bool], max_calls: int
+) -> tuple[float, float]:
+    """Exact expected accuracy and calls of any stopping rule that decides from the sorted counts and the calls left.
+
+    Args:
+        model: The law of the answers (a fitted vote model's point estimate, or a :class:`VotePrior`).
+        decide: ``decide(sorted counts, calls left) -> stop?``; asked once at least one answer is in and calls are
+            left (with no call left the rule stops).
+        max_calls: The budget (1 to 16).
+
+    Returns:
+        ``(accuracy, expected calls)`` of the plurality answer (ties to the first seen) when the rule stops.
+
+    Example:
+        >>> from markovscale_dspy.core.voting import vote_accuracy
+        >>> prior = VotePrior.single(a=6.0, b=2.0, distractors=3, alpha=0.5)
+        >>> accuracy, calls = evaluate_policy(prior, lambda counts, left: sum(counts) == 5, max_calls=8)
+        >>> round(calls, 9), abs(accuracy - vote_accuracy(5, 6.0, 2.0, 3, 0.5)) < 1e-12  # a fixed vote of five
+        (5.0, True)
+    """
+    prior = _as_prior(model)
+    max_calls = check_int("max_calls", max_calls, 1, MAX_STOP_CALLS)
+    if not callable(decide):
+        raise ConfigurationError(f"decide must be callable, got {decide!r}")
+    lik = _likelihoods(prior, max_calls + 1)
+    memo: dict[tuple[int, ...], tuple[float, float]] = {}
+
+    def walk(state: tuple[int, ...]) -> tuple[float, float]:
+        if state in memo:
+            return memo[state]
+        remaining = max_calls - sum(state)
+        if state and (remaining == 0 or decide(state, remaining)):
+            out = (float(lik.posterior(state)[0]), 0.0)
+        else:
+            acc, calls = 0.0, 1.0
+            for p, nxt in lik.transitions(state):
+                a, c = walk(nxt)
+                acc += p * a
+                calls += p * c
+            out = (acc, calls)
+        memo[state] = out
+        return out
+
+    return walk(())
