@@ -395,3 +395,7 @@ def test_bad_priors_raise_configuration_errors_naming_the_value():
         VotePrior.single(1.0, 1.0, 3, 1.0, shift=0.5, scale=0.8)
     with pytest.raises(ConfigurationError, match="dict"):
         stopping.leader_posterior({"a": 1}, [1])
+    with pytest.raises(ConfigurationError, match=r"got \(\)"):
+        VotePrior(())
+    mixture = VotePrior([(3, 2.0, 1.0, 3, 1.0), (1, 1.0, 2.0, None, 0.5)])  # a list is fine; weights normalised
+    assert [c[0] for c in mixture.components] == [0.75, 0.25]

@@ -104,8 +104,8 @@ class VotePrior:
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.components, tuple) or not self.components:
-            raise ConfigurationError(f"components must be a non-empty tuple, got {self.components!r}")
+        if not isinstance(self.components, (tuple, list)) or not self.components:
+            raise ConfigurationError(f"components must be a non-empty sequence, got {self.components!r}")
         clean = []
         for i, comp in enumerate(self.components):
             try:
