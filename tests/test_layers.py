@@ -25,6 +25,7 @@ CORE = {
     "voting": 1,
     "evidence": 1,
     "mixture": 2,
+    "stopping": 2,  # reads voting (the vote model and its exact laws)
     "model": 3,
     "policies": 4,
     "planner": 4,
