@@ -306,7 +306,7 @@ def run_planner(
     calibrator = MarkovCalibrator(
         train.metric, rounds=rounds, parallel_samples=parallel_samples, num_threads=1, question_types=1
     )
-    student = MarkovScale(make(), max_calls=max_calls, call_cost=call_cost, min_prob_gain=min_prob_gain, num_threads=1)
+    student = MarkovScale(make(), max_calls=max_calls, call_cost=call_cost, min_prob_gain=min_prob_gain, concurrency=1)
     with dspy.context(lm=train.lm()):
         scale = calibrator.compile(student, trainset=train.examples)
     plan = scale.plan()

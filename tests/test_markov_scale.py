@@ -43,7 +43,7 @@ def small():
     world = SimulatedWorld.mixture(150, [(1.0, HURTS)], seed=3)
     calibrator = MarkovCalibrator(world.metric, parallel_samples=4, num_threads=1, question_types=1)
     with dspy.context(lm=world.lm()):
-        scale = calibrator.compile(MarkovScale(predict(), max_calls=3, num_threads=1), trainset=world.examples)
+        scale = calibrator.compile(MarkovScale(predict(), max_calls=3, concurrency=1), trainset=world.examples)
     return world, scale, calibrator
 
 
@@ -58,7 +58,8 @@ def small():
         ({"call_cost": 1.0}, r"call_cost must be a number in \[0, 1\)"),
         ({"min_prob_gain": 1.5}, r"min_prob_gain must be a number in \[0, 1\]"),
         ({"strategies": ("vote", "bogus")}, "strategies must be a non-empty subset"),
-        ({"num_threads": 0}, "num_threads must be a positive integer or None"),
+        ({"concurrency": 0}, "concurrency must be a positive integer or None"),
+        ({"adaptive": "yes"}, "adaptive must be True or False"),
         ({"temperature": 0}, "temperature must be a number > 0"),
     ],
 )
@@ -157,14 +158,22 @@ def test_a_markov_refine_calibrated_with_samples_carries_votes_and_ignores_them(
 # Running ---------------------------------------------------------------------------------------------------------
 
 
+def fixed(scale):
+    """The same calibrated module running every planned chain (adaptive=False)."""
+    copy = scale.deepcopy()
+    copy.adaptive = False
+    return copy
+
+
 def test_forward_runs_the_plan_and_accounts_for_every_call():
     world, scale, _ = small()
     fresh = world.fresh()
     with dspy.context(lm=fresh.lm()), dspy.track_usage() as tracker:
-        pred = scale(**world.examples[0].inputs())
+        pred = fixed(scale)(**world.examples[0].inputs())
     account = pred.markovscale
     assert account.plan == "vote" and account.samples == 3 and account.rounds == 0 and account.reason == "best"
     assert account.calls == 3 == fresh.calls and sum(n for _, n in account.votes) == 3
+    assert account.stop_reason == "fixed"
     assert account.predicted["strategy"] == "vote n=3" and 0 < account.predicted["accuracy"] < 1
     assert pred.plan == "vote" and pred.answer == account.trajectory[-1]["outputs"]["answer"]
     assert sum(len(entries) for entries in tracker.usage_data.values()) == 3
@@ -172,7 +181,7 @@ def test_forward_runs_the_plan_and_accounts_for_every_call():
 
 def test_threads_report_their_calls_to_the_callers_tracker():
     world, scale, _ = small()
-    threaded = MarkovScale(predict(), max_calls=3, num_threads=3)
+    threaded = MarkovScale(predict(), max_calls=3, concurrency=3)
     threaded.model = scale.model
     with dspy.context(lm=world.fresh().lm()), dspy.track_usage() as tracker:
         pred = threaded.run_strategy(3, 1, **world.examples[1].inputs())
@@ -185,16 +194,27 @@ def test_evaluate_counts_the_planners_calls():
     fresh = world.fresh()
     with dspy.context(lm=fresh.lm()):
         result = evaluate(scale, world.examples[:10], world.metric, name="scale", num_threads=2)
-    assert result.calls == 30 == fresh.calls
+    assert result.calls == fresh.calls <= 30  # adaptive: at most the plan's three calls a question
 
 
 async def test_async_forward_matches_the_sync_account():
     world, scale, _ = small()
+    fixed_scale = fixed(scale)
     with dspy.context(lm=world.fresh().lm()):
-        pred = await scale.acall(**world.examples[2].inputs())
-        hybrid = await scale.arun_strategy(2, 1, **world.examples[2].inputs())
+        pred = await fixed_scale.acall(**world.examples[2].inputs())
+        hybrid = await fixed_scale.arun_strategy(2, 1, **world.examples[2].inputs())
     assert pred.markovscale.plan == "vote" and pred.markovscale.calls == 3
     assert hybrid.markovscale.plan == "refine_vote" and hybrid.markovscale.calls == 4
+    for example in world.examples[:8]:  # adaptive: the same chains, answer and calls as the sync run
+        with dspy.context(lm=world.fresh().lm()):
+            live = await scale.acall(**example.inputs())
+        with dspy.context(lm=world.fresh().lm()):
+            sync = scale(**example.inputs())
+        assert (live.answer, live.markovscale.calls, live.markovscale.stop_reason) == (
+            sync.answer,
+            sync.markovscale.calls,
+            sync.markovscale.stop_reason,
+        )
 
 
 def test_single_and_refine_start_from_a_fresh_sample():
@@ -211,6 +231,7 @@ def test_every_sample_and_every_chains_refinement_is_a_fresh_draw_even_through_t
     """With DSPy's cache on, samples and refinements of different chains must not replay each other: 4 chains of
     1 round are 8 distinct requests; the same call again is all cache hits; another seed draws anew."""
     world, scale, _ = small()
+    scale = fixed(scale)
     fresh = world.fresh()
     lm = fresh.lm(cache=True)
     with dspy.context(lm=lm):
@@ -218,7 +239,7 @@ def test_every_sample_and_every_chains_refinement_is_a_fresh_draw_even_through_t
         assert fresh.calls == 8
         again = scale.run_strategy(4, 1, **world.examples[5].inputs())
         assert fresh.calls == 8 and again.answer == first.answer
-        reseeded = MarkovScale(predict(), max_calls=3, rollout_seed=1)
+        reseeded = MarkovScale(predict(), max_calls=3, rollout_seed=1, adaptive=False)
         reseeded.model = scale.model
         reseeded.run_strategy(4, 1, **world.examples[5].inputs())
         assert fresh.calls == 16
@@ -242,7 +263,7 @@ def test_pinned_lms_are_sampled_too():
     fresh = world.fresh()
     program = predict()
     program.set_lm(fresh.lm(cache=True))
-    pinned = MarkovScale(program, max_calls=3)
+    pinned = MarkovScale(program, max_calls=3, adaptive=False)
     pinned.model = scale.model
     pred = pinned(**world.examples[7].inputs())  # no dspy.settings.lm at all
     assert pred.markovscale.calls == 3 == fresh.calls
@@ -258,7 +279,8 @@ def test_failed_samples_do_not_vote_and_all_failing_raises():
     failed = sum(p.markovscale.failed_samples for p in preds)
     assert 0 < failed < 60
     for p in preds:
-        assert sum(n for _, n in p.markovscale.votes) == 3 - p.markovscale.failed_samples
+        assert sum(n for _, n in p.markovscale.votes) == p.markovscale.samples - p.markovscale.failed_samples
+        assert p.markovscale.samples == 3 or p.markovscale.stop_reason == "settled"
 
 
 def test_the_plan_field_never_overwrites_a_program_output():

@@ -315,7 +315,7 @@ def _world_run():
     calibrator = MarkovCalibrator(train.metric, rounds=1, parallel_samples=8, num_threads=1, question_types=1)
     with dspy.context(lm=train.lm()), pytest.warns(UserWarning, match="different length"):
         scale = calibrator.compile(
-            MarkovScale(dspy.Predict("question -> answer"), num_threads=1), trainset=train.examples
+            MarkovScale(dspy.Predict("question -> answer"), concurrency=1), trainset=train.examples
         )
     with dspy.context(lm=test.lm()):
         grids = [scale.run_samples([0] * 7, **e.inputs()) for e in test.examples]

@@ -269,8 +269,15 @@ def _chain_draws(model: TransitionModel, count: int, seed: int) -> dict[str, np.
     return {name: model.posterior(name).rvs(size=count, random_state=rng) for name in ("p0", "p_cw", "p_wc")}
 
 
-def _affine(p_cw: np.ndarray | float, p_wc: np.ndarray | float, rounds: int) -> tuple[Any, Any]:
-    """``(shift, scale)`` with ``P(correct after rounds) = shift + scale * P(correct at start)``."""
+def chain_affine(p_cw: np.ndarray | float, p_wc: np.ndarray | float, rounds: int) -> tuple[Any, Any]:
+    """``(shift, scale)`` with ``P(correct after rounds) = shift + scale * P(correct at start)``: how ``rounds`` of
+    refinement map a question's accuracy (what a vote over refined chains votes with).
+
+    Example:
+        >>> shift, scale = chain_affine(0.1, 0.3, 2)
+        >>> round(float(shift + scale * 0.5), 4)  # accuracy 0.5 after two rounds
+        0.66
+    """
     p_cw, p_wc = np.asarray(p_cw, dtype=float), np.asarray(p_wc, dtype=float)
     lam = 1.0 - p_cw - p_wc
     scale = lam**rounds
@@ -280,7 +287,7 @@ def _affine(p_cw: np.ndarray | float, p_wc: np.ndarray | float, rounds: int) -> 
 
 
 def _chain_accuracy(p0: Any, p_cw: Any, p_wc: Any, rounds: int) -> Any:
-    shift, scale = _affine(p_cw, p_wc, rounds)
+    shift, scale = chain_affine(p_cw, p_wc, rounds)
     return shift + scale * np.asarray(p0, dtype=float)
 
 
@@ -311,10 +318,10 @@ def predict(
             point = float(model.accuracy_at(t))
             draws = np.asarray(_chain_accuracy(chain["p0"], chain["p_cw"], chain["p_wc"], t), dtype=float)
         else:
-            shift, scale = _affine(model.p_cw, model.p_wc, t)
+            shift, scale = chain_affine(model.p_cw, model.p_wc, t)
             point = votes.accuracy(n, float(shift), float(scale))
             if votes.draws:
-                shifts, scales = _affine(chain["p_cw"], chain["p_wc"], t)
+                shifts, scales = chain_affine(chain["p_cw"], chain["p_wc"], t)
                 draws = votes.accuracy_draws(n, shifts, scales)
             else:
                 draws = np.array([point])

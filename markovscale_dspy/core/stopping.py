@@ -62,6 +62,7 @@ __all__ = [
     "MAX_STOP_CALLS",
     "StoppingTable",
     "VotePrior",
+    "certain_calls",
     "cluster_posterior",
     "evaluate_policy",
     "leader_posterior",
@@ -524,6 +525,56 @@ def should_stop(
     if call_cost > 0 and table.stop[(key, remaining)]:
         return True, {**info, "reason": "not_worth_a_call"}
     return False, {**info, "reason": "worth_a_call"}
+
+
+def certain_calls(
+    model: VoteModel | VotePrior, counts: Sequence[int], calls_made: int, max_calls: int, call_cost: float
+) -> int:
+    """Calls :func:`should_stop` will ask for from here whatever the answers turn out to be: the fewest further
+    answers after which it could stop (0 when it stops now). Launching that many at once never pays for a call the
+    sequential rule would not make, so concurrent sampling keeps its answers and its calls.
+
+    Args:
+        model: A fitted vote model (its point estimate) or a :class:`VotePrior`.
+        counts: Votes per distinct answer so far, in order of first appearance.
+        calls_made: Calls spent so far (failed ones included).
+        max_calls: The budget.
+        call_cost: What one call costs, in accuracy.
+
+    Example:
+        >>> prior = VotePrior.single(a=6.0, b=2.0, distractors=3, alpha=0.5)
+        >>> certain_calls(prior, [], 0, max_calls=8, call_cost=0.0)  # four agreeing answers settle a vote of 8
+        4
+        >>> certain_calls(prior, [4], 4, max_calls=8, call_cost=0.0)
+        0
+    """
+    prior = _as_prior(model)
+    max_calls = check_int("max_calls", max_calls, 1, MAX_STOP_CALLS)
+    call_cost = check_number("call_cost", call_cost, 0)
+    state = _check_counts(counts, max_calls)
+    calls_made = check_int("calls_made", calls_made, sum(state), max_calls)
+    if should_stop(prior, state, calls_made, max_calls, call_cost)[0]:
+        return 0
+    key = tuple(sorted(state, reverse=True))
+    if key not in _cached_table(prior, max_calls, call_cost).value_stop:
+        return 1  # a state the model does not explain: one call at a time
+    return _fewest_to_stop(prior, max_calls, call_cost, key, max_calls - calls_made)
+
+
+@lru_cache(maxsize=65536)
+def _fewest_to_stop(prior: VotePrior, max_calls: int, call_cost: float, state: tuple[int, ...], remaining: int) -> int:
+    """Fewest answers from a sorted state until the rule could stop, under the most favourable order of first
+    appearance (so never more than the rule really needs)."""
+    if remaining == 0:
+        return 0
+    if state:
+        second = state[1] if len(state) > 1 else 0
+        if remaining <= state[0] and second + remaining <= state[0]:  # settled if the leader was seen first
+            return 0
+        if call_cost > 0 and _cached_table(prior, max_calls, call_cost).stop[(state, remaining)]:
+            return 0
+    moves = _likelihoods(prior, max_calls + 1).transitions(state)
+    return 1 + min(_fewest_to_stop(prior, max_calls, call_cost, nxt, remaining - 1) for _, nxt in moves)
 
 
 def evaluate_policy(

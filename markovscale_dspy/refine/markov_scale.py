@@ -6,7 +6,7 @@ import asyncio
 import os
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dspy
@@ -20,7 +20,8 @@ from markovscale_dspy.core.planner import KINDS, MAX_CALLS_LIMIT, Plan, Strategy
 from markovscale_dspy.core.policies import FixedPolicy
 from markovscale_dspy.core.validation import check_int, check_number
 from markovscale_dspy.core.voting import plurality_winner
-from markovscale_dspy.refine.loop import Call, Outcome, RefineAccount, adrive, describe, drive
+from markovscale_dspy.refine.adaptive import VoteStopper, best_budget
+from markovscale_dspy.refine.loop import Call, Outcome, RefineAccount, RefinedPrediction, adrive, describe, drive
 from markovscale_dspy.refine.markov_refine import MarkovRefine
 from markovscale_dspy.refine.sampling import (
     MAX_SAMPLES,
@@ -32,7 +33,7 @@ from markovscale_dspy.refine.sampling import (
     sample_rollout,
 )
 from markovscale_dspy.refine.state import MarkovState, load_into, read_state_file, scrub_lm_state
-from markovscale_dspy.usage import measure_usage
+from markovscale_dspy.usage import Usage, measure_usage
 
 __all__ = ["MarkovScale", "SampleChain", "ScaleAccount", "ScaledPrediction"]
 
@@ -46,7 +47,7 @@ class ScaleAccount:
 
     Attributes:
         plan: What ran: ``"single"``, ``"refine"``, ``"vote"`` or ``"refine_vote"``.
-        samples: Independent chains run (1 for single and refine).
+        samples: Independent chains run (1 for single and refine; an adaptive vote may stop before its budget).
         rounds: Refinement rounds per chain.
         reason: Why: ``"best"`` (the plan's top strategy), ``"uncertain"`` (the confidence gate held a predicted
             gain back), ``"uncalibrated"`` (no calibration: one call) or ``"requested"`` (``run_strategy``).
@@ -56,6 +57,14 @@ class ScaleAccount:
         usage: LM calls and tokens of every chain.
         votes: Final answers and their votes, most voted first.
         selected_chain: The chain whose answer was returned.
+        stop_reason: Why the vote stopped where it did: ``"settled"`` (the remaining chains could not change its
+            answer), ``"not_worth_a_call"`` (one more chain was not worth ``call_cost``), ``"max_calls"`` (the plan's
+            budget), or ``"fixed"`` (``adaptive=False``, one chain, or no vote model: every planned chain ran).
+        stop_info: The numbers behind it: ``posterior`` (that the returned answer is correct, under the calibrated
+            vote model), ``gain`` (what going on was expected to add, net of its cost) and ``budget`` (chains the
+            plan allowed).
+        unused: With ``speculate``, the usage of chains that answered after the vote was decided (paid, no vote).
+        cancelled: With ``speculate``, chains cancelled in flight before they answered (not paid for an answer).
     """
 
     plan: str
@@ -68,11 +77,16 @@ class ScaleAccount:
     usage: list[dict[str, int]]
     votes: list[tuple[Hashable, int]]
     selected_chain: int
+    stop_reason: str = "fixed"
+    stop_info: dict[str, Any] = field(default_factory=dict)
+    unused: list[dict[str, Any]] = field(default_factory=list)
+    cancelled: int = 0
 
     @property
     def calls(self) -> int:
-        """LM calls that reached a provider over all chains (cache hits are free)."""
-        return sum(u.get("calls", 0) for u in self.usage)
+        """LM calls that reached a provider (cache hits are free): every voting chain's, and with ``speculate`` the
+        chains that answered after the decision (paid, not used)."""
+        return sum(u.get("calls", 0) for u in [*self.usage, *self.unused])
 
     @property
     def failed_samples(self) -> int:
@@ -134,7 +148,19 @@ class MarkovScale(dspy.Module):
         rollout_seed: Namespace of rollout ids (change it to draw different samples).
         instructions: Replaces the refinement instructions.
         refiner_lm: LM for refinement rounds (see MarkovRefine).
-        num_threads: Samples run concurrently (default: all of them, at most ``dspy.settings.num_threads``).
+        concurrency: LM-backed chains in flight at once (threads in ``forward``, tasks in ``aforward``; default
+            ``dspy.settings.num_threads``).
+        adaptive: Decide per question, as answers arrive (default): a vote stops once the calibrated vote model says
+            one more chain is not worth ``call_cost`` per call -- at ``call_cost=0``, once the remaining chains
+            cannot change its answer, so it returns exactly the full vote's answer with fewer calls. The plan bounds
+            the calls (an adaptive vote gets the budget that maximises its own expected accuracy minus
+            ``call_cost`` per expected call). With ``concurrency > 1`` the chains the rule needs whatever they
+            answer are launched together, so answers and calls stay those of the one-at-a-time rule. ``False`` runs
+            every planned chain.
+        speculate: In ``aforward``: keep ``concurrency`` chains in flight (its-hub's way), decide as they return,
+            and cancel the rest once the vote is decided -- faster, but chains that answered after the decision
+            are paid and not used (``pred.markovscale.unused``, ``cancelled``). ``forward`` refuses it: threads cannot
+            cancel a request in flight.
 
     Example:
         >>> import dspy
@@ -147,8 +173,10 @@ class MarkovScale(dspy.Module):
         ...     scale = calibrator.compile(MarkovScale(dspy.Predict("question -> answer"), max_calls=3),
         ...                                trainset=world.examples)
         ...     pred = scale(**world.examples[0].inputs())
-        >>> scale.plan().kind, pred.markovscale.plan, pred.markovscale.calls
+        >>> scale.plan().kind, pred.markovscale.plan, pred.markovscale.stop_info["budget"]
         ('vote', 'vote', 3)
+        >>> pred.markovscale.calls < 3 or pred.markovscale.stop_reason == "max_calls"  # stops once the vote is settled
+        True
     """
 
     def __init__(
@@ -165,7 +193,9 @@ class MarkovScale(dspy.Module):
         rollout_seed: int = 0,
         instructions: str | None = None,
         refiner_lm: dspy.BaseLM | None = None,
-        num_threads: int | None = None,
+        concurrency: int | None = None,
+        adaptive: bool = True,
+        speculate: bool = False,
     ):
         super().__init__()
         check_int("max_calls", max_calls, 1, MAX_CALLS_LIMIT)
@@ -174,7 +204,10 @@ class MarkovScale(dspy.Module):
         strategies = tuple(strategies) if not isinstance(strategies, str) else (strategies,)
         if not strategies or any(k not in KINDS for k in strategies):
             raise ConfigurationError(f"strategies must be a non-empty subset of {KINDS}, got {strategies!r}")
-        check_int("num_threads", num_threads, 1, none_ok=True)
+        check_int("concurrency", concurrency, 1, none_ok=True)
+        for name, flag in (("adaptive", adaptive), ("speculate", speculate)):
+            if not isinstance(flag, bool):
+                raise ConfigurationError(f"{name} must be True or False, got {flag!r}")
         # The chain machinery (refiner predictor, calibration state, rollout ids) is MarkovRefine's.
         self.refine = MarkovRefine(
             program,
@@ -191,7 +224,9 @@ class MarkovScale(dspy.Module):
         self.call_cost = float(call_cost)
         self.min_prob_gain = float(min_prob_gain)
         self.strategies = strategies
-        self.num_threads = num_threads
+        self.concurrency = concurrency
+        self.adaptive = adaptive
+        self.speculate = speculate
 
     # What it wraps and what it learned ----------------------------------------------------------------------------
 
@@ -281,7 +316,14 @@ class MarkovScale(dspy.Module):
             )
             return Strategy(1, 0), "uncalibrated", None
         chosen = self.plan()
-        return chosen.chosen.strategy, chosen.reason, _predicted(chosen.chosen)
+        strategy = chosen.chosen.strategy
+        if self.adaptive and strategy.kind in ("vote", "refine_vote"):
+            # An adaptive vote rarely spends its budget, so it deserves a larger one than a fixed vote would.
+            budget = best_budget(self.model, strategy.rounds, self.max_calls, self.call_cost)
+            if budget:
+                strategy = Strategy(budget, strategy.rounds)
+                return strategy, chosen.reason, self._predicted_for(strategy)
+        return strategy, chosen.reason, _predicted(chosen.chosen)
 
     def forward(self, **inputs: Any) -> ScaledPrediction:
         """Answer ``inputs`` with the planned strategy."""
@@ -316,17 +358,39 @@ class MarkovScale(dspy.Module):
         return Strategy(samples, rounds)
 
     def _predicted_for(self, strategy: Strategy) -> dict[str, Any] | None:
+        """The plan's prediction for ``strategy`` (a fixed run of it) and, when it stops adaptively, the rule's exact
+        expected accuracy and calls."""
         if self.model is None:
             return None
         try:
-            return _predicted(self.plan().prediction(strategy.samples, strategy.rounds))
+            predicted = _predicted(self.plan().prediction(strategy.samples, strategy.rounds))
         except KeyError:
             return None
+        stopper = self._stopper(strategy)
+        if stopper is not None:
+            expected = stopper.expected
+            predicted["adaptive"] = {
+                "accuracy": expected["accuracy"],
+                "calls": expected["chains"] * (strategy.rounds + 1),
+            }
+        return predicted
 
     def _run(self, strategy: Strategy, reason: str, predicted: Any, inputs: dict[str, Any]) -> ScaledPrediction:
         self.refine._check_inputs(inputs)
-        runs = self._sample_chains([strategy.rounds] * strategy.samples, dict(inputs))
-        return self._finish(strategy, reason, predicted, runs)
+        if self.speculate:
+            raise ConfigurationError(
+                "MarkovScale(speculate=True) needs aforward/acall: asyncio cancels the requests a decided vote no "
+                "longer needs, threads cannot; call `await scale.acall(...)`, or use speculate=False"
+            )
+        setup = self._setup([strategy.rounds])
+        stopper = self._stopper(strategy)
+        if stopper is None:
+            runs = self._sample_chains([strategy.rounds] * strategy.samples, dict(inputs), setup=setup)
+            return self._finish(strategy, reason, predicted, runs)
+        runs: list[SampleChain] = []
+        while batch := stopper.next_batch(_keys(runs), self._threads(strategy.samples)):
+            runs += self._sample_chains([strategy.rounds] * batch, dict(inputs), first=len(runs), setup=setup)
+        return self._finish(strategy, reason, predicted, runs, stopper)
 
     async def _arun(self, strategy: Strategy, reason: str, predicted: Any, inputs: dict[str, Any]) -> ScaledPrediction:
         self.refine._check_inputs(inputs)
@@ -337,14 +401,91 @@ class MarkovScale(dspy.Module):
             async with gate:
                 return await self._asample_chain(index, strategy.rounds, dict(inputs), setup)
 
-        runs = list(await asyncio.gather(*(one(j) for j in range(strategy.samples))))
-        return self._finish(strategy, reason, predicted, runs)
+        stopper = self._stopper(strategy)
+        if stopper is None:
+            runs = list(await asyncio.gather(*(one(j) for j in range(strategy.samples))))
+            return self._finish(strategy, reason, predicted, runs)
+        if self.speculate:
+            runs, unused, cancelled = await self._speculate(stopper, one)
+            return self._finish(strategy, reason, predicted, runs, stopper, unused=unused, cancelled=cancelled)
+        runs = []
+        while batch := stopper.next_batch(_keys(runs), self._threads(strategy.samples)):
+            # gather cancels the batch's other tasks if one is cancelled (a caller's timeout): LiteLLM's async
+            # client then closes their requests, so the server stops working on them
+            runs += await asyncio.gather(*(one(j) for j in range(len(runs), len(runs) + batch)))
+        return self._finish(strategy, reason, predicted, runs, stopper)
+
+    async def _speculate(
+        self, stopper: VoteStopper, one: Callable[[int], Any]
+    ) -> tuple[list[SampleChain], list[SampleChain], int]:
+        """Keep ``concurrency`` chains in flight, decide on the chains in index order as they return, and cancel
+        what is in flight once the rule stops. Returns the chains that vote, the ones that answered after the
+        decision (paid, not used) and how many were cancelled before answering."""
+        width = self._threads(stopper.budget)
+        pending: dict[asyncio.Task, int] = {}
+        done: dict[int, SampleChain] = {}
+        launched = 0
+        used: list[SampleChain] = []
+        try:
+            while True:
+                while len(pending) < width and launched < stopper.budget:
+                    pending[asyncio.ensure_future(one(launched))] = launched
+                    launched += 1
+                finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    done[pending.pop(task)] = task.result()
+                while len(used) in done:  # the rule reads the chains in index order, like the sequential run
+                    used.append(done.pop(len(used)))
+                    if stopper.decide(_keys(used))[0]:
+                        return used, [done[j] for j in sorted(done)], len(pending)
+        finally:
+            for task in pending:  # LiteLLM's async client closes the request: the server stops working on it
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    def replay(self, recorded: ScaledPrediction, **inputs: Any) -> ScaledPrediction:
+        """What this module would have answered, read off a recorded run instead of calling the LM.
+
+        Chain ``j`` of a question is the same fresh sample (and the same refinements) whichever strategy draws it,
+        and the stopping rule decides from the chains before it, so an adaptive run is a prefix of a recorded run
+        of all the plan's chains (``run_strategy(samples, rounds)`` or ``adaptive=False``). Reading it off that run
+        compares stopping rules on the same samples; it equals the live run at ``concurrency=1`` (and at any
+        concurrency, which launches only chains the rule needs).
+
+        Raises:
+            ConfigurationError: ``recorded`` is not a MarkovScale prediction, or holds fewer chains or rounds than
+                this module would use.
+        """
+        account = getattr(recorded, "markovscale", None)
+        if not isinstance(account, ScaleAccount):
+            raise ConfigurationError(f"replay needs a MarkovScale prediction (with .markovscale), got {recorded!r:.80}")
+        self.refine._check_inputs(inputs)
+        strategy, reason, predicted = self._choice()
+        recorded_runs = [_prefix(chain, error, usage, strategy.rounds) for chain, error, usage in _chains_of(account)]
+        stopper = self._stopper(strategy)
+        used = strategy.samples
+        if stopper is not None:
+            used = 0
+            while batch := stopper.next_batch(_keys(recorded_runs[:used]), 1):
+                used += batch
+        if used > len(recorded_runs):
+            raise ConfigurationError(
+                f"this module would use {used} chains of {strategy.rounds} rounds, but the recorded run holds "
+                f"{len(recorded_runs)}; record with run_strategy({strategy.samples}, {strategy.rounds})"
+            )
+        return self._finish(strategy, reason, predicted, recorded_runs[:used], stopper)
 
     def _sampling(self, index: int) -> dict[str, Any]:
         return {"rollout": sample_rollout(self.rollout_seed, index), "temperature": self.temperature}
 
     def _threads(self, jobs: int) -> int:
-        return max(1, min(jobs, self.num_threads or dspy.settings.num_threads or jobs))
+        return max(1, min(jobs, self.concurrency or dspy.settings.num_threads or jobs))
+
+    def _stopper(self, strategy: Strategy) -> VoteStopper | None:
+        if not self.adaptive or self.model is None:
+            return None
+        return VoteStopper.for_strategy(self.model, strategy.samples, strategy.rounds, self.call_cost)
 
     def _setup(self, rounds: Sequence[int]) -> tuple[bool, tuple[Any, Any] | None]:
         """What every chain of one call shares, resolved once: whether the program pins LMs, and the refiner's
@@ -392,18 +533,28 @@ class MarkovScale(dspy.Module):
                 return SampleChain(None, describe(exc.__cause__ or exc), usage.to_dict())
         return SampleChain(prediction, None, usage.to_dict())
 
-    def _sample_chains(self, rounds: list[int], inputs: dict[str, Any]) -> list[SampleChain]:
-        """Chains ``j = 0..len(rounds)-1`` concurrently; their LM usage is added to the caller's tracker (DSPy's
-        trackers do not see worker threads)."""
-        setup = self._setup(rounds)
-        jobs = [lambda j=j, r=r: self._sample_chain(j, r, inputs, setup) for j, r in enumerate(rounds)]
+    def _sample_chains(
+        self, rounds: list[int], inputs: dict[str, Any], *, first: int = 0, setup: Any = None
+    ) -> list[SampleChain]:
+        """Chains ``j = first, first + 1, ...`` (chain ``j`` refined ``rounds[j - first]`` rounds) concurrently; their
+        LM usage is added to the caller's tracker (DSPy's trackers do not see worker threads)."""
+        setup = self._setup(rounds) if setup is None else setup
+        jobs = [lambda j=j, r=r: self._sample_chain(j, r, inputs, setup) for j, r in enumerate(rounds, start=first)]
         results = _run_isolated(jobs, self._threads(len(jobs)))
         return [r if isinstance(r, SampleChain) else SampleChain(None, f"executor: {r!r}") for r in results]
 
-    def _finish(self, strategy: Strategy, reason: str, predicted: Any, runs: list[SampleChain]) -> ScaledPrediction:
-        keys = [
-            None if run.error is not None else run.prediction.markovscale.trajectory[-1]["answer_key"] for run in runs
-        ]
+    def _finish(
+        self,
+        strategy: Strategy,
+        reason: str,
+        predicted: Any,
+        runs: list[SampleChain],
+        stopper: VoteStopper | None = None,
+        *,
+        unused: Sequence[SampleChain] = (),
+        cancelled: int = 0,
+    ) -> ScaledPrediction:
+        keys = _keys(runs)
         winner = plurality_winner(keys)
         if winner is None:
             errors = Counter(run.error for run in runs)
@@ -413,7 +564,7 @@ class MarkovScale(dspy.Module):
             )
         account = ScaleAccount(
             plan=strategy.kind,
-            samples=strategy.samples,
+            samples=len(runs),
             rounds=strategy.rounds,
             reason=reason,
             predicted=predicted,
@@ -422,12 +573,58 @@ class MarkovScale(dspy.Module):
             usage=[run.usage for run in runs],
             votes=Counter(k for k in keys if k is not None).most_common(),
             selected_chain=winner,
+            **_stop_of(stopper, keys, strategy.samples),
+            unused=[run.usage for run in unused],
+            cancelled=cancelled,
         )
         outputs = account.chains[winner].trajectory[-1]["outputs"]
         compat = {} if "plan" in outputs else {"plan": strategy.kind}
         prediction = ScaledPrediction(**outputs, **compat)
         prediction.markovscale = account
         return prediction
+
+
+def _keys(runs: Sequence[SampleChain]) -> list[Hashable | None]:
+    """Each chain's final answer key (``None`` for a failed chain: it does not vote)."""
+    return [None if r.error is not None else r.prediction.markovscale.trajectory[-1]["answer_key"] for r in runs]
+
+
+def _stop_of(stopper: VoteStopper | None, keys: list[Hashable | None], budget: int) -> dict[str, Any]:
+    if stopper is None:
+        return {"stop_reason": "fixed", "stop_info": {"budget": budget}}
+    _, info = stopper.decide(keys)
+    return {
+        "stop_reason": info["reason"],
+        "stop_info": {"posterior": info["posterior"], "gain": info["gain"], "budget": budget},
+    }
+
+
+def _chains_of(account: ScaleAccount) -> list[tuple[RefineAccount | None, str | None, dict[str, Any]]]:
+    return list(zip(account.chains, account.errors, account.usage, strict=True))
+
+
+def _prefix(chain: RefineAccount | None, error: str | None, usage: dict[str, Any], rounds: int) -> SampleChain:
+    """A recorded chain read at ``rounds`` refinement rounds: its answer then and the calls it had used."""
+    if chain is None:
+        return SampleChain(None, error, usage)
+    if len(chain.trajectory) <= rounds:
+        raise ConfigurationError(
+            f"the recorded chains have {len(chain.trajectory) - 1} refinement rounds; this module's plan needs {rounds}"
+        )
+    kept = chain.trajectory[: rounds + 1]
+    spent = Usage()
+    for entry in kept:
+        spent = spent + Usage.from_dict(entry.get("usage"))
+    account = replace(
+        chain,
+        rounds=rounds,
+        selected_round=rounds,
+        trajectory=kept,
+        failed_rounds=sum(e.get("error") is not None for e in kept[1:]),
+    )
+    prediction = RefinedPrediction(**kept[-1]["outputs"])
+    prediction.markovscale = account
+    return SampleChain(prediction, None, spent.to_dict())
 
 
 def _predicted(prediction: Any) -> dict[str, Any]:
