@@ -39,11 +39,10 @@ def votes_help():
 
 
 def record(scale, world, examples):
-    """Every planned chain of each question (the fixed run), on a fresh copy of the world."""
-    fixed = scale.deepcopy()
-    fixed.adaptive = False
+    """Every chain the module may use on each question (a fixed run of its strategy), on a fresh copy of the world."""
+    strategy = scale.strategy()
     with dspy.context(lm=world.fresh().lm()):
-        return [fixed(**e.inputs()) for e in examples]
+        return [scale.run_strategy(strategy.samples, strategy.rounds, **e.inputs()) for e in examples]
 
 
 def test_replay_equals_the_live_run_at_concurrency_one(votes_help):
@@ -147,11 +146,11 @@ def test_on_random_worlds_adaptive_is_never_a_point_below_fixed_voting_at_its_ca
     adaptive vote's accuracy against a fixed vote at the same mean calls (linear between the two neighbouring
     sizes), one point allowed, plus three standard errors of the paired difference."""
     rng = random.Random(seed)
-    scale, world, _ = calibrated(random_world_params(rng), call_cost=0.005, n=200, seed=100 + seed)
+    scale, _, _ = calibrated(random_world_params(rng), call_cost=0.005, n=200, seed=100 + seed)
     held = SimulatedWorld.mixture(400, [(1.0, random_world_params(random.Random(seed)))], seed=200 + seed)
     if scale.plan().kind != "vote":
         pytest.skip(f"the planner chose {scale.plan().kind} on this world")
-    budget = scale.plan().chosen.strategy.samples
+    budget = scale.strategy().samples
     recorded = record(scale, held, held.examples)
     adaptive = [scale.replay(r, **e.inputs()) for r, e in zip(recorded, held.examples, strict=True)]
     correct = [held.metric(e, p) for e, p in zip(held.examples, adaptive, strict=True)]
@@ -172,3 +171,43 @@ def test_on_random_worlds_adaptive_is_never_a_point_below_fixed_voting_at_its_ca
     mean = sum(diffs) / len(diffs)
     se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
     assert mean > -0.01 - 3 * se, (mean, se, mean_calls)
+
+
+# Against a latency-bound server in its own process ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_concurrent_waves_keep_the_sequential_rules_calls_and_speculation_cancels_at_the_server():
+    import asyncio
+
+    from benchmarks.concurrency import calibrated_model, module, question
+    from benchmarks.latency_server import LatencyServerProcess
+
+    model = calibrated_model()
+    with LatencyServerProcess(delay=0.3) as server:
+        lm = dspy.LM("openai/latency", api_base=server.api_base, api_key="local", cache=False, num_retries=0)
+        sequential, wide = module(model, 0.0, 1), module(model, 0.0, 4)
+        with dspy.context(lm=lm):
+            server.reset()
+            preds = [wide(**question(i)) for i in range(6)]
+            stats = server.stats()
+            assert stats["completed"] == sum(p.markovscale.calls for p in preds) and stats["ended_early"] == 0
+            for i, pred in enumerate(preds):
+                replay = sequential.replay(pred, **question(i))  # the one-at-a-time rule on the same chains
+                assert (replay.answer, replay.markovscale.calls) == (pred.answer, pred.markovscale.calls)
+
+            speculative = module(model, 0.0, 4)
+            speculative.speculate = True
+            server.reset()
+            runs = [asyncio.run(speculative.acall(**question(i))) for i in range(6)]
+            stats = server.stats()
+            launched = sum(p.markovscale.calls + p.markovscale.cancelled for p in runs)
+            # what the server answered is what was paid (voting or not); a cancelled chain was never answered: it
+            # ended early at the server, or never reached it
+            assert stats["completed"] == sum(p.markovscale.calls for p in runs)
+            assert stats["completed"] + stats["ended_early"] <= launched
+            for i, pred in enumerate(runs):
+                voting = sum(u["calls"] for u in pred.markovscale.usage)
+                assert sequential.replay(pred, **question(i)).markovscale.calls == voting
+            with pytest.raises(ConfigurationError, match="needs aforward"):
+                speculative(**question(0))

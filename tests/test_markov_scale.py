@@ -400,12 +400,13 @@ def _by_name(result, prefix):
 @pytest.mark.slow
 def test_where_refinement_hurts_the_planner_votes_and_matches_the_best_parallel_baseline():
     """The `hurts` world of BENCHMARKS.md (refinement breaks 30% of correct answers): with three calls, the planner
-    votes, and lands within 2 points of the best of self-consistency and dspy.BestOfN at (at most) equal calls."""
+    votes, and lands within 2 points of the best of self-consistency and dspy.BestOfN at (at most) equal calls; its
+    adaptive vote stops early on the questions whose answer is settled."""
     result = _planner_run("hurts", 3, (3,))
     assert result.plan.kind == "vote"
     planner = _by_name(result, "MarkovScale")
     baselines = [_by_name(result, "self-consistency"), _by_name(result, "dspy.BestOfN")]
-    assert all(b.mean_calls <= 3 for b in baselines) and planner.mean_calls == 3
+    assert all(b.mean_calls <= 3 for b in baselines) and planner.mean_calls < 3
     assert planner.accuracy >= max(b.accuracy for b in baselines) - 0.02
     assert planner.accuracy > _by_name(result, "MarkovRefine").accuracy  # which answers in one call here
 

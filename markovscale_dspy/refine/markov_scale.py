@@ -325,6 +325,10 @@ class MarkovScale(dspy.Module):
                 return strategy, chosen.reason, self._predicted_for(strategy)
         return strategy, chosen.reason, _predicted(chosen.chosen)
 
+    def strategy(self) -> Strategy:
+        """What :meth:`forward` runs: the plan's strategy, with an adaptive vote's budget (its own best)."""
+        return self._choice()[0]
+
     def forward(self, **inputs: Any) -> ScaledPrediction:
         """Answer ``inputs`` with the planned strategy."""
         strategy, reason, predicted = self._choice()
@@ -336,14 +340,15 @@ class MarkovScale(dspy.Module):
         return await self._arun(strategy, reason, predicted, inputs)
 
     def run_strategy(self, samples: int, rounds: int, **inputs: Any) -> ScaledPrediction:
-        """Run ``samples`` chains of ``rounds`` refinement rounds and vote, whatever the plan says."""
+        """Run all ``samples`` chains of ``rounds`` refinement rounds and vote, whatever the plan says and without
+        stopping early (what :meth:`replay` reads adaptive runs off)."""
         strategy = self._strategy(samples, rounds)
-        return self._run(strategy, "requested", self._predicted_for(strategy), inputs)
+        return self._run(strategy, "requested", self._predicted_for(strategy), inputs, adaptive=False)
 
     async def arun_strategy(self, samples: int, rounds: int, **inputs: Any) -> ScaledPrediction:
         """Async twin of :meth:`run_strategy`."""
         strategy = self._strategy(samples, rounds)
-        return await self._arun(strategy, "requested", self._predicted_for(strategy), inputs)
+        return await self._arun(strategy, "requested", self._predicted_for(strategy), inputs, adaptive=False)
 
     def run_samples(self, rounds: Sequence[int], **inputs: Any) -> list[SampleChain]:
         """Independent chains from fresh samples ``j = 0, 1, ...``, chain ``j`` refined ``rounds[j]`` rounds, and no
@@ -375,15 +380,17 @@ class MarkovScale(dspy.Module):
             }
         return predicted
 
-    def _run(self, strategy: Strategy, reason: str, predicted: Any, inputs: dict[str, Any]) -> ScaledPrediction:
+    def _run(
+        self, strategy: Strategy, reason: str, predicted: Any, inputs: dict[str, Any], adaptive: bool = True
+    ) -> ScaledPrediction:
         self.refine._check_inputs(inputs)
-        if self.speculate:
+        stopper = self._stopper(strategy) if adaptive else None
+        if self.speculate and stopper is not None:
             raise ConfigurationError(
                 "MarkovScale(speculate=True) needs aforward/acall: asyncio cancels the requests a decided vote no "
                 "longer needs, threads cannot; call `await scale.acall(...)`, or use speculate=False"
             )
         setup = self._setup([strategy.rounds])
-        stopper = self._stopper(strategy)
         if stopper is None:
             runs = self._sample_chains([strategy.rounds] * strategy.samples, dict(inputs), setup=setup)
             return self._finish(strategy, reason, predicted, runs)
@@ -392,7 +399,9 @@ class MarkovScale(dspy.Module):
             runs += self._sample_chains([strategy.rounds] * batch, dict(inputs), first=len(runs), setup=setup)
         return self._finish(strategy, reason, predicted, runs, stopper)
 
-    async def _arun(self, strategy: Strategy, reason: str, predicted: Any, inputs: dict[str, Any]) -> ScaledPrediction:
+    async def _arun(
+        self, strategy: Strategy, reason: str, predicted: Any, inputs: dict[str, Any], adaptive: bool = True
+    ) -> ScaledPrediction:
         self.refine._check_inputs(inputs)
         gate = asyncio.Semaphore(self._threads(strategy.samples))
         setup = self._setup([strategy.rounds])
@@ -401,7 +410,7 @@ class MarkovScale(dspy.Module):
             async with gate:
                 return await self._asample_chain(index, strategy.rounds, dict(inputs), setup)
 
-        stopper = self._stopper(strategy)
+        stopper = self._stopper(strategy) if adaptive else None
         if stopper is None:
             runs = list(await asyncio.gather(*(one(j) for j in range(strategy.samples))))
             return self._finish(strategy, reason, predicted, runs)
@@ -467,12 +476,13 @@ class MarkovScale(dspy.Module):
         used = strategy.samples
         if stopper is not None:
             used = 0
-            while batch := stopper.next_batch(_keys(recorded_runs[:used]), 1):
+            while used <= len(recorded_runs) and (batch := stopper.next_batch(_keys(recorded_runs[:used]), 1)):
                 used += batch
         if used > len(recorded_runs):
             raise ConfigurationError(
-                f"this module would use {used} chains of {strategy.rounds} rounds, but the recorded run holds "
-                f"{len(recorded_runs)}; record with run_strategy({strategy.samples}, {strategy.rounds})"
+                f"this module would use more than {len(recorded_runs)} chains of {strategy.rounds} rounds, but the "
+                f"recorded run holds {len(recorded_runs)}; record with run_strategy({strategy.samples}, "
+                f"{strategy.rounds}) (see strategy())"
             )
         return self._finish(strategy, reason, predicted, recorded_runs[:used], stopper)
 
