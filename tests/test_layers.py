@@ -121,14 +121,16 @@ def test_the_calibrator_does_not_go_through_markov_scale():
     assert PACKAGE / "refine" / "markov_scale.py" not in reached
 
 
-def test_importing_the_package_loads_no_reporting_or_local_server_code():
-    code = (
-        "import sys, markovscale_dspy; print(sorted(m for m in sys.modules if m.startswith(("
-        "'markovscale_dspy.reporting', 'markovscale_dspy.evaluate', 'markovscale_dspy.integrations.local', "
-        "'markovscale_dspy.cli', 'matplotlib', 'xllamacpp'))))"
-    )
+def loaded_by(statement: str, prefixes: tuple[str, ...]) -> list[str]:
+    """The modules starting with ``prefixes`` that running ``statement`` in a fresh interpreter loads."""
+    code = f"import sys; {statement}; print(sorted(m for m in sys.modules if m.startswith({prefixes!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    return eval(out)  # a printed list of module names
+
+
+def test_importing_the_package_loads_no_reporting_or_local_server_code():
+    heavy = ("markovscale_dspy.reporting", "markovscale_dspy.evaluate", "markovscale_dspy.integrations.local")
+    assert loaded_by("import markovscale_dspy", (*heavy, "markovscale_dspy.cli", "matplotlib", "xllamacpp")) == []
 
 
 def test_public_names_say_the_public_path():
@@ -166,10 +168,5 @@ def test_the_wheel_ships_no_benchmark_code():
 
 
 def test_cli_help_does_not_import_the_comparison_harness():
-    code = (
-        "import sys; from markovscale_dspy.cli import build_parser; build_parser(); "
-        "print(sorted(m for m in sys.modules if m.startswith(('markovscale_dspy.evaluate', 'benchmarks', "
-        "'matplotlib'))))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    statement = "from markovscale_dspy.cli import build_parser; build_parser()"
+    assert loaded_by(statement, ("markovscale_dspy.evaluate", "benchmarks", "matplotlib")) == []

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 from scipy.special import gammaln
+from test_voting import _restricted_growth_strings
 
 from markovscale_dspy._exceptions import ConfigurationError
 from markovscale_dspy.core import stopping
@@ -195,14 +196,8 @@ def _crp_sequences(n):
 
 
 def _growth(r):
-    def grow(prefix, top):
-        if len(prefix) == r:
-            yield prefix
-            return
-        for k in range(top + 2):
-            yield from grow((*prefix, k), max(top, k))
-
-    yield from grow((), -1)
+    """Restricted growth strings of length ``r`` (set partitions, blocks numbered by first appearance)."""
+    return iter([()]) if r == 0 else _restricted_growth_strings(r)
 
 
 def _crp_probability(labels, alpha):
