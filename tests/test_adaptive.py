@@ -19,7 +19,7 @@ def predict():
     return dspy.Predict("question -> answer")
 
 
-def calibrated(params, *, max_calls=8, call_cost=0.0, n=200, seed=0, strategies=("single", "vote")):
+def calibrated(params, *, max_calls=8, call_cost=0.0, n=120, seed=0, strategies=("single", "vote")):
     """A MarkovScale calibrated on ``n`` questions of a one-kind world, and a held-out world of the same kind."""
     world = SimulatedWorld.mixture(n + 120, [(1.0, params)], seed=seed)
     calibrator = MarkovCalibrator(world.metric, rounds=1, parallel_samples=8, num_threads=1, question_types=1)

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from benchmarks.run import main
 
 
+@pytest.mark.slow
 def test_project_bench_runs_every_method_on_a_simulated_world(tmp_path, capsys):
     out = tmp_path / "bench"
     assert (

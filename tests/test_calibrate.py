@@ -296,6 +296,7 @@ def test_95_percent_intervals_cover_the_truth_in_50_repetitions_as_often_as_the_
     assert all(count >= MIN_COVERED for count in covered.values())
 
 
+@pytest.mark.slow
 def test_calibration_estimates_answer_stickiness_within_three_standard_errors():
     model = calibrated_model(SimulatedWorld.homogeneous(300, seed=2, p_same_wrong=0.7, **IMPROVING), question_types=1)
     se = model.standard_error("p_same_wrong")

@@ -442,6 +442,7 @@ def test_where_both_help_the_best_strategy_is_chosen_and_lands_in_its_predicted_
     assert mine.accuracy - theirs.accuracy >= -_paired_difference_bound(mine, theirs)
 
 
+@pytest.mark.slow
 def test_markovscale_bench_reports_the_plan_with_predicted_and_observed_accuracy(tmp_path, monkeypatch):
     """`markovscale bench` on a simulated task (the LM and the task are swapped in): the planner's row, the plan
     table with observed accuracy per strategy, and the figure."""

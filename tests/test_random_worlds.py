@@ -34,6 +34,7 @@ def describe(seed, result):
     return "\n".join(lines)
 
 
+@pytest.mark.slow
 def test_smoke_random_world_runs_and_rounds_shrink_with_cost():
     """Fast version: one small world. Exact property checked: for every question, a higher round cost never runs
     more rounds (the expectimax value of another round falls with its cost, on the same observations)."""

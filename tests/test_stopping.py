@@ -83,7 +83,16 @@ WORLDS = [
 ]
 
 
-@pytest.mark.parametrize("a,b,m,alpha,shift,scale", WORLDS)
+@pytest.mark.parametrize(
+    "a,b,m,alpha,shift,scale",
+    # two worlds in the fast suite (finite and free-form distractors), the rest with the slow tests
+    [
+        *WORLDS[:1],
+        *(pytest.param(*w, marks=pytest.mark.slow) for w in WORLDS[1:3]),
+        WORLDS[3],
+        pytest.param(*WORLDS[4], marks=pytest.mark.slow),
+    ],
+)
 def test_the_posterior_of_every_cluster_matches_monte_carlo(a, b, m, alpha, shift, scale):
     n, count = 5, 100_000
     rng = np.random.default_rng([11, n, int(10 * a), m or 0])

@@ -102,6 +102,7 @@ def _exact_vote(n, theta, shares):
     return total
 
 
+@pytest.mark.slow
 def test_vote_accuracy_at_a_fixed_accuracy_matches_enumeration_over_dirichlet_shares():
     # One question type: theta fixed (a huge Beta concentration), shares drawn from a symmetric Dirichlet(alpha):
     # average the exact enumeration over many share draws (Monte Carlo over shares only).
