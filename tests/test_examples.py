@@ -77,6 +77,7 @@ def loaded_model(path, program):
 
 @needs_olmo_eval
 def test_hosted_example_runs_offline(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-example")  # as the example says: the key comes from the environment
     ns, world, built = run_offline("hosted.py", monkeypatch, tmp_path)
     assert [lm.model for lm in built] == ["openai/gpt-4o-mini"] and "api_base" not in built[0].kwargs
     report = ns["calibrator"].report

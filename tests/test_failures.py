@@ -132,6 +132,29 @@ def test_cli_calibrate_with_a_missing_key_fails_in_one_line_without_paying_for_t
     assert server.hits <= 2 and elapsed < 10, (server.hits, elapsed)
 
 
+@pytest.mark.parametrize("engine", [None, "litellm"])
+def test_a_hosted_model_with_no_key_stops_calibration_at_once(monkeypatch, engine):
+    """Built directly (not with build_lm), an OpenAI model with no key: DSPy's own engine says it is not configured;
+    through LiteLLM it fails as a 500, which DSPy would retry on every chain. Either way the calibrator stops at the
+    first call and says to give a key."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    w = world(200)
+    lm = dspy.LM("openai/gpt-4o-mini", cache=False, num_retries=2, **({"engine": engine} if engine else {}))
+    started = time.perf_counter()
+    with dspy.context(lm=lm), pytest.raises(ConfigurationError, match="(?i)api.key"):
+        MarkovCalibrator(w.metric, rounds=1, num_threads=2).compile(refine(max_rounds=1), trainset=w.examples)
+    assert time.perf_counter() - started < 10
+
+
+@needs_olmo_eval
+def test_cli_with_a_hosted_model_and_no_key_says_which_variable(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("MARKOVSCALE_API_KEY", raising=False)
+    code = main(["calibrate", "--model", "openai/gpt-4o-mini", "--train", "200", "--out", str(tmp_path / "s.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "export OPENAI_API_KEY" in err[0]
+
+
 def test_cli_names_an_unset_key_variable_before_anything_runs(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     code = main(["calibrate", "--model", "openai/x", "--api-key-env", "NO_SUCH_KEY_VAR", "--out", str(tmp_path / "s")])

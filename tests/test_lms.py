@@ -40,8 +40,17 @@ def test_local_servers_get_a_placeholder_key():
 def test_hosted_models_keep_the_provider_key_lookup(monkeypatch):
     monkeypatch.delenv("MARKOVSCALE_API_BASE", raising=False)
     monkeypatch.delenv("MARKOVSCALE_API_KEY", raising=False)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-example")
     lm = build_lm("anthropic/claude-3-5-haiku-latest")
     assert "api_key" not in lm.kwargs and "api_base" not in lm.kwargs
+
+
+def test_a_hosted_model_without_any_key_fails_when_built(monkeypatch):
+    """LiteLLM would report the missing key as a retryable server error at every call: say it now."""
+    for name in ("MARKOVSCALE_API_BASE", "MARKOVSCALE_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigurationError, match="needs an API key and none is set: export ANTHROPIC_API_KEY"):
+        build_lm("anthropic/claude-3-5-haiku-latest")
 
 
 def test_saved_lm_state_never_holds_the_key():

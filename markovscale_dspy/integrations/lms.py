@@ -106,6 +106,23 @@ def _register_native_provider() -> None:
         _declared.add(_NATIVE_PROVIDER)
 
 
+def _require_provider_key(model: str) -> None:
+    """A hosted model with no key anywhere fails now, naming the variable, instead of at every call (LiteLLM reports
+    a missing key as a retryable server error, so a calibration would retry it on every chain)."""
+    import litellm
+
+    try:
+        missing = litellm.validate_environment(model=model).get("missing_keys") or []
+    except Exception:  # a model LiteLLM cannot place: let the first call say what is wrong
+        return
+    keys = [name for name in missing if name.endswith("_API_KEY")]
+    if keys:
+        raise ConfigurationError(
+            f"{model!r} needs an API key and none is set: export {' or '.join(keys)} (or MARKOVSCALE_API_KEY), pass "
+            "api_key= (CLI: --api-key-env VAR), or give api_base= for a self-hosted server"
+        )
+
+
 def build_lm(
     model: str,
     *,
@@ -167,6 +184,8 @@ def build_lm(
         return dspy.LM(model, api_base=api_base, api_key=api_key or "EMPTY", **kwargs)
     if structured:
         declare_structured_outputs(model)
+    if api_base is None and api_key is None:
+        _require_provider_key(model)
     if api_base is not None and api_key is None:
         api_key = "sk-local"  # OpenAI-compatible local servers want some key; it is never checked
     extra = {"api_base": api_base} if api_base else {}

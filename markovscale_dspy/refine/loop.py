@@ -222,8 +222,15 @@ def unrecoverable(error: BaseException | None) -> str | None:
         for kind, fix in _UNRECOVERABLE:
             if isinstance(error, kind):
                 return fix
+        # LiteLLM reports a missing key as a server error (500), which DSPy would retry: recognise the SDK's words
+        if isinstance(error, dspy.LMError) and any(words in str(error) for words in _MISSING_KEY_WORDS):
+            return _UNRECOVERABLE[0][1]
         error, seen = error.__cause__, seen + 1
     return None
+
+
+#: How the OpenAI SDK (under LiteLLM) says that no key was given.
+_MISSING_KEY_WORDS = ("Missing credentials", "api_key client option must be set")
 
 
 def _outputs_of(prediction: Any) -> dict[str, Any]:
