@@ -31,8 +31,6 @@ load when first used (``markovscale_dspy.LocalModel``, ``markovscale_dspy.load_t
 
 from typing import Any as _Any
 
-import dspy as _dspy
-
 from markovscale_dspy._exceptions import (
     CalibrationError,
     ConfigurationError,
@@ -122,14 +120,15 @@ _LAZY = {
 
 
 def _publish(obj: _Any) -> _Any:
-    """Name ``obj`` by its public path, so tracebacks and docs say ``markovscale_dspy.X`` (as httpx does).
+    """Name exceptions and functions by their public path, so tracebacks and docs say ``markovscale_dspy.X`` (as
+    httpx does).
 
-    DSPy modules keep their defining module: ``dspy.Refine`` reads a module's source with ``inspect.getsource``,
-    which looks for the class in the file its ``__module__`` names.
+    Other classes keep their defining module: doctest finds a class's method examples only in the module the class
+    says it comes from (so they would silently stop running), ``typing.get_type_hints`` resolves annotations there,
+    and ``dspy.Refine`` reads a DSPy module's source through it.
     """
-    if isinstance(obj, type) and issubclass(obj, _dspy.Module):
-        return obj
-    if isinstance(obj, type) or callable(obj):
+    is_exception = isinstance(obj, type) and issubclass(obj, BaseException)
+    if is_exception or (callable(obj) and not isinstance(obj, type)):
         try:
             obj.__module__ = __name__
         except (AttributeError, TypeError):  # builtins and some extension types cannot be renamed

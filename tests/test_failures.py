@@ -347,3 +347,36 @@ def test_a_raising_confidence_function_is_said_once_at_warning(caplog):
             assert module(**example.inputs()).rounds == 2  # the rounds went on without confidence
     said = [r for r in caplog.records if "my_confidence" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.WARNING and "ZeroDivisionError" in said[0].getMessage()
+
+
+def test_a_confidence_function_that_returns_no_probability_is_said_once(caplog):
+    def percent(prediction):
+        return 85  # a percentage, not a probability
+
+    w = world(4)
+    module = refine(model=model_from_rates(**IMPROVING), policy="fixed", max_rounds=1, confidence=percent)
+    with caplog.at_level(logging.WARNING), dspy.context(lm=w.lm()):
+        preds = [module(**e.inputs()) for e in w.examples]
+    assert all("confidence" not in entry for p in preds for entry in p.trajectory)  # ignored, as if absent
+    said = [r for r in caplog.records if "percent" in r.getMessage()]
+    assert len(said) == 1 and "returned 85" in said[0].getMessage()
+
+
+def test_a_refiner_with_a_rejected_key_is_said_at_the_users_line():
+    w = world(3)
+    module = refine(model=model_from_rates(**IMPROVING), policy="fixed", max_rounds=2)
+    with StatusServer(401) as server:
+        module.refiner_lm = build_lm("openai/m", api_base=server.api_base, api_key="wrong", cache=False)
+        with dspy.context(lm=w.lm()), pytest.warns(UserWarning, match="valid API key") as said:
+            pred = module(**w.examples[0].inputs())
+    ours = [w for w in said if "valid API key" in str(w.message)]
+    assert pred.failed_rounds == 2 and ours[0].filename == __file__
+
+
+def test_the_planner_scores_round0_failures_as_dspy_evaluate_does():
+    from markovscale_dspy.core.planner import predict
+
+    answered = model_from_rates(**IMPROVING)
+    half_failed = answered.with_round0_failures(answered.n0_total)  # round 0 gave no answer on half the questions
+    for a, b in zip(predict(answered, 3), predict(half_failed, 3), strict=True):
+        assert b.accuracy == pytest.approx(a.accuracy / 2)  # single calls and refinement: wrong when round 0 fails

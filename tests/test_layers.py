@@ -134,21 +134,48 @@ def test_importing_the_package_loads_no_reporting_or_local_server_code():
 
 
 def test_public_names_say_the_public_path():
-    """Tracebacks and docs say ``markovscale_dspy.X``; DSPy modules keep their file (``dspy.Refine`` reads their
-    source through it)."""
+    """Tracebacks say ``markovscale_dspy.X`` for exceptions and functions; classes keep their file (doctest finds
+    their methods' examples there, and ``dspy.Refine`` reads a module's source through it)."""
     import dspy
 
     import markovscale_dspy
 
     for name in markovscale_dspy.__all__:
         value = getattr(markovscale_dspy, name)
-        if isinstance(value, type) and issubclass(value, dspy.Module):
-            assert value.__module__.startswith("markovscale_dspy.refine."), name
-        elif callable(value):
+        public = (isinstance(value, type) and issubclass(value, BaseException)) or (
+            callable(value) and not isinstance(value, type)
+        )
+        if public:
             assert value.__module__ == "markovscale_dspy", f"{name} says {value.__module__}"
+        elif isinstance(value, type):
+            assert value.__module__.startswith("markovscale_dspy."), name
     with pytest.raises(markovscale_dspy.ConfigurationError) as raised:
         markovscale_dspy.MarkovRefine(dspy.Predict("question -> answer"), max_rounds=-1)
     assert f"{type(raised.value).__module__}.{type(raised.value).__qualname__}" == "markovscale_dspy.ConfigurationError"
+
+
+def test_every_docstring_example_is_collected():
+    """A docstring with ``>>>`` that doctest cannot find from its module would silently never run."""
+    import doctest
+    import importlib
+
+    missing = []
+    for path in MODULES:
+        name = ".".join(("markovscale_dspy", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(
+            ".__init__"
+        )
+        module = importlib.import_module(name)
+        found = {t.name.rsplit(".", 1)[-1] for t in doctest.DocTestFinder().find(module) if t.examples}
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                doc = ast.get_docstring(node) or ""
+                if ">>>" in doc and node.name not in found:
+                    missing.append(f"{name}.{node.name}")
+    # A public function's examples are collected from the package root, where its name is published.
+    root = {
+        t.name.rsplit(".", 1)[-1] for t in doctest.DocTestFinder().find(importlib.import_module("markovscale_dspy"))
+    }
+    assert [m for m in missing if m.rsplit(".", 1)[-1] not in root] == []
 
 
 def test_core_does_not_import_dspy():

@@ -88,8 +88,9 @@ class MarkovCalibrator(Teleprompter):
             ``BaseLM``, an engine without ``fingerprint``). Without it such calibrations neither store nor reuse
             chains: two different LMs must never share them.
         display_progress: Show a progress bar.
-        max_errors: Errors (a round 0 that raises or does not parse, a failed sample, a metric that raises) after
-            which calibration stops with a CalibrationError listing them; ``None``: DSPy's ``max_errors`` setting.
+        max_errors: Errors (a round 0 that raises or does not parse, a metric that raises; a failed parallel sample
+            is data: it does not vote) after which calibration stops with a CalibrationError listing them;
+            ``None``: DSPy's ``max_errors`` setting.
             An LM failure no retry can mend (rejected key, unknown model, invalid request, prompt over the context
             window) stops it at the first occurrence. Either way nothing more is paid for, and finished chains stay
             in the trace store.
@@ -169,6 +170,7 @@ class MarkovCalibrator(Teleprompter):
                 sample could be graded when samples were asked for.
         """
         started = time.perf_counter()
+        self.report = None  # a failed compile must not leave the previous run's report behind
         chains = _check_student(student).chain_module()
         examples = _check_examples(trainset, chains, "trainset")
         rounds, samples = self._rounds_for(chains), self._samples_for(student)
@@ -306,6 +308,13 @@ class MarkovCalibrator(Teleprompter):
             )
         for record in records:
             record.samples.sort(key=lambda s: s["sample"])
+        if run.refits:
+            logger.warning(
+                "MarkovCalibrator: %d stored chains no longer fit the program's output types and were paid for again "
+                "(%s)",
+                len(run.refits),
+                run.refits[0],
+            )
         if run.unstored:
             reason = Counter(run.unstored).most_common(1)[0][0]
             logger.warning(
@@ -335,8 +344,8 @@ class MarkovCalibrator(Teleprompter):
                     pinned=run.pinned,
                 )
             entry = _sample_entry(program, outcome)
-            if outcome.error is not None:
-                _count_error(run.guard, outcome.error)
+            if outcome.error is not None and unrecoverable(outcome.error) is not None:
+                _count_error(run.guard, outcome.error)  # a failed sample is data (it does not vote), a bad key is not
             self._store(run, key, [entry])
         else:
             entry = entry[0]
@@ -372,7 +381,7 @@ class MarkovCalibrator(Teleprompter):
                 for e in trajectory
             ]
         except (ValueError, TypeError, KeyError) as exc:
-            logger.info("recomputing a stored chain whose outputs no longer fit the program: %s", describe(exc))
+            run.refits.append(describe(exc))
             return None
 
     def _store(self, run: _Run, key: str | None, trajectory: list[dict[str, Any]]) -> None:
@@ -472,6 +481,7 @@ class _Run:
     pinned: bool
     types: dict[str, Any]
     unstored: list[str] = field(default_factory=list)
+    refits: list[str] = field(default_factory=list)
 
 
 def _count_error(guard: RunGuard, error: BaseException) -> None:
@@ -689,22 +699,27 @@ def _evaluate(
     threshold: float,
     num_threads: int | None,
 ) -> dict[str, Any]:
+    """The calibrated module on the valset, scored as ``dspy.Evaluate`` scores it: a question that fails is wrong
+    (its error is counted and named), so the accuracy is comparable with ``model.expected_accuracy``."""
     executor = ParallelExecutor(num_threads=num_threads, max_errors=len(examples) + 1, disable_progress_bar=True)
 
-    def run(example: dspy.Example) -> tuple[bool, int] | None:
+    def run(example: dspy.Example) -> tuple[bool, int] | str:
         try:
             pred = program(**example.inputs())
             return score_to_label(metric(example, pred), threshold), pred.markovscale.rounds
-        except Exception:
-            return None
+        except Exception as exc:
+            return describe(exc)
 
-    results = [r for r in executor.execute(run, examples) if isinstance(r, tuple)]
-    n = len(results)
-    correct = sum(ok for ok, _ in results)
+    outcomes = [r if isinstance(r, (tuple, str)) else f"executor: {r!r}" for r in executor.execute(run, examples)]
+    answered = [r for r in outcomes if isinstance(r, tuple)]
+    errors = Counter(r for r in outcomes if isinstance(r, str))
+    n, correct = len(outcomes), sum(ok for ok, _ in answered)
     return {
         "examples": len(examples),
-        "answered": n,
+        "answered": len(answered),
         "accuracy": correct / n if n else None,
         "interval": list(binomial_interval(correct, n)) if n else None,
-        "mean_rounds": sum(r for _, r in results) / n if n else None,
+        "mean_rounds": sum(r for _, r in answered) / len(answered) if answered else None,
+        "failed": sum(errors.values()),
+        "errors": dict(errors.most_common(3)),
     }

@@ -325,7 +325,9 @@ def predict(
                 draws = votes.accuracy_draws(n, shifts, scales)
             else:
                 draws = np.array([point])
-        rows.append((strategy, point, draws))
+        # A question whose samples all gave no answer is wrong, as dspy.Evaluate scores it (failures independent)
+        answered = 1.0 - (1.0 - model.answer_rate) ** n
+        rows.append((strategy, point * answered, draws * answered))
     single_draws = rows[0][2] - call_cost
     out = []
     for strategy, point, draws in rows:

@@ -510,9 +510,11 @@ def should_stop(
     remaining = max_calls - calls_made
     table = _cached_table(prior, max_calls, call_cost)
     key = tuple(sorted(state, reverse=True))
-    if key not in table.value_stop:  # e.g. more distinct answers than the fit has distractors: keep voting
-        reason = "max_calls" if remaining == 0 else "unexplained"
-        return remaining == 0, {"posterior": math.nan, "gain": math.nan, "remaining": remaining, "reason": reason}
+    if key not in table.value_stop:  # e.g. more distinct answers than the fit has distractors
+        # The model cannot weigh these counts, but an answer the remaining calls cannot change needs no model.
+        reason = "max_calls" if remaining == 0 else "settled" if settled(state, remaining) else "unexplained"
+        stop = reason != "unexplained"
+        return stop, {"posterior": math.nan, "gain": math.nan, "remaining": remaining, "reason": reason}
     posterior = table.value_stop[key]
     gain = table.value_continue[(key, remaining)] - posterior if remaining else -math.inf
     info = {"posterior": posterior, "gain": gain, "remaining": remaining}

@@ -101,7 +101,9 @@ def best_budget(model: TransitionModel, rounds: int, max_calls: int, call_cost: 
         8
     """
     per_chain = rounds + 1
-    budgets = range(2, min(max_calls // per_chain, MAX_STOP_CALLS) + 1)
+    # No larger than the samples per calibration question: the vote model was not fitted beyond them.
+    most = model.votes.max_samples if model.votes is not None else 0
+    budgets = range(2, min(max_calls // per_chain, MAX_STOP_CALLS, most) + 1)
     best, value = 0, -float("inf")
     for n in budgets:
         stopper = VoteStopper.for_strategy(model, n, rounds, call_cost)

@@ -18,6 +18,7 @@ from typing import Any, TypedDict
 import dspy
 
 from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError, RoundZeroError
+from markovscale_dspy._warnings import warn
 from markovscale_dspy.core.answers import default_answer_key, is_empty_answer
 from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.policies import Decision, Policy, RoundContext, evidence_for, observations_of
@@ -307,8 +308,9 @@ class ChainState:
                 error_kind=error_kind(error),
             )
             fix = unrecoverable(error)
-            if fix is not None:
+            if fix is not None:  # every later round would fail the same way: say so, not only in the trajectory
                 entry["fix"] = fix
+                warn(f"MarkovRefine: a refinement round failed ({describe(error)}): {fix}; it kept the previous answer")
         self._append(entry, error is not None, outcome.confidence if error is None else None)
 
     def _append(self, entry: RoundEntry, failed: bool, confidence: float | None = None) -> None:

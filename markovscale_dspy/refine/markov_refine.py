@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
+import weakref
 from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
@@ -541,9 +543,15 @@ class MarkovRefine(dspy.Module):
             else:
                 logger.debug("MarkovRefine: no confidence for this round: %s", exc)
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or value is None or not 0.0 <= number <= 1.0:  # NaN fails the range too
+            if value is not None and callable(self.confidence) and not isinstance(self.confidence, bool):
+                _warn_once_about(self.confidence, ValueError(f"it returned {value!r}, not a probability in [0, 1]"))
             return None
-        return float(value)
+        return number
 
     def _call(self, call: Call, outer: Any = _FROM_LM, refiner: tuple[Any, Any] | None = None) -> Outcome:
         # Resolving the refiner's LM raises on a misconfiguration: that is the user's to fix, not a failed round.
@@ -585,23 +593,26 @@ class ScrubbedPredict(dspy.Predict):
         return scrub_lm_state(super().dump_state(json_mode=json_mode))
 
 
-_warned_about: set[int] = set()
+_warned_about: weakref.WeakSet = weakref.WeakSet()
 _warned_lock = threading.Lock()
 
 
 def _warn_once_about(confidence: Any, error: BaseException) -> None:
-    """A user's ``confidence=`` function that raises is said once, at WARNING, with the exception (the rounds go on
-    without confidence, as if the LM had given no log-probabilities)."""
+    """A user's ``confidence=`` function that raises or returns no probability is said once, at WARNING, with what
+    went wrong (the rounds go on without confidence, as if the LM had given no log-probabilities)."""
     with _warned_lock:
-        if id(confidence) in _warned_about:
-            return
-        _warned_about.add(id(confidence))
+        try:
+            if confidence in _warned_about:
+                return
+            _warned_about.add(confidence)
+        except TypeError:  # a callable that cannot be weakly referenced: said every time rather than never
+            pass
     name = getattr(confidence, "__qualname__", type(confidence).__name__)
     logger.warning(
-        "MarkovRefine: your confidence function %s raised %s; rounds go on without confidence (said once)",
+        "MarkovRefine: your confidence function %s failed (%s); rounds go on without confidence (said once)",
         name,
         describe(error),
-        exc_info=error,
+        exc_info=error if error.__traceback__ is not None else None,
     )
 
 

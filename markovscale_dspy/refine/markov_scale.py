@@ -12,7 +12,7 @@ from typing import Any
 import dspy
 from dspy.utils.parallelizer import ParallelExecutor
 
-from markovscale_dspy._exceptions import ConfigurationError, NotCalibratedError, RoundZeroError
+from markovscale_dspy._exceptions import ConfigurationError, MarkovScaleError, NotCalibratedError, RoundZeroError
 from markovscale_dspy._warnings import warn
 from markovscale_dspy.core.answers import AnswerKey
 from markovscale_dspy.core.model import TransitionModel
@@ -21,7 +21,16 @@ from markovscale_dspy.core.policies import FixedPolicy
 from markovscale_dspy.core.validation import check_int, check_number
 from markovscale_dspy.core.voting import plurality_winner
 from markovscale_dspy.refine.adaptive import VoteStopper, best_budget
-from markovscale_dspy.refine.loop import Call, Outcome, RefineAccount, RefinedPrediction, adrive, describe, drive
+from markovscale_dspy.refine.loop import (
+    Call,
+    Outcome,
+    RefineAccount,
+    RefinedPrediction,
+    adrive,
+    describe,
+    drive,
+    unrecoverable,
+)
 from markovscale_dspy.refine.markov_refine import MarkovRefine
 from markovscale_dspy.refine.sampling import (
     MAX_SAMPLES,
@@ -116,6 +125,13 @@ class SampleChain:
     prediction: Any = None
     error: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def failed(cls, error: BaseException, usage: dict[str, int]) -> SampleChain:
+        """A chain that raised: its round 0's cause (a RoundZeroError wraps it), kept to decide who must hear."""
+        cause = error.__cause__ if isinstance(error, RoundZeroError) and error.__cause__ is not None else error
+        return cls(None, describe(cause), usage, exception=error)
 
 
 class MarkovScale(dspy.Module):
@@ -159,8 +175,8 @@ class MarkovScale(dspy.Module):
             every planned chain.
         speculate: In ``aforward``: keep ``concurrency`` chains in flight (its-hub's way), decide as they return,
             and cancel the rest once the vote is decided -- faster, but chains that answered after the decision
-            are paid and not used (``pred.markovscale.unused``, ``cancelled``). ``forward`` refuses it: threads cannot
-            cancel a request in flight.
+            are paid and not used (``pred.markovscale.unused``, ``cancelled``). ``forward`` (threads cannot cancel a
+            request in flight) launches only the chains the vote needs, and warns.
 
     Example:
         >>> import dspy
@@ -386,9 +402,9 @@ class MarkovScale(dspy.Module):
         self.refine._check_inputs(inputs)
         stopper = self._stopper(strategy) if adaptive else None
         if self.speculate and stopper is not None:
-            raise ConfigurationError(
-                "MarkovScale(speculate=True) needs aforward/acall: asyncio cancels the requests a decided vote no "
-                "longer needs, threads cannot; call `await scale.acall(...)`, or use speculate=False"
+            warn(
+                "MarkovScale(speculate=True) speculates only in aforward/acall (asyncio can cancel requests a decided "
+                "vote no longer needs, threads cannot); this sync call launches only the chains the vote needs"
             )
         setup = self._setup([strategy.rounds])
         if stopper is None:
@@ -397,6 +413,7 @@ class MarkovScale(dspy.Module):
         runs: list[SampleChain] = []
         while batch := stopper.next_batch(_keys(runs), self._threads(strategy.samples)):
             runs += self._sample_chains([strategy.rounds] * batch, dict(inputs), first=len(runs), setup=setup)
+            _raise_what_must_be_heard(runs)  # no further wave for a key that was rejected
         return self._finish(strategy, reason, predicted, runs, stopper)
 
     async def _arun(
@@ -422,6 +439,7 @@ class MarkovScale(dspy.Module):
             # gather cancels the batch's other tasks if one is cancelled (a caller's timeout): LiteLLM's async
             # client then closes their requests, so the server stops working on them
             runs += await asyncio.gather(*(one(j) for j in range(len(runs), len(runs) + batch)))
+            _raise_what_must_be_heard(runs)
         return self._finish(strategy, reason, predicted, runs, stopper)
 
     async def _speculate(
@@ -502,15 +520,19 @@ class MarkovScale(dspy.Module):
         ``(lm to pass, answering lm)`` (only when some chain refines; a misconfiguration raises here)."""
         return has_pinned_lm(self.program), self.refine._refiner_lm() if any(rounds) else None
 
+    def _outer(self, index: int, refiner: tuple[Any, Any] | None) -> Any:
+        """Chain ``index``'s rollout namespace for its refinements, so chains that reach the same answer still
+        refine it independently."""
+        own = sample_rollout(self.rollout_seed, index)
+        return compose_rollout(rollout_of(refiner[1]), own) if refiner is not None else None
+
     def _sample_chain(
         self, index: int, rounds: int, inputs: dict[str, Any], setup: tuple[bool, tuple[Any, Any] | None]
     ) -> SampleChain:
-        """Worker: sample ``index``, refined ``rounds`` rounds. Never raises (the executor may re-run it)."""
+        """Worker: sample ``index``, refined ``rounds`` rounds. Never raises (the executor would swallow it): a
+        failure is returned, and :func:`_raise_what_must_be_heard` decides."""
         pinned, refiner = setup
-        own = sample_rollout(self.rollout_seed, index)
-        # The chain's refinements get their own namespace, so chains that reach the same answer still refine it
-        # independently.
-        outer = compose_rollout(rollout_of(refiner[1]), own) if refiner is not None else None
+        outer = self._outer(index, refiner)
 
         def run(call: Call) -> Outcome:
             if call.round == 0:
@@ -520,16 +542,16 @@ class MarkovScale(dspy.Module):
         with measure_usage() as usage:
             try:
                 prediction = drive(self.refine._chain(inputs, FixedPolicy(), rounds, "last"), run)
-            except RoundZeroError as exc:
-                return SampleChain(None, describe(exc.__cause__ or exc), usage.to_dict())
+            except Exception as exc:
+                return SampleChain.failed(exc, usage.to_dict())
         return SampleChain(prediction, None, usage.to_dict())
 
     async def _asample_chain(
         self, index: int, rounds: int, inputs: dict[str, Any], setup: tuple[bool, tuple[Any, Any] | None]
     ) -> SampleChain:
+        """Async twin of :meth:`_sample_chain`."""
         pinned, refiner = setup
-        own = sample_rollout(self.rollout_seed, index)
-        outer = compose_rollout(rollout_of(refiner[1]), own) if refiner is not None else None
+        outer = self._outer(index, refiner)
 
         async def run(call: Call) -> Outcome:
             if call.round == 0:
@@ -539,8 +561,8 @@ class MarkovScale(dspy.Module):
         with measure_usage() as usage:
             try:
                 prediction = await adrive(self.refine._chain(inputs, FixedPolicy(), rounds, "last"), run)
-            except RoundZeroError as exc:
-                return SampleChain(None, describe(exc.__cause__ or exc), usage.to_dict())
+            except Exception as exc:
+                return SampleChain.failed(exc, usage.to_dict())
         return SampleChain(prediction, None, usage.to_dict())
 
     def _sample_chains(
@@ -564,6 +586,7 @@ class MarkovScale(dspy.Module):
         unused: Sequence[SampleChain] = (),
         cancelled: int = 0,
     ) -> ScaledPrediction:
+        _raise_what_must_be_heard(runs)
         keys = _keys(runs)
         winner = plurality_winner(keys)
         if winner is None:
@@ -592,6 +615,21 @@ class MarkovScale(dspy.Module):
         prediction = ScaledPrediction(**outputs, **compat)
         prediction.markovscale = account
         return prediction
+
+
+def _raise_what_must_be_heard(runs: Sequence[SampleChain]) -> None:
+    """A failed chain is a sample that does not vote, unless no other chain can do better: a misconfiguration of
+    this package (a program that returns no Prediction, a missing refiner LM) or an LM failure no retry can mend (a
+    rejected key) is raised, naming the fix."""
+    for run in runs:
+        error = run.exception
+        if error is None:
+            continue
+        if isinstance(error, MarkovScaleError) and not isinstance(error, RoundZeroError):
+            raise error
+        fix = unrecoverable(error)
+        if fix is not None:
+            raise ConfigurationError(f"{run.error}: {fix}") from error
 
 
 def _keys(runs: Sequence[SampleChain]) -> list[Hashable | None]:
