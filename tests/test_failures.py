@@ -78,6 +78,10 @@ def test_max_errors_stops_the_calibration_before_the_rest_is_paid_for():
     assert "10 errors" in message and "max_errors=10" in message and "10x KeyError" in message
     # Stopped at the tenth failure (question #36): about 40 chains of 3 calls ran, not 200.
     assert w.calls <= 40 * 3
+    # What the finished chains measured is not lost with the exception: the partial report counts them.
+    failures = calibrator.report.failures
+    assert failures["round0"]["failed"] == 10 and failures["round0"]["questions"] == calibrator.report.examples
+    assert calibrator.report.examples * 3 >= w.calls - 3 * 10
 
 
 # A missing key against a real loopback server -----------------------------------------------------------------------

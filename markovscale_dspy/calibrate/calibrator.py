@@ -180,7 +180,12 @@ class MarkovCalibrator(Teleprompter):
         guard = RunGuard(self.max_errors or dspy.settings.max_errors)
         records, store_dir = self._observe(refine, examples, rounds, samples, guard)
         _check_metric_scores(records)
-        guard.check(len(examples))
+        try:
+            guard.check(len(examples))
+        except (CalibrationError, ConfigurationError):
+            # what the finished chains measured stays readable (calibrator.report.failures) after a stopped run
+            self.report = self._partial_report(records, rounds, samples, time.perf_counter() - started, store_dir)
+            raise
         model = self._fit(records, rounds, samples)
         model = model.with_round0_failures(_warn_round0_failures(records))
         refine.record_calibration(model, spend=spend_of(records))
@@ -201,6 +206,18 @@ class MarkovCalibrator(Teleprompter):
         self.report = report(valset_result, program.calibration_plan())
         logger.info("MarkovCalibrator: %r", model)
         return program
+
+    def _partial_report(
+        self, records: list[ChainRecord], rounds: int, samples: int, seconds: float, store_dir: str | None
+    ) -> CalibrationReport | None:
+        """The report of a stopped calibration, fitted on the chains it finished (None if none is usable)."""
+        try:
+            model = self._fit(records, rounds, samples).with_round0_failures(
+                sum(r.failure is not None and not r.skipped for r in records)
+            )
+        except (CalibrationError, ValueError):
+            return None
+        return build_report(model, records, rounds, seconds, None, store_dir)
 
     def _fit(self, records: list[ChainRecord], rounds: int, samples: int) -> TransitionModel:
         """The chain (and the vote model, with samples) from the observed chains."""
