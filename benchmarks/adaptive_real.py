@@ -195,6 +195,22 @@ class TaskData:
     failed: np.ndarray  # (questions, 8) bool
     graded: list[list[tuple[bool, str]]]  # per question, what a calibration would fit on (failed samples left out)
     inconsistent: int  # questions where one answer key was graded both correct and wrong
+    vote8: (
+        np.ndarray
+    )  # the labels renamed so that 0 is the 8-vote answer: "correct" becomes "agrees with the vote of 8"
+
+
+def vote8_labels(labels: np.ndarray) -> np.ndarray:
+    """Each question's labels renamed so that its 8-vote answer (plurality, ties to the answer seen first) is 0 and
+    every other answer keeps a distinct label: replaying a rule on them says whether it returns the 8-vote answer."""
+    out = np.zeros_like(labels)
+    for q, row in enumerate(labels.tolist()):
+        order = list(dict.fromkeys(row))
+        counts = [row.count(x) for x in order]
+        winner = order[counts.index(max(counts))]
+        rename = {x: (0 if x == winner else i + 1) for i, x in enumerate(order)}
+        out[q] = [rename[x] for x in row]
+    return out
 
 
 def task_data(name: str, rows: dict[int, dict[str, Any]]) -> TaskData:
@@ -219,7 +235,7 @@ def task_data(name: str, rows: dict[int, dict[str, Any]]) -> TaskData:
             question.append((bool(ok), text))
             labels[q, k] = 0 if ok else wrong.setdefault(text, len(wrong) + 1)
         graded.append(question)
-    return TaskData(name, ordered, labels, failed, graded, inconsistent)
+    return TaskData(name, ordered, labels, failed, graded, inconsistent, vote8_labels(labels))
 
 
 def fit(graded: list[list[tuple[bool, str]]]) -> VoteModel:
@@ -250,24 +266,27 @@ def folds(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def ours_cross_fitted(
     data: TaskData, halves: tuple[np.ndarray, np.ndarray], fit_on: tuple[np.ndarray, np.ndarray] | None = None
-) -> tuple[np.ndarray, np.ndarray, list[VoteModel]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[VoteModel]]:
     """Our rule on every question, decided by the model fitted on the other half (``fit_on``: the questions, with
-    repeats, each half's model is fitted on; default the halves themselves). Returns ``(calls, correct)`` of shape
-    ``(questions, costs)`` and the two models."""
+    repeats, each half's model is fitted on; default the halves themselves). Returns ``(calls, correct, agrees
+    with the 8-vote answer)`` of shape ``(questions, costs)`` and the two models."""
     n = len(data.labels)
     calls = np.zeros((n, len(COSTS)))
     correct = np.zeros((n, len(COSTS)))
+    agree = np.zeros((n, len(COSTS)))
     fit_on = fit_on or halves
     models = []
     for test, train in ((halves[1], fit_on[0]), (halves[0], fit_on[1])):
         model = fit([data.graded[i] for i in train])
         models.append(model)
         prior = VotePrior.from_model(model)
-        p = Prefixes.of(data.labels[test])
+        p, p8 = Prefixes.of(data.labels[test]), Prefixes.of(data.vote8[test])
         for j, c in enumerate(COSTS):
-            o = replay_ours(p, prior, c)
-            calls[test, j], correct[test, j] = o.calls, o.correct
-    return calls, correct, models
+            o, o8 = replay_ours(p, prior, c), replay_ours(p8, prior, c)
+            if not np.array_equal(o.calls, o8.calls):
+                raise AssertionError("renaming the answers changed our rule's calls")
+            calls[test, j], correct[test, j], agree[test, j] = o.calls, o.correct, o8.correct
+    return calls, correct, agree, models
 
 
 def curves_of(calls: np.ndarray, correct: np.ndarray, weights: np.ndarray | None = None) -> dict[str, Any]:
@@ -290,7 +309,7 @@ def library_check(data: TaskData, halves: tuple[np.ndarray, np.ndarray], costs: 
     from markovscale_dspy.core.voting import plurality_winner
     from markovscale_dspy.refine.adaptive import VoteStopper
 
-    calls_v, correct_v, _ = ours_cross_fitted(data, halves)
+    calls_v, correct_v, _, _ = ours_cross_fitted(data, halves)
     out = {}
     for cost in costs:
         j = COSTS.index(cost)
@@ -325,12 +344,39 @@ def analyse_task(data: TaskData, *, bootstrap: int, seed: int, fold_seeds: int) 
     halves = folds(n, seed)
     p = Prefixes.of(data.labels)
     peers = peer_outcomes(p)
+    peers8 = peer_outcomes(Prefixes.of(data.vote8))
     peer_calls = np.stack([o.calls for o in peers], axis=1).astype(float)
     peer_correct = np.stack([o.correct for o in peers], axis=1).astype(float)
-    ours_calls, ours_correct, models = ours_cross_fitted(data, halves)
+    peer_agree = np.stack([o.correct for o in peers8], axis=1).astype(float)
+    if not np.array_equal(peer_calls, np.stack([o.calls for o in peers8], axis=1)):
+        raise AssertionError("renaming the answers changed a peer's calls")
+    ours_calls, ours_correct, ours_agree, models = ours_cross_fitted(data, halves)
     calls = np.hstack([peer_calls, ours_calls])
     correct = np.hstack([peer_correct, ours_correct])
+    agree = np.hstack([peer_agree, ours_agree])
     point = criteria(curves_of(calls, correct))
+    cols = settings()
+    head = [("ours", 0.0), ("ac", AC_DEFAULT), ("its_hub", AC_DEFAULT)] + [("esc", float(w)) for w in ESC_WINDOWS[1:]]
+    head_idx = [cols.index(h) for h in head]
+
+    def headline(c: np.ndarray, a: np.ndarray, g: np.ndarray, w: np.ndarray | None) -> list[dict[str, float]]:
+        def mean(x: np.ndarray) -> float:
+            return float(x.mean() if w is None else w @ x / w.sum())
+
+        base = head_idx[0]
+        return [
+            {
+                "calls": mean(c[:, j]),
+                "accuracy": mean(a[:, j]),
+                "agree": mean(g[:, j]),
+                "calls_minus_ours": mean(c[:, j] - c[:, base]),
+                "accuracy_minus_ours": mean(a[:, j] - a[:, base]),
+            }
+            for j in head_idx
+        ]
+
+    head_point = headline(calls, correct, agree, None)
+    head_reps = []
 
     # Paired bootstrap over questions: each half resampled on its own, both vote models refitted on the resample.
     rng = np.random.default_rng([seed, 77])
@@ -338,12 +384,14 @@ def analyse_task(data: TaskData, *, bootstrap: int, seed: int, fold_seeds: int) 
     for _ in range(bootstrap):
         fit_on = tuple(rng.choice(h, size=len(h), replace=True) for h in halves)
         weights = np.bincount(np.concatenate(fit_on), minlength=n).astype(float)
-        oc, oa, _ = ours_cross_fitted(data, halves, fit_on)
+        oc, oa, og, _ = ours_cross_fitted(data, halves, fit_on)
         c = np.hstack([peer_calls, oc])
         a = np.hstack([peer_correct, oa])
+        g = np.hstack([peer_agree, og])
         cur = curves_of(c, a, weights)
-        rep_curves.append(cur)
+        rep_curves.append((cur, curves_of(c, g, weights)))
         reps.append(criteria(cur))
+        head_reps.append(headline(c, a, g, weights))
     se: dict[str, Any] = {
         "a": {k: _se([r["a"][k] for r in reps]) for k in point["a"]},
         "a_single": {k: _se([r["a_single"][k] for r in reps]) for k in point["a_single"]},
@@ -363,32 +411,44 @@ def analyse_task(data: TaskData, *, bootstrap: int, seed: int, fold_seeds: int) 
         se["b"][peer] = {"calls": calls_se, "accuracy": acc_se}
         b["verdicts"] = [_point_verdict(*v) for v in zip(b["calls"], calls_se, b["accuracy"], acc_se, strict=True)]
     # SEs of every curve point (calls and accuracy), and of each point's accuracy minus fixed voting (linear) there.
-    cur = curves_of(calls, correct)
+    cur, cur8 = curves_of(calls, correct), curves_of(calls, agree)
     fixed_c, fixed_a = cur["fixed"]
     curve_rows: dict[str, list[dict[str, float]]] = {}
     for rule, (xs, ys) in cur.items():
-        knobs = [k for r, k in settings() if r == rule]
+        knobs = [k for r, k in cols if r == rule]
         rows = []
         for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
             gap = [
-                float(rc[rule][1][i] - np.interp(rc[rule][0][i], rc["fixed"][0], rc["fixed"][1])) for rc in rep_curves
+                float(rc[rule][1][i] - np.interp(rc[rule][0][i], rc["fixed"][0], rc["fixed"][1]))
+                for rc, _ in rep_curves
             ]
             rows.append(
                 {
                     "knob": float(knobs[i]),
                     "calls": float(x),
                     "accuracy": float(y),
-                    "calls_se": _se([float(rc[rule][0][i]) for rc in rep_curves]),
-                    "accuracy_se": _se([float(rc[rule][1][i]) for rc in rep_curves]),
+                    "calls_se": _se([float(rc[rule][0][i]) for rc, _ in rep_curves]),
+                    "accuracy_se": _se([float(rc[rule][1][i]) for rc, _ in rep_curves]),
                     "minus_fixed": float(y - np.interp(x, fixed_c, fixed_a)),
                     "minus_fixed_se": _se(gap),
+                    "agree": float(cur8[rule][1][i]),
+                    "agree_se": _se([float(r8[rule][1][i]) for _, r8 in rep_curves]),
                 }
             )
         curve_rows[rule] = rows
+    head_rows = [
+        {
+            "rule": rule,
+            "knob": knob,
+            **pt,
+            **{f"{k}_se": _se([hr[i][k] for hr in head_reps]) for k in pt},
+        }
+        for i, ((rule, knob), pt) in enumerate(zip(head, head_point, strict=True))
+    ]
     # How much the verdicts move with the random split into halves (point estimates, no bootstrap).
     split = []
     for s in range(fold_seeds):
-        oc, oa, _ = ours_cross_fitted(data, folds(n, 1000 + s))
+        oc, oa, _, _ = ours_cross_fitted(data, folds(n, 1000 + s))
         crit = criteria(curves_of(np.hstack([peer_calls, oc]), np.hstack([peer_correct, oa])))
         split.append(
             {
@@ -418,6 +478,7 @@ def analyse_task(data: TaskData, *, bootstrap: int, seed: int, fold_seeds: int) 
         "criteria": point,
         "se": se,
         "curves": curve_rows,
+        "headline": head_rows,
         "split_sensitivity": split,
         "library_check": check,
         "bootstrap": bootstrap,
@@ -490,18 +551,40 @@ def task_markdown(r: dict[str, Any]) -> list[str]:
         "### Curves (accuracy against mean calls; knob values with identical outcomes merged)",
         "",
         "`− fixed` is the point's accuracy minus fixed voting's at the same mean calls (linear between vote sizes), "
-        "paired. ± are bootstrap SEs.",
+        "paired; `= vote of 8` is the share of questions on which the rule returns the answer the vote of all 8 "
+        "samples returns. ± are bootstrap SEs.",
         "",
-        "| rule | knob | mean calls | accuracy | − fixed (points) |",
-        "|---|---|---|---|---|",
+        "| rule | knob | mean calls | accuracy | − fixed (points) | = vote of 8 |",
+        "|---|---|---|---|---|---|",
     ]
     for rule in RULES:
         for lo, hi, p in _collapse(r["curves"][rule]):
             lines.append(
                 f"| {TITLES[rule]} | {KNOB[rule]} {_knob(rule, lo, hi)} | {p['calls']:.2f} ± {p['calls_se']:.2f} | "
                 f"{100 * p['accuracy']:.1f}% ± {100 * p['accuracy_se']:.1f} | "
-                f"{_pm(p['minus_fixed'], p['minus_fixed_se']) if rule != 'fixed' else ''} |"
+                f"{_pm(p['minus_fixed'], p['minus_fixed_se']) if rule != 'fixed' else ''} | "
+                f"{100 * p['agree']:.1f}% ± {100 * p['agree_se']:.1f} |"
             )
+    lines += [
+        "",
+        "### Our rule at call_cost 0 against the peers' fixed settings (paired, per question)",
+        "",
+        "At `call_cost=0` our rule stops only when the remaining samples cannot change the plurality answer, so it "
+        "returns the 8-vote answer on every question whatever the vote model (the fit plays no part). `peer − ours`: "
+        "paired differences of mean calls and accuracy, ± bootstrap SE.",
+        "",
+        "| rule | knob | mean calls | peer − ours, calls | accuracy | peer − ours, accuracy (points) | = vote of 8 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for h in r["headline"]:
+        ours = h["rule"] == "ours"
+        lines.append(
+            f"| {TITLES[h['rule']]} | {KNOB[h['rule']]} {h['knob']:g} | {h['calls']:.2f} ± {h['calls_se']:.2f} | "
+            f"{'' if ours else _pm(h['calls_minus_ours'], h['calls_minus_ours_se'], scale=1.0, digits=2)} | "
+            f"{100 * h['accuracy']:.1f}% ± {100 * h['accuracy_se']:.1f} | "
+            f"{'' if ours else _pm(h['accuracy_minus_ours'], h['accuracy_minus_ours_se'])} | "
+            f"{100 * h['agree']:.1f}% ± {100 * h['agree_se']:.1f} |"
+        )
     lines += [
         "",
         "### The issue's criteria",
@@ -530,7 +613,8 @@ def task_markdown(r: dict[str, Any]) -> list[str]:
         "(b) For each swept point of the peer above one call: the peer's mean calls minus ours at the same accuracy "
         "(interpolated on our curve; positive = we need fewer), ± bootstrap SE; verdict by 2 SE; `unreached`: the "
         "peer's accuracy is above our curve's highest point (then our accuracy minus the peer's at the peer's calls "
-        "is shown).",
+        "is shown). `peer at or below one call`: the peer's accuracy there is no better than a single answer's, which "
+        "every rule reaches with one call, so the difference says nothing about stopping.",
         "",
         "| peer | peer knob | peer calls | peer accuracy | peer calls − ours | ours − peer accuracy at its calls | "
         "verdict |",
@@ -547,7 +631,8 @@ def task_markdown(r: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {TITLES[peer]} | {_knob(peer, knobs[i], knobs[i])} | {pc:.2f} | {100 * pa:.1f}% | "
                 f"{_pm(b['calls'][i], bse['calls'][i], scale=1.0, digits=2)} | "
-                f"{_pm(b['accuracy'][i], bse['accuracy'][i])} | {b['verdicts'][i]} |"
+                f"{_pm(b['accuracy'][i], bse['accuracy'][i])} | {b['verdicts'][i]}"
+                f"{' (peer at or below one call)' if pa <= c['acc1'] + 1e-12 else ''} |"
             )
     for peer in ("ac", "esc"):
         w = _b_summary(c["b"][peer])
@@ -585,7 +670,7 @@ def figure(results: list[dict[str, Any]], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    fig, axes = plt.subplots(2, len(results), figsize=(5.5 * len(results), 7.5), squeeze=False)
     style = {
         "fixed": ("k", "o"),
         "ac": ("tab:blue", "."),
@@ -593,28 +678,30 @@ def figure(results: list[dict[str, Any]], path: Path) -> Path | None:
         "esc": ("tab:green", "s"),
         "ours": ("tab:red", "^"),
     }
-    for ax, r in zip(axes.flat, results, strict=True):
-        for rule, (color, marker) in style.items():
-            pts = sorted((p["calls"], p["accuracy"]) for p in r["curves"][rule])
-            ax.plot(
-                [x for x, _ in pts],
-                [100 * y for _, y in pts],
-                "-",
-                color=color,
-                marker=marker,
-                ms=3,
-                lw=1,
-                label=TITLES[rule],
-            )
-        acc8 = r["criteria"]["acc8"]
-        ax.axhline(100 * (acc8 - 0.01), color="grey", lw=0.6, ls=":")
-        se8 = r["se"]["acc8"]
-        ax.axhspan(100 * (acc8 - 1.96 * se8), 100 * (acc8 + 1.96 * se8), color="grey", alpha=0.1, lw=0)
-        ax.set_title(f"{r['task']} ({r['questions']} questions; shaded: 95% interval of vote-8)", fontsize=9)
-        ax.set_xlim(0.8, MAX_CALLS + 0.2)
-        ax.set_xlabel("mean LM calls per question")
-        ax.set_ylabel("accuracy (%)")
-        ax.tick_params(labelsize=8)
+    for col, r in enumerate(results):
+        for row, (key, label) in enumerate((("accuracy", "accuracy (%)"), ("agree", "returns the 8-vote answer (%)"))):
+            ax = axes[row, col]
+            for rule, (color, marker) in style.items():
+                pts = sorted((p["calls"], p[key]) for p in r["curves"][rule])
+                ax.plot(
+                    [x for x, _ in pts],
+                    [100 * y for _, y in pts],
+                    "-",
+                    color=color,
+                    marker=marker,
+                    ms=3,
+                    lw=1,
+                    label=TITLES[rule],
+                )
+            if key == "accuracy":
+                acc8, se8 = r["criteria"]["acc8"], r["se"]["acc8"]
+                ax.axhline(100 * (acc8 - 0.01), color="grey", lw=0.6, ls=":")
+                ax.axhspan(100 * (acc8 - 1.96 * se8), 100 * (acc8 + 1.96 * se8), color="grey", alpha=0.1, lw=0)
+                ax.set_title(f"{r['task']} ({r['questions']} questions; shaded: 95% interval of vote-8)", fontsize=9)
+            ax.set_xlim(0.8, MAX_CALLS + 0.2)
+            ax.set_xlabel("mean LM calls per question")
+            ax.set_ylabel(label)
+            ax.tick_params(labelsize=8)
     axes.flat[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
