@@ -41,6 +41,7 @@ from markovscale_dspy._exceptions import (
     StateError,
 )
 from markovscale_dspy._version import __version__
+from markovscale_dspy.calibrate.calibrator import REPORT_SINKS as _REPORT_SINKS
 from markovscale_dspy.calibrate.calibrator import Calibratable, MarkovCalibrator, fit_chains
 from markovscale_dspy.calibrate.records import ChainRecord
 from markovscale_dspy.calibrate.report import CalibrationReport
@@ -154,3 +155,16 @@ for _name in __all__:
     if _name not in _LAZY and not _name.startswith("__"):
         _publish(globals()[_name])
 del _name
+
+
+def _log_calibration_to_mlflow(calibrator: MarkovCalibrator, report: CalibrationReport) -> None:
+    """Log each calibration to the active MLflow run, when the user runs MLflow (the logger loads only then)."""
+    import sys
+
+    if "mlflow" in sys.modules:
+        from markovscale_dspy.reporting.mlflow import log_calibration
+
+        log_calibration(calibrator, report)
+
+
+_REPORT_SINKS.append(_log_calibration_to_mlflow)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import dspy
 
-__all__ = ["Usage", "measure_usage", "price_of", "record_cost", "register_price"]
+__all__ = ["Usage", "detach_meter", "measure_usage", "price_of", "record_cost", "register_price"]
 
 
 @dataclass
@@ -148,6 +148,11 @@ def record_cost(model: str, dollars: float | None) -> None:
     meter = _meter.get()
     if meter is not None:
         meter.add(model, dollars)
+
+
+def detach_meter() -> None:
+    """Leave the enclosing :func:`measure_usage` blocks of this context (a worker thread counts its own calls)."""
+    _meter.set(None)
 
 
 @contextmanager

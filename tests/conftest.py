@@ -10,6 +10,9 @@ from helpers import calibrated_model, refine, world
 
 from markovscale_dspy import MarkovCalibrator
 
+# A script the tracing tests run in processes of their own (it parses its command line on import).
+collect_ignore = ["tracing_session.py"]
+
 
 @pytest.fixture(autouse=True)
 def private_trace_store(tmp_path, monkeypatch):

@@ -204,9 +204,11 @@ def test_concurrent_waves_keep_the_sequential_rules_calls_and_speculation_cancel
             runs = [asyncio.run(speculative.acall(**question(i))) for i in range(6)]
             stats = server.stats()
             launched = sum(p.markovscale.calls + p.markovscale.cancelled for p in runs)
-            # what the server answered is what was paid (voting or not); a cancelled chain was never answered: it
-            # ended early at the server, or never reached it
-            assert stats["completed"] == sum(p.markovscale.calls for p in runs)
+            # Every paid call was answered by the server; a cancelled chain ended early at the server, never reached
+            # it, or (a race under load: the server had just sent its answer) was answered but not read -- a provider
+            # bills that one too, so the server's count lies between the paid calls and all launched ones.
+            paid = sum(p.markovscale.calls for p in runs)
+            assert paid <= stats["completed"] <= launched
             assert stats["completed"] + stats["ended_early"] <= launched
             for i, pred in enumerate(runs):
                 voting = sum(u["calls"] for u in pred.markovscale.usage)

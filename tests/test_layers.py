@@ -31,8 +31,18 @@ CORE = {
     "planner": 4,
 }
 FOLDERS = {"core": None, "refine": 5, "integrations": 5, "calibrate": 6, "evaluate": 7, "reporting": 8}
-# usage: the meter (calls, tokens, dollars), the ground floor of everything that calls an LM.
-TOP = {"_exceptions": -1, "_version": -1, "_warnings": -1, "usage": 4.5, "testing": 5, "cli": 9, "__init__": 10}
+# usage: the meter (calls, tokens, dollars), the ground floor of everything that calls an LM; tracing: spans and
+# attributes for the user's tracer, and their context carried into worker threads.
+TOP = {
+    "_exceptions": -1,
+    "_version": -1,
+    "_warnings": -1,
+    "usage": 4.5,
+    "tracing": 4.6,
+    "testing": 5,
+    "cli": 9,
+    "__init__": 10,
+}
 # Where a layer is shared by several modules of one folder, their order inside it.
 WITHIN = {
     "integrations/routing": -0.25,  # the Router engine: below lms, which builds router LMs

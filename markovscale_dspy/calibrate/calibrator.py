@@ -28,10 +28,12 @@ from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.statistics import PARTIAL_SCORE, binomial_interval, score_to_label
 from markovscale_dspy.core.validation import check_callable, check_int, check_number, check_prior
 from markovscale_dspy.core.voting import VoteModel
+from markovscale_dspy.integrations.mlflow import follow_autolog
 from markovscale_dspy.refine.logprobs import LOGPROBS_FIELD
 from markovscale_dspy.refine.loop import describe, error_kind, unrecoverable
 from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine
 from markovscale_dspy.refine.sampling import MAX_SAMPLES, fresh_sample, has_pinned_lm, sample_rollout
+from markovscale_dspy.tracing import carry_context, span
 from markovscale_dspy.usage import Usage, measure_usage
 
 __all__ = ["MarkovCalibrator", "fit_chains"]
@@ -178,7 +180,9 @@ class MarkovCalibrator(Teleprompter):
         program = student.deepcopy()  # the student stays untouched
         refine = program.chain_module()
         guard = RunGuard(self.max_errors or dspy.settings.max_errors)
-        records, store_dir = self._observe(refine, examples, rounds, samples, guard)
+        # Where the user traces what optimizers run, the whole calibration is one trace with a span per chain.
+        with span("MarkovCalibrator.compile", lambda: {"examples": len(examples), "rounds": rounds}, root="compile"):
+            records, store_dir = self._observe(refine, examples, rounds, samples, guard)
         _check_metric_scores(records)
         try:
             guard.check(len(examples))
@@ -205,6 +209,7 @@ class MarkovCalibrator(Teleprompter):
             )
         self.report = report(valset_result, program.calibration_plan())
         logger.info("MarkovCalibrator: %r", model)
+        _publish(self, self.report)
         return program
 
     def _partial_report(
@@ -306,11 +311,13 @@ class MarkovCalibrator(Teleprompter):
         def work(job: tuple[int, dspy.Example, int | None]) -> Any:
             index, example, sample = job
             if sample is None:
-                return self._chain(run, rounds, index, example)
-            return self._sample(run, index, example, sample)
+                with span(f"chain {index}", lambda: {"chain": index}):
+                    return self._chain(run, rounds, index, example)
+            with span(f"sample {sample} of chain {index}", lambda: {"chain": index, "sample": sample}):
+                return self._sample(run, index, example, sample)
 
         try:
-            results = executor.execute(work, jobs)
+            results = executor.execute(carry_context(work), jobs)
         finally:
             if store is not None:
                 store.close()
@@ -482,6 +489,20 @@ class MarkovCalibrator(Teleprompter):
                     guard.error(f"metric: {describe(exc)}")
             record.labels.append(label)
         record.usage = usage.to_dict()
+
+
+#: Called with ``(calibrator, report)`` after each calibration. The package registers its MLflow logger here
+#: (``markovscale_dspy/__init__.py``), so this layer never imports the layers that render reports.
+REPORT_SINKS: list[Callable[[MarkovCalibrator, CalibrationReport], Any]] = []
+
+
+def _publish(calibrator: MarkovCalibrator, report: CalibrationReport) -> None:
+    """Hand the report to every sink; a sink that fails is said, and the calibration is kept."""
+    for sink in REPORT_SINKS:
+        try:
+            sink(calibrator, report)
+        except Exception as exc:
+            logger.warning("MarkovCalibrator: the calibration could not be logged by %s: %s", sink, describe(exc))
 
 
 #: Why a chain or sample did not run: the calibration had already stopped.
@@ -727,7 +748,9 @@ def _evaluate(
         except Exception as exc:
             return describe(exc)
 
-    outcomes = [r if isinstance(r, (tuple, str)) else f"executor: {r!r}" for r in executor.execute(run, examples)]
+    outcomes = [
+        r if isinstance(r, (tuple, str)) else f"executor: {r!r}" for r in executor.execute(carry_context(run), examples)
+    ]
     answered = [r for r in outcomes if isinstance(r, tuple)]
     errors = Counter(r for r in outcomes if isinstance(r, str))
     n, correct = len(outcomes), sum(ok for ok, _ in answered)
@@ -740,3 +763,8 @@ def _evaluate(
         "failed": sum(errors.values()),
         "errors": dict(errors.most_common(3)),
     }
+
+
+# MLflow's DSPy autolog patches the optimizers that exist when it runs: if it ran before this module was imported,
+# extend it to MarkovCalibrator now (a no-op when MLflow is not loaded).
+follow_autolog()

@@ -21,6 +21,7 @@ from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.policies import Decision, evidence_for
 from markovscale_dspy.core.theory import TIE_TOLERANCE
 from markovscale_dspy.refine.loop import Call, ChainState, Outcome
+from markovscale_dspy.tracing import carry_context
 
 __all__ = ["BudgetResult", "allocate"]
 
@@ -75,7 +76,7 @@ def allocate(
         num_threads=num_threads, max_errors=len(states) + 1, disable_progress_bar=not display_progress
     )
     threads = first.num_threads
-    outcomes = first.execute(lambda s: call(Call(0, dict(s.inputs))), states)
+    outcomes = first.execute(carry_context(lambda s: call(Call(0, dict(s.inputs)))), states)
     alive, errors = [], {}
     for i, (state, outcome) in enumerate(zip(states, outcomes, strict=True)):
         try:
@@ -109,7 +110,7 @@ def allocate(
                 }
             )
         executor = ParallelExecutor(num_threads=threads, max_errors=len(chosen) + 1, disable_progress_bar=True)
-        results = executor.execute(lambda i: call(states[i].next_call()), chosen)
+        results = executor.execute(carry_context(lambda i: call(states[i].next_call())), chosen)
         for i, result in zip(chosen, results, strict=True):
             states[i].record(_outcome(result), Decision(True, "budget", {"gain": gains[i]}))
             gains[i] = gain_of(i)

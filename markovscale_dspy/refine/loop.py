@@ -11,7 +11,9 @@ module, which keeps ``MarkovRefine.forward`` free of mutation and thread-safe. E
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable, Generator, Hashable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -22,6 +24,8 @@ from markovscale_dspy._warnings import warn
 from markovscale_dspy.core.answers import default_answer_key, is_empty_answer
 from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.policies import Decision, Policy, RoundContext, evidence_for, observations_of
+from markovscale_dspy.tracing import span
+from markovscale_dspy.usage import Usage
 
 __all__ = [
     "SELECT_MODES",
@@ -63,10 +67,17 @@ class Outcome:
     confidence: float | None = None
 
 
+#: A URL, or an IP address or ``localhost`` with or without a port: where an LM server is, not what went wrong.
+_ENDPOINT = re.compile(
+    r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>()]+|\b(?:localhost|\d{1,3}(?:\.\d{1,3}){3})(?::\d{1,5})?\b", re.IGNORECASE
+)
+
+
 def describe(error: BaseException) -> str:
-    """``Type: first line of the message`` (short enough for trajectories and reports)."""
+    """``Type: first line of the message`` (short enough for trajectories and reports), with endpoints replaced by
+    ``<endpoint>``: the text is kept in outputs, traces and reports, where a server's address does not belong."""
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+    return f"{type(error).__name__}: {_ENDPOINT.sub('<endpoint>', text[0])[:200]}" if text else type(error).__name__
 
 
 class RoundEntry(TypedDict, total=False):
@@ -390,21 +401,86 @@ def run_chain(
         state.record((yield state.next_call()), decision)
 
 
-def drive(chain: Generator[Call, Outcome, Any], run: Callable[[Call], Outcome]) -> Any:
-    """Run ``chain`` to its end with ``run(call) -> Outcome``; returns what the chain returns."""
-    try:
-        call = next(chain)
-        while True:
-            call = chain.send(run(call))
-    except StopIteration as stop:
-        return stop.value
+def drive(
+    chain: Generator[Call, Outcome, Any],
+    run: Callable[[Call], Outcome],
+    observe: Callable[[Call], AbstractContextManager] | None = None,
+) -> Any:
+    """Run ``chain`` to its end with ``run(call) -> Outcome``; returns what the chain returns.
+
+    ``observe(call)``, if given, is entered around each call and the chain's handling of its outcome (a tracer's
+    span for the round, which then sees the round's entry complete).
+    """
+    call = next(chain)
+    while True:
+        with observe(call) if observe is not None else nullcontext():
+            outcome = run(call)
+            try:
+                call = chain.send(outcome)
+            except StopIteration as stop:
+                return stop.value
 
 
-async def adrive(chain: Generator[Call, Outcome, Any], run: Callable[[Call], Awaitable[Outcome]]) -> Any:
+async def adrive(
+    chain: Generator[Call, Outcome, Any],
+    run: Callable[[Call], Awaitable[Outcome]],
+    observe: Callable[[Call], AbstractContextManager] | None = None,
+) -> Any:
     """Async twin of :func:`drive`: ``run`` is awaited."""
-    try:
-        call = next(chain)
-        while True:
-            call = chain.send(await run(call))
-    except StopIteration as stop:
-        return stop.value
+    call = next(chain)
+    while True:
+        with observe(call) if observe is not None else nullcontext():
+            outcome = await run(call)
+            try:
+                call = chain.send(outcome)
+            except StopIteration as stop:
+                return stop.value
+
+
+def traced_rounds(state: ChainState) -> Callable[[Call], AbstractContextManager]:
+    """For :func:`drive`: a span per round of ``state``'s chain in the user's tracer, with what the round did."""
+
+    def observe(call: Call) -> AbstractContextManager:
+        name = f"round {call.round}: {'program' if call.round == 0 else 'refine'}"
+        return span(name, lambda: round_attributes(state, call.round))
+
+    return observe
+
+
+def round_attributes(state: ChainState, index: int) -> dict[str, Any]:
+    """What a tracer's span of round ``index`` says about it (see :mod:`markovscale_dspy.tracing`)."""
+    if index >= len(state.trajectory):
+        return {"round": index}
+    entry = state.trajectory[index]
+    usage = entry.get("usage") or {}
+    out: dict[str, Any] = {
+        "round": index,
+        "decision": entry.get("decision"),
+        "error_kind": entry.get("error_kind"),
+        "confidence": entry.get("confidence"),
+        "belief": entry.get("belief"),
+        "calls": usage.get("calls"),
+        "cost": usage.get("cost"),
+    }
+    if index > 0:
+        out["answer_changed"] = None if entry.get("error") else state.keys[index] != state.keys[index - 1]
+    return out
+
+
+def account_attributes(account: RefineAccount, policy: str) -> dict[str, Any]:
+    """What a tracer's span of a whole refinement says: the policy, why it stopped, what it cost."""
+    total = Usage()
+    for entry in account.trajectory:
+        total = total + Usage.from_dict(entry.get("usage"))
+    return {
+        "policy": policy,
+        "rounds": account.rounds,
+        "stop_reason": account.stop_reason,
+        "selected_round": account.selected_round,
+        "failed_rounds": account.failed_rounds,
+        "belief": account.belief,
+        "calls": total.calls,
+        "prompt_tokens": total.prompt_tokens,
+        "completion_tokens": total.completion_tokens,
+        "cost": total.cost,
+    }

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import threading
+import types
 import weakref
 from collections.abc import Generator, Sequence
 from pathlib import Path
@@ -24,7 +25,18 @@ from markovscale_dspy.core.policies import Abstain, BeliefPolicy, FixedPolicy, P
 from markovscale_dspy.core.validation import check_callable, check_int, check_number
 from markovscale_dspy.refine.budget import BudgetResult, allocate
 from markovscale_dspy.refine.logprobs import LOGPROBS_FIELD, answer_confidence
-from markovscale_dspy.refine.loop import SELECT_MODES, Call, ChainState, Outcome, adrive, describe, drive, run_chain
+from markovscale_dspy.refine.loop import (
+    SELECT_MODES,
+    Call,
+    ChainState,
+    Outcome,
+    account_attributes,
+    adrive,
+    describe,
+    drive,
+    run_chain,
+    traced_rounds,
+)
 from markovscale_dspy.refine.sampling import ROLLOUT_STRIDE, compose_rollout
 from markovscale_dspy.refine.signatures import answer_fields, infer_signature, refinement_signature, uses_reasoning
 from markovscale_dspy.refine.state import (
@@ -34,6 +46,7 @@ from markovscale_dspy.refine.state import (
     read_state_file,
     scrub_lm_state,
 )
+from markovscale_dspy.tracing import annotate, span
 from markovscale_dspy.usage import measure_usage
 
 __all__ = ["MarkovRefine"]
@@ -174,7 +187,7 @@ class MarkovRefine(dspy.Module):
         refine_sig = refinement_signature(task, instructions)
         self.refiner = dspy.ChainOfThought(refine_sig) if uses_reasoning(program) else dspy.Predict(refine_sig)
         # The refiner is ours: its saved state drops endpoints and keys even when a parent program saves it.
-        _refiner_predict(self.refiner).__class__ = ScrubbedPredict
+        _scrub_saved_state(_refiner_predict(self.refiner))
         self.markov = MarkovState(list(task.input_fields), self.answer_fields)
 
     # Learned state -----------------------------------------------------------------------------------------------
@@ -311,22 +324,26 @@ class MarkovRefine(dspy.Module):
     def forward(self, **inputs: Any) -> dspy.Prediction:
         """Answer ``inputs`` with round 0 plus as many refinement rounds as the policy allows."""
         policy = self._effective_policy()
-        return drive(self._chain(inputs, policy, self.max_rounds, _select_for(policy, self.select)), self._call)
+        state, chain = self._chain(inputs, policy, self.max_rounds, _select_for(policy, self.select))
+        return self._annotated(drive(chain, self._call, traced_rounds(state)), policy)
 
     async def aforward(self, **inputs: Any) -> dspy.Prediction:
         """Async twin of :meth:`forward`."""
         policy = self._effective_policy()
-        return await adrive(self._chain(inputs, policy, self.max_rounds, _select_for(policy, self.select)), self._acall)
+        state, chain = self._chain(inputs, policy, self.max_rounds, _select_for(policy, self.select))
+        return self._annotated(await adrive(chain, self._acall, traced_rounds(state)), policy)
 
     def run_chain(self, rounds: int, **inputs: Any) -> dspy.Prediction:
         """Run round 0 and exactly ``rounds`` refinement rounds, with no early stopping (used for calibration)."""
         check_int("rounds", rounds, 0, MAX_ROUNDS_LIMIT)
-        return drive(self._chain(inputs, FixedPolicy(), rounds, select="last"), self._call)
+        state, chain = self._chain(inputs, FixedPolicy(), rounds, select="last")
+        return drive(chain, self._call, traced_rounds(state))
 
     async def arun_chain(self, rounds: int, **inputs: Any) -> dspy.Prediction:
         """Async twin of :meth:`run_chain`."""
         check_int("rounds", rounds, 0, MAX_ROUNDS_LIMIT)
-        return await adrive(self._chain(inputs, FixedPolicy(), rounds, select="last"), self._acall)
+        state, chain = self._chain(inputs, FixedPolicy(), rounds, select="last")
+        return await adrive(chain, self._acall, traced_rounds(state))
 
     def replay(self, recorded: dspy.Prediction, **inputs: Any) -> dspy.Prediction:
         """What this module would have answered, read off a longer recorded chain instead of calling the LM.
@@ -363,7 +380,8 @@ class MarkovRefine(dspy.Module):
             return Outcome(None if error else dspy.Prediction(**entry["outputs"]), error, entry.get("usage"))
 
         policy = self._effective_policy()
-        return drive(self._chain(inputs, policy, self.max_rounds, _select_for(policy, self.select)), read)
+        _, chain = self._chain(inputs, policy, self.max_rounds, _select_for(policy, self.select))
+        return drive(chain, read)
 
     def answer_with_budget(
         self, examples: Sequence[Any], *, budget: int, num_threads: int | None = None, display_progress: bool = False
@@ -393,17 +411,28 @@ class MarkovRefine(dspy.Module):
         ]
         for state in states:
             self._check_inputs(state.inputs)
-        return allocate(
-            states,
-            model,
-            self.max_rounds,
-            self.stopping_cost(),
-            budget,
-            self._call,
-            num_threads,
-            self.select,
-            display_progress,
-        )
+        result: list[BudgetResult] = []
+
+        def attributes() -> dict[str, Any]:
+            done = {"questions": len(states), "budget": budget}
+            return {**done, "spent": result[0].spent, "failed": len(result[0].errors)} if result else done
+
+        # Not a module call, so no tracer opened a span for it: one trace for the whole batch.
+        with span("MarkovRefine.answer_with_budget", attributes, root="call"):
+            result.append(
+                allocate(
+                    states,
+                    model,
+                    self.max_rounds,
+                    self.stopping_cost(),
+                    budget,
+                    self._call,
+                    num_threads,
+                    self.select,
+                    display_progress,
+                )
+            )
+        return result[0]
 
     def _effective_policy(self) -> Policy:
         policy = resolve_policy(self.policy)
@@ -461,11 +490,20 @@ class MarkovRefine(dspy.Module):
 
     def _chain(
         self, inputs: dict[str, Any], policy: Policy, max_rounds: int, select: str | None = None
-    ) -> Generator[Call, Outcome, Any]:
+    ) -> tuple[ChainState, Generator[Call, Outcome, Any]]:
+        """A question's chain state and the loop that drives it."""
         self._check_inputs(inputs)
         state = ChainState(dict(inputs), self.answer_fields, self.answer_key or default_answer_key)
         cost = self.stopping_cost() if policy.requires_model else self.round_cost
-        return run_chain(state, policy, self.model, max_rounds, cost, select or self.select)
+        return state, run_chain(state, policy, self.model, max_rounds, cost, select or self.select)
+
+    def _annotated(self, prediction: dspy.Prediction, policy: Policy) -> dspy.Prediction:
+        """The prediction, after telling the user's tracer (the module's span) how the refinement went."""
+        name = self.policy if isinstance(self.policy, str) else type(self.policy).__name__
+        if isinstance(policy, Abstain):
+            name = f"{name} (abstained: {policy.reason})"
+        annotate(account_attributes(prediction.markovscale, name))
+        return prediction
 
     def _refiner_lm(self) -> tuple[Any, Any]:
         """``(lm to pass, lm that will answer)`` for refinement rounds.
@@ -586,11 +624,18 @@ class MarkovRefine(dspy.Module):
         return self._outcome(prediction, error, usage.to_dict())
 
 
-class ScrubbedPredict(dspy.Predict):
-    """A Predict whose saved state never holds an LM endpoint or key, whoever saves it."""
+def _scrub_saved_state(predict: dspy.Predict) -> None:
+    """Make ``predict``'s saved state drop LM endpoints and keys, whoever saves it.
 
-    def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
-        return scrub_lm_state(super().dump_state(json_mode=json_mode))
+    Set on the instance rather than by a subclass: OpenTelemetry's DSPy instrumentor wraps every direct subclass of
+    ``dspy.Predict`` by its name in ``dspy``, and fails (leaving DSPy half-instrumented) on one defined elsewhere.
+    A deep copy of the predictor copies the bound method with it, bound to the copy.
+    """
+    predict.dump_state = types.MethodType(_scrubbed_dump_state, predict)
+
+
+def _scrubbed_dump_state(predict: dspy.Predict, json_mode: bool = True) -> dict[str, Any]:
+    return scrub_lm_state(dspy.Predict.dump_state(predict, json_mode=json_mode))
 
 
 _warned_about: weakref.WeakSet = weakref.WeakSet()

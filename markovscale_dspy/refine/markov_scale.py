@@ -29,6 +29,7 @@ from markovscale_dspy.refine.loop import (
     adrive,
     describe,
     drive,
+    traced_rounds,
     unrecoverable,
 )
 from markovscale_dspy.refine.markov_refine import MarkovRefine
@@ -42,6 +43,7 @@ from markovscale_dspy.refine.sampling import (
     sample_rollout,
 )
 from markovscale_dspy.refine.state import MarkovState, load_into, read_state_file, scrub_lm_state
+from markovscale_dspy.tracing import annotate, carry_context, span
 from markovscale_dspy.usage import Usage, measure_usage
 
 __all__ = ["MarkovScale", "SampleChain", "ScaleAccount", "ScaledPrediction"]
@@ -73,7 +75,8 @@ class ScaleAccount:
             vote model), ``gain`` (what going on was expected to add, net of its cost) and ``budget`` (chains the
             plan allowed).
         unused: With ``speculate``, the usage of chains that answered after the vote was decided (paid, no vote).
-        cancelled: With ``speculate``, chains cancelled in flight before they answered (not paid for an answer).
+        cancelled: With ``speculate``, chains cancelled in flight before their answer was read (not counted as paid:
+            a provider that had already sent the answer when the request was cancelled may still bill it).
     """
 
     plan: str
@@ -348,30 +351,36 @@ class MarkovScale(dspy.Module):
     def forward(self, **inputs: Any) -> ScaledPrediction:
         """Answer ``inputs`` with the planned strategy."""
         strategy, reason, predicted = self._choice()
-        return self._run(strategy, reason, predicted, inputs)
+        return _annotated(self._run(strategy, reason, predicted, inputs))
 
     async def aforward(self, **inputs: Any) -> ScaledPrediction:
         """Async twin of :meth:`forward`."""
         strategy, reason, predicted = self._choice()
-        return await self._arun(strategy, reason, predicted, inputs)
+        return _annotated(await self._arun(strategy, reason, predicted, inputs))
 
     def run_strategy(self, samples: int, rounds: int, **inputs: Any) -> ScaledPrediction:
         """Run all ``samples`` chains of ``rounds`` refinement rounds and vote, whatever the plan says and without
         stopping early (what :meth:`replay` reads adaptive runs off)."""
         strategy = self._strategy(samples, rounds)
-        return self._run(strategy, "requested", self._predicted_for(strategy), inputs, adaptive=False)
+        with span("MarkovScale.run_strategy", root="call"):  # not a module call: no tracer opened a span for it
+            return _annotated(self._run(strategy, "requested", self._predicted_for(strategy), inputs, adaptive=False))
 
     async def arun_strategy(self, samples: int, rounds: int, **inputs: Any) -> ScaledPrediction:
         """Async twin of :meth:`run_strategy`."""
         strategy = self._strategy(samples, rounds)
-        return await self._arun(strategy, "requested", self._predicted_for(strategy), inputs, adaptive=False)
+        with span("MarkovScale.arun_strategy", root="call"):
+            return _annotated(
+                await self._arun(strategy, "requested", self._predicted_for(strategy), inputs, adaptive=False)
+            )
 
     def run_samples(self, rounds: Sequence[int], **inputs: Any) -> list[SampleChain]:
         """Independent chains from fresh samples ``j = 0, 1, ...``, chain ``j`` refined ``rounds[j]`` rounds, and no
         vote: the raw material of every vote and hybrid strategy (the strategy ``n x T`` is the vote over chains
         ``0..n-1`` at round ``T``, exactly as :meth:`run_strategy` draws it)."""
         self.refine._check_inputs(inputs)
-        return self._sample_chains([check_int("rounds", r, 0, MAX_SAMPLES) for r in rounds], dict(inputs))
+        rounds = [check_int("rounds", r, 0, MAX_SAMPLES) for r in rounds]
+        with span("MarkovScale.run_samples", root="call"):
+            return self._sample_chains(rounds, dict(inputs))
 
     def _strategy(self, samples: int, rounds: int) -> Strategy:
         check_int("samples", samples, 1, MAX_SAMPLES)
@@ -539,9 +548,10 @@ class MarkovScale(dspy.Module):
                 return fresh_sample(self.program, call.kwargs, pinned=pinned, **self._sampling(index))
             return self.refine._call(call, outer=outer, refiner=refiner)
 
-        with measure_usage() as usage:
+        with measure_usage() as usage, span(f"chain {index}", lambda: {"chain": index, "rounds": rounds}):
             try:
-                prediction = drive(self.refine._chain(inputs, FixedPolicy(), rounds, "last"), run)
+                state, chain = self.refine._chain(inputs, FixedPolicy(), rounds, "last")
+                prediction = drive(chain, run, traced_rounds(state))
             except Exception as exc:
                 return SampleChain.failed(exc, usage.to_dict())
         return SampleChain(prediction, None, usage.to_dict())
@@ -558,9 +568,10 @@ class MarkovScale(dspy.Module):
                 return await afresh_sample(self.program, call.kwargs, pinned=pinned, **self._sampling(index))
             return await self.refine._acall(call, outer=outer, refiner=refiner)
 
-        with measure_usage() as usage:
+        with measure_usage() as usage, span(f"chain {index}", lambda: {"chain": index, "rounds": rounds}):
             try:
-                prediction = await adrive(self.refine._chain(inputs, FixedPolicy(), rounds, "last"), run)
+                state, chain = self.refine._chain(inputs, FixedPolicy(), rounds, "last")
+                prediction = await adrive(chain, run, traced_rounds(state))
             except Exception as exc:
                 return SampleChain.failed(exc, usage.to_dict())
         return SampleChain(prediction, None, usage.to_dict())
@@ -615,6 +626,35 @@ class MarkovScale(dspy.Module):
         prediction = ScaledPrediction(**outputs, **compat)
         prediction.markovscale = account
         return prediction
+
+
+def _annotated(prediction: ScaledPrediction) -> ScaledPrediction:
+    """The prediction, after telling the user's tracer (the module's span) what ran and why it stopped."""
+    account = prediction.markovscale
+    total = Usage()
+    for used in [*account.usage, *account.unused]:
+        total = total + Usage.from_dict(used)
+    predicted = account.predicted or {}
+    annotate(
+        {
+            "plan": account.plan,
+            "samples": account.samples,
+            "rounds": account.rounds,
+            "reason": account.reason,
+            "stop_reason": account.stop_reason,
+            "votes": ", ".join(f"{n}" for _, n in account.votes),
+            "winning_votes": account.votes[0][1] if account.votes else 0,
+            "failed_samples": account.failed_samples,
+            "cancelled": account.cancelled,
+            "posterior": account.stop_info.get("posterior"),
+            "predicted_accuracy": predicted.get("accuracy"),
+            "calls": total.calls,
+            "prompt_tokens": total.prompt_tokens,
+            "completion_tokens": total.completion_tokens,
+            "cost": total.cost,
+        }
+    )
+    return prediction
 
 
 def _raise_what_must_be_heard(runs: Sequence[SampleChain]) -> None:
@@ -692,7 +732,7 @@ def _run_isolated(jobs: list[Callable[[], Any]], threads: int) -> list[Any]:
         outcomes = [isolated(job) for job in jobs]
     else:
         executor = ParallelExecutor(num_threads=threads, max_errors=len(jobs) + 1, disable_progress_bar=True)
-        outcomes = executor.execute(isolated, jobs)
+        outcomes = executor.execute(carry_context(isolated), jobs)
     parent = dspy.settings.usage_tracker
     results = []
     for outcome in outcomes:

@@ -1,0 +1,159 @@
+"""Tracing as DSPy users do it: MLflow autolog (a sqlite store) and OpenTelemetry with OpenInference's instrumentor
+(an in-memory exporter), each in both import orders, in a process of its own (tests/tracing_session.py)."""
+
+import contextvars
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dspy
+import pytest
+
+from markovscale_dspy import MarkovRefine
+from markovscale_dspy.refine.loop import describe
+from markovscale_dspy.tracing import carry_context
+
+SESSION = Path(__file__).with_name("tracing_session.py")
+ENDPOINT = "10.1.2.3"
+
+
+def test_no_predict_subclass_of_ours_for_instrumentors_to_trip_on():
+    # OpenInference's DSPyInstrumentor wraps every direct dspy.Predict subclass by its name in dspy.
+    MarkovRefine(dspy.Predict("question -> answer"))
+    ours = [c for c in dspy.Predict.__subclasses__() if c.__module__.startswith("markovscale_dspy")]
+    assert ours == []
+
+
+def test_error_text_keeps_what_went_wrong_and_drops_where():
+    error = ConnectionError(f"cannot reach http://{ENDPOINT}:8000/v1/chat (or localhost:8080, 127.0.0.1) in 3.5 s")
+    assert describe(error) == "ConnectionError: cannot reach <endpoint> (or <endpoint>, <endpoint>) in 3.5 s"
+
+
+def test_worker_threads_see_the_callers_context_and_their_own_dspy_settings():
+    from dspy.utils.parallelizer import ParallelExecutor
+
+    active = contextvars.ContextVar("active_span", default=None)
+    active.set("caller's span")
+
+    def job(i):
+        with dspy.track_usage() as tracker:  # each worker's own tracker, as DSPy's executor gives it
+            pass
+        return active.get(), tracker is not None
+
+    plain = ParallelExecutor(num_threads=2, disable_progress_bar=True).execute(job, range(4))
+    carried = ParallelExecutor(num_threads=2, disable_progress_bar=True).execute(carry_context(job), range(4))
+    assert plain == [(None, True)] * 4  # what DSPy does alone: the span is lost in the worker
+    assert carried == [("caller's span", True)] * 4
+
+
+def run_session(tracer, order, tmp_path):
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(SESSION.parent.parent)}
+    done = subprocess.run(
+        [sys.executable, str(SESSION), tracer, order, str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[0][len("RESULT ") :])
+
+
+def one_trace(spans):
+    traces = {s["trace"] for s in spans}
+    assert len(traces) == 1, sorted({s["name"] for s in spans if s["parent"] is None})
+    roots = [s for s in spans if s["parent"] is None]
+    assert len(roots) == 1
+    return roots[0]
+
+
+def ours(attributes):
+    return {k.removeprefix("markovscale."): v for k, v in attributes.items() if k.startswith("markovscale.")}
+
+
+def children(spans, parent, prefix):
+    return sorted((s for s in spans if s["parent"] == parent["id"] and s["name"].startswith(prefix)), key=_order)
+
+
+def _order(s):
+    return int(s["name"].split()[1].rstrip(":"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tracer", ["mlflow", "otel"])
+@pytest.mark.parametrize("order", ["tracer-first", "package-first"])
+def test_one_trace_per_call_with_round_attributes(tracer, order, tmp_path):
+    pytest.importorskip("mlflow" if tracer == "mlflow" else "openinference.instrumentation.dspy")
+    out = run_session(tracer, order, tmp_path)
+
+    # A calibration is one trace: a span per chain, a span per round inside it.
+    calibration = out["calibration"]
+    root = one_trace(calibration["spans"])
+    assert root["name"] == "MarkovCalibrator.compile"
+    chains = children(calibration["spans"], root, "chain ")
+    assert [_order(c) for c in chains] == list(range(calibration["examples"]))
+    for chain in chains:
+        assert [_order(r) for r in children(calibration["spans"], chain, "round ")] == [0, 1, 2, 3]
+
+    # A MarkovRefine call: the module's span says how it went, each round's span what the round did.
+    refine, account = out["refine"], out["refine"]["account"]
+    root = one_trace(refine["spans"])
+    assert root["name"].startswith("MarkovRefine.")
+    said = ours(root["attributes"])
+    assert said["policy"] == "closed_form" and said["stop_reason"] == account["stop_reason"]
+    assert (said["rounds"], said["selected_round"], said["calls"]) == (
+        account["rounds"],
+        account["selected_round"],
+        account["calls"],
+    )
+    rounds = children(refine["spans"], root, "round ")
+    assert [ours(r["attributes"])["round"] for r in rounds] == list(range(account["rounds"] + 1))
+    assert [ours(r["attributes"])["answer_changed"] for r in rounds[1:]] == account["changed"]
+    assert all(ours(r["attributes"])["decision"] == "closed_form" for r in rounds[1:])
+
+    # MarkovScale in threads and with asyncio, and a batch under a budget: one trace each.
+    root = one_trace(out["scale"]["spans"])
+    assert ours(root["attributes"])["samples"] == out["scale"]["samples"] == 4
+    assert len(children(out["scale"]["spans"], root, "chain ")) == 4
+    root = one_trace(out["scale_async"]["spans"])
+    assert ours(root["attributes"])["samples"] == out["scale_async"]["samples"]
+    root = one_trace(out["budget"]["spans"])
+    assert root["name"] == "MarkovRefine.answer_with_budget"
+    assert ours(root["attributes"])["spent"] == out["budget"]["spent"]
+
+    # A refiner whose server is down: the failure is recorded, its address is not, in the outputs and in every
+    # span this package writes or whose outputs it returns (DSPy's own LM span records the LM's raw exception).
+    assert out["down"]["error"].startswith("ConnectionError: cannot reach <endpoint>")
+    written = [s for s in out["down"]["spans"] if s["name"].startswith(("round ", "chain ", "Markov"))]
+    assert written and not [s["name"] for s in written if ENDPOINT in s["text"]]
+
+    if tracer == "mlflow":
+        check_calibration_run(out)
+
+
+def check_calibration_run(out):
+    """Each calibration is an MLflow run (autolog's log_compiles) with its estimates, verdict and report."""
+    calibration = out["calibration"]
+    runs = [r for r in out["runs"] if r["params"].get("markovscale.parallel_samples") == "None"]
+    assert len(out["runs"]) == 2 and len(runs) == 1  # the MarkovRefine's and the MarkovScale's calibrations
+    run = runs[0]
+    assert run["params"]["markovscale.trainset_size"] == str(calibration["examples"])
+    assert run["params"]["markovscale.rounds"] == "3" and run["params"]["markovscale.program_lm"] == "simulated/world"
+    metrics = {k.removeprefix("markovscale."): v for k, v in run["metrics"].items()}
+    for name, mean in calibration["estimates"].items():
+        assert metrics[name] == pytest.approx(mean) and metrics[f"{name}_lo"] < mean < metrics[f"{name}_hi"]
+    assert metrics["prob_improves"] == pytest.approx(calibration["prob_improves"])
+    assert metrics["bound"] == pytest.approx(calibration["bound"])
+    assert metrics["calls"] == calibration["calls"] and metrics["chains_used"] == calibration["examples"]
+    observed = run["history"]["markovscale.observed_accuracy"]
+    assert observed == [[t, pytest.approx(a)] for t, a in enumerate(calibration["observed"])]
+    assert [t for t, _ in run["history"]["markovscale.predicted_accuracy"]] == [0, 1, 2, 3]
+    assert sorted(run["artifacts"]) == [
+        "markovscale/calibration.png",
+        "markovscale/calibration_report.json",
+        "markovscale/calibration_report.md",
+    ]
