@@ -212,6 +212,7 @@ def _calibrate(
         display_progress=True,
         resume=not args.fresh,
         trace_dir=args.trace_dir,
+        max_dollars=getattr(args, "max_dollars", None),
     )
     with dspy.context(lm=lm, adapter=_adapter(args.adapter)):
         program = calibrator.compile(student, trainset=train)
@@ -718,6 +719,15 @@ def build_parser() -> argparse.ArgumentParser:
             "paper's rule as is)",
         )
 
+    def cap_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--max-dollars",
+            type=float,
+            default=None,
+            help="hard cap on what calibration spends: a call whose worst case does not fit is not made, and the "
+            "chains that finished are fitted and stored (needs the model's price and --max-tokens)",
+        )
+
     def trace_options(p: argparse.ArgumentParser, fresh: bool) -> None:
         p.add_argument(
             "--trace-dir",
@@ -746,6 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=3, help="refinement rounds (default 3)")
     demo.add_argument("--out", default="markovscale-out", help="output folder (default markovscale-out)")
     trace_options(demo, fresh=True)  # the demo measures: a fresh calibration each time
+    cap_option(demo)
     _add_lm_options(demo)
     demo.set_defaults(func=cmd_demo, no_cache=True)
 
@@ -755,6 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--rounds", type=int, default=4, help="refinement rounds per chain (default 4)")
     cal.add_argument("--out", default="markovscale-state.json", help="state file to write")
     trace_options(cal, fresh=False)  # a paid-for calibration resumes where it stopped
+    cap_option(cal)
     _add_lm_options(cal)
     cal.add_argument(
         "--refiner-model", help="LM of refinement rounds (LiteLLM string or router group); default --model"
@@ -861,6 +873,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in ("round_cost", "min_prob_improves"):
         if getattr(args, name, None) is not None:
             check_number(f"--{name.replace('_', '-')}", getattr(args, name), 0, 1)
+    if getattr(args, "max_dollars", None) is not None:
+        check_number("--max-dollars", args.max_dollars, 0, unit="dollars")
     if getattr(args, "value_per_correct", None) is not None:
         check_number("--value-per-correct", args.value_per_correct, 0, lo_open=True, unit="dollars")
     if getattr(args, "state", None) is not None:

@@ -76,6 +76,7 @@ def loaded_model(path, program):
 
 
 @needs_olmo_eval
+@pytest.mark.slow  # an example run, like its Ollama and vLLM siblings
 def test_hosted_example_runs_offline(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-example")  # as the example says: the key comes from the environment
     ns, world, built = run_offline("hosted.py", monkeypatch, tmp_path)

@@ -38,6 +38,7 @@ TOP = {
     "_version": -1,
     "_warnings": -1,
     "usage": 4.5,
+    "spending": 4.55,  # the dollar cap: prices calls with the meter's prices
     "tracing": 4.6,
     "testing": 5,
     "cli": 9,

@@ -33,6 +33,7 @@ from markovscale_dspy.refine.logprobs import LOGPROBS_FIELD
 from markovscale_dspy.refine.loop import describe, error_kind, unrecoverable
 from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine
 from markovscale_dspy.refine.sampling import MAX_SAMPLES, fresh_sample, has_pinned_lm, sample_rollout
+from markovscale_dspy.spending import DollarCap, SpendingStopped, current_cap, dollar_cap
 from markovscale_dspy.tracing import carry_context, span
 from markovscale_dspy.usage import Usage, measure_usage
 
@@ -96,6 +97,12 @@ class MarkovCalibrator(Teleprompter):
             An LM failure no retry can mend (rejected key, unknown model, invalid request, prompt over the context
             window) stops it at the first occurrence. Either way nothing more is paid for, and finished chains stay
             in the trace store.
+        max_dollars: A hard cap on what the calibration spends: before each LM call its worst case (every prompt
+            byte a token, plus ``max_tokens`` of completion, at the model's price) must fit in what is left, or the
+            call is not made and no new chain starts. The model is fitted on the chains that finished (a warning
+            says how many); they are stored, so a re-run with a larger cap pays only for the rest. The report's
+            ``dollar_cap`` says what was spent and left. Needs a price for every LM (LiteLLM's cost map or
+            ``register_price``) and ``max_tokens`` on each.
 
     Round-0 failures the calibration survives are scored as ``dspy.Evaluate`` scores them: the model keeps how
     many there were (``model.n0_failed``), ``model.expected_accuracy(t)`` counts them as wrong, the report shows the
@@ -130,6 +137,7 @@ class MarkovCalibrator(Teleprompter):
         display_progress: bool = False,
         trace_key: str | None = None,
         max_errors: int | None = None,
+        max_dollars: float | None = None,
     ):
         super().__init__()
         # Validate and store each argument as given (a bad value fails here, not an hour into a calibration).
@@ -153,6 +161,7 @@ class MarkovCalibrator(Teleprompter):
         self.display_progress = display_progress
         self.trace_key = trace_key
         self.max_errors = check_int("max_errors", max_errors, 1, none_ok=True)
+        self.max_dollars = check_number("max_dollars", max_dollars, 0, none_ok=True, unit="dollars")
         self.report: CalibrationReport | None = None
 
     def compile(
@@ -180,15 +189,22 @@ class MarkovCalibrator(Teleprompter):
         program = student.deepcopy()  # the student stays untouched
         refine = program.chain_module()
         guard = RunGuard(self.max_errors or dspy.settings.max_errors)
+        cap = DollarCap.for_module(self.max_dollars, refine, refine.refiner_lm)
         # Where the user traces what optimizers run, the whole calibration is one trace with a span per chain.
-        with span("MarkovCalibrator.compile", lambda: {"examples": len(examples), "rounds": rounds}, root="compile"):
+        with (
+            span("MarkovCalibrator.compile", lambda: {"examples": len(examples), "rounds": rounds}, root="compile"),
+            dollar_cap(cap),
+        ):
             records, store_dir = self._observe(refine, examples, rounds, samples, guard)
+        if cap is not None and cap.exhausted:
+            _warn_capped(cap, records)
         _check_metric_scores(records)
         try:
             guard.check(len(examples))
         except (CalibrationError, ConfigurationError):
             # what the finished chains measured stays readable (calibrator.report.failures) after a stopped run
-            self.report = self._partial_report(records, rounds, samples, time.perf_counter() - started, store_dir)
+            seconds = time.perf_counter() - started
+            self.report = self._partial_report(records, rounds, samples, seconds, store_dir, cap)
             raise
         model = self._fit(records, rounds, samples)
         model = model.with_round0_failures(_warn_round0_failures(records))
@@ -197,7 +213,9 @@ class MarkovCalibrator(Teleprompter):
 
         def report(valset_result: dict[str, Any] | None = None, plan: Any = None) -> CalibrationReport:
             seconds = time.perf_counter() - started
-            return build_report(model, records, rounds, seconds, valset_result, store_dir, lms, plan=plan)
+            return _with_cap(
+                build_report(model, records, rounds, seconds, valset_result, store_dir, lms, plan=plan), cap
+            )
 
         if model.n_transitions == 0:
             self.report = report()
@@ -213,7 +231,13 @@ class MarkovCalibrator(Teleprompter):
         return program
 
     def _partial_report(
-        self, records: list[ChainRecord], rounds: int, samples: int, seconds: float, store_dir: str | None
+        self,
+        records: list[ChainRecord],
+        rounds: int,
+        samples: int,
+        seconds: float,
+        store_dir: str | None,
+        cap: DollarCap | None = None,
     ) -> CalibrationReport | None:
         """The report of a stopped calibration, fitted on the chains it finished (None if none is usable)."""
         try:
@@ -222,7 +246,7 @@ class MarkovCalibrator(Teleprompter):
             )
         except (CalibrationError, ValueError):
             return None
-        return build_report(model, records, rounds, seconds, None, store_dir)
+        return _with_cap(build_report(model, records, rounds, seconds, None, store_dir), cap)
 
     def _fit(self, records: list[ChainRecord], rounds: int, samples: int) -> TransitionModel:
         """The chain (and the vote model, with samples) from the observed chains."""
@@ -353,7 +377,7 @@ class MarkovCalibrator(Teleprompter):
         """Worker: independent round-0 sample ``sample`` of one example, graded. Pure, like :meth:`_chain`."""
         program = run.program
         out: dict[str, Any] = {"sample": sample, "label": None, "answer": None, "error": None, "usage": {}}
-        if run.guard.stopped:
+        if run.guard.stopped or _capped():
             return {**out, "error": _SKIPPED, "skipped": True}
         key = self._key(run, index, example, 0, sample=sample)
         entry = self._reused(run, key)
@@ -436,7 +460,7 @@ class MarkovCalibrator(Teleprompter):
         """Worker: one full chain and its labels. Pure (returns its record) because the executor may re-run it;
         the store write is idempotent (same key, same chain)."""
         record = ChainRecord(index=index)
-        if run.guard.stopped:
+        if run.guard.stopped or _capped():
             record.failure, record.skipped = _SKIPPED, True
             return record
         key = self._key(run, index, example, rounds)
@@ -449,9 +473,13 @@ class MarkovCalibrator(Teleprompter):
                 with dspy.context(trace=[]), measure_usage() as usage:
                     prediction = run.program.run_chain(rounds, **example.inputs())
             except Exception as exc:
-                record.failure = describe(exc.__cause__ if isinstance(exc, RoundZeroError) and exc.__cause__ else exc)
+                cause = exc.__cause__ if isinstance(exc, RoundZeroError) and exc.__cause__ else exc
+                record.failure = describe(cause)
                 record.usage = usage.to_dict()
-                _count_error(run.guard, exc)
+                if isinstance(cause, SpendingStopped):  # the cap refused round 0: not an error, and nothing paid
+                    record.skipped = True
+                else:
+                    _count_error(run.guard, exc)
                 return record
             # Token log-probabilities are summarised by each round's confidence; the store keeps that, not them.
             trajectory = [
@@ -503,6 +531,27 @@ def _publish(calibrator: MarkovCalibrator, report: CalibrationReport) -> None:
             sink(calibrator, report)
         except Exception as exc:
             logger.warning("MarkovCalibrator: the calibration could not be logged by %s: %s", sink, describe(exc))
+
+
+def _capped() -> bool:
+    """Whether the run's dollar cap has refused a call (no new chain or sample starts)."""
+    cap = current_cap()
+    return cap is not None and cap.exhausted
+
+
+def _warn_capped(cap: DollarCap, records: list[ChainRecord]) -> None:
+    finished = sum(r.failure is None and all(e is None for e in r.errors) for r in records)
+    warn(
+        f"calibration stopped at max_dollars={cap.max_dollars:g}: {finished} of {len(records)} chains finished "
+        f"(${cap.spent:.4f} spent, ${max(cap.max_dollars - cap.spent, 0.0):.4f} left); the model is fitted on what "
+        "finished, which is stored, so a re-run with a larger max_dollars pays only for the rest"
+    )
+
+
+def _with_cap(report: CalibrationReport, cap: DollarCap | None) -> CalibrationReport:
+    if cap is not None:
+        report.dollar_cap = cap.to_dict()
+    return report
 
 
 #: Why a chain or sample did not run: the calibration had already stopped.

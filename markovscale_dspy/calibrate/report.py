@@ -54,6 +54,7 @@ class CalibrationReport:
     chains: list[dict[str, Any]] = field(default_factory=list, repr=False)
     votes: dict[str, Any] | None = None
     plan: dict[str, Any] | None = None
+    dollar_cap: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

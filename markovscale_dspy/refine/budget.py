@@ -21,6 +21,7 @@ from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.policies import Decision, evidence_for
 from markovscale_dspy.core.theory import TIE_TOLERANCE
 from markovscale_dspy.refine.loop import Call, ChainState, Outcome
+from markovscale_dspy.spending import current_cap
 from markovscale_dspy.tracing import carry_context
 
 __all__ = ["BudgetResult", "allocate"]
@@ -92,7 +93,8 @@ def allocate(
 
     gains = {i: gain_of(i) for i in alive}
     spent, step, log = 0, 0, []
-    while spent < budget:
+    cap = current_cap()
+    while spent < budget and not (cap is not None and cap.exhausted):
         candidates = [i for i in alive if states[i].rounds < max_rounds and gains[i] > round_cost + TIE_TOLERANCE]
         if not candidates:
             break
@@ -121,6 +123,8 @@ def allocate(
     for i in alive:
         if states[i].rounds >= max_rounds:
             reason = "max_rounds"
+        elif cap is not None and cap.exhausted and gains[i] > round_cost + TIE_TOLERANCE:
+            reason = "max_dollars"
         elif gains[i] <= round_cost + TIE_TOLERANCE:
             reason = "cost"
         else:

@@ -24,6 +24,7 @@ from markovscale_dspy._warnings import warn
 from markovscale_dspy.core.answers import default_answer_key, is_empty_answer
 from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.policies import Decision, Policy, RoundContext, evidence_for, observations_of
+from markovscale_dspy.spending import SpendingStopped
 from markovscale_dspy.tracing import span
 from markovscale_dspy.usage import Usage
 
@@ -175,7 +176,9 @@ class EmptyAnswerError(ValueError):
 def error_kind(error: BaseException) -> str:
     """``"parse"`` / ``"empty"`` (the model's own behaviour: worth remembering), ``"fatal"`` (no retry can mend it:
     see :func:`unrecoverable`), ``"lm"`` (a transient service failure: timeout, rate limit, transport, server) or
-    ``"other"``."""
+    ``"other"``; ``"budget"`` for a call the dollar cap refused."""
+    if isinstance(error, SpendingStopped):
+        return "budget"
     if isinstance(error, dspy.AdapterParseError):
         return "parse"
     if isinstance(error, EmptyAnswerError):

@@ -46,8 +46,8 @@ from markovscale_dspy.refine.state import (
     read_state_file,
     scrub_lm_state,
 )
+from markovscale_dspy.spending import DollarCap, SpendingStopped, dollar_cap, metered
 from markovscale_dspy.tracing import annotate, span
-from markovscale_dspy.usage import measure_usage
 
 __all__ = ["MarkovRefine"]
 
@@ -384,7 +384,13 @@ class MarkovRefine(dspy.Module):
         return drive(chain, read)
 
     def answer_with_budget(
-        self, examples: Sequence[Any], *, budget: int, num_threads: int | None = None, display_progress: bool = False
+        self,
+        examples: Sequence[Any],
+        *,
+        budget: int,
+        max_dollars: float | None = None,
+        num_threads: int | None = None,
+        display_progress: bool = False,
     ) -> BudgetResult:
         """Answer a batch under a total budget of refinement rounds, giving each round where it gains most.
 
@@ -397,6 +403,10 @@ class MarkovRefine(dspy.Module):
         Args:
             examples: ``dspy.Example``s (their inputs are used) or dicts of inputs.
             budget: Total refinement rounds for the whole batch (round-0 calls are not counted).
+            max_dollars: A hard cap on what the whole batch spends, round 0 included: before each LM call its worst
+                case must fit in what is left, or it is not made and no further round is allocated (questions
+                whose round 0 was refused are in ``errors``; the others keep what they had, with
+                ``stop_reason="max_dollars"``). Needs a price and ``max_tokens`` for every LM.
             num_threads: Concurrent LM calls (default ``dspy.settings.num_threads``).
             display_progress: Show a progress bar.
 
@@ -405,6 +415,7 @@ class MarkovRefine(dspy.Module):
             log.
         """
         check_int("budget", budget, 0)
+        check_number("max_dollars", max_dollars, 0, none_ok=True, unit="dollars")
         model = self._require_model("budget allocation")
         states = [
             ChainState(_inputs_of(e), self.answer_fields, self.answer_key or default_answer_key) for e in examples
@@ -418,7 +429,8 @@ class MarkovRefine(dspy.Module):
             return {**done, "spent": result[0].spent, "failed": len(result[0].errors)} if result else done
 
         # Not a module call, so no tracer opened a span for it: one trace for the whole batch.
-        with span("MarkovRefine.answer_with_budget", attributes, root="call"):
+        cap = DollarCap.for_module(max_dollars, self, self.refiner_lm)
+        with span("MarkovRefine.answer_with_budget", attributes, root="call"), dollar_cap(cap):
             result.append(
                 allocate(
                     states,
@@ -594,7 +606,7 @@ class MarkovRefine(dspy.Module):
     def _call(self, call: Call, outer: Any = _FROM_LM, refiner: tuple[Any, Any] | None = None) -> Outcome:
         # Resolving the refiner's LM raises on a misconfiguration: that is the user's to fix, not a failed round.
         kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call, outer, refiner)
-        with measure_usage() as usage:
+        with metered() as usage:
             try:
                 if call.round == 0:
                     with self._round_zero_context():
@@ -602,13 +614,13 @@ class MarkovRefine(dspy.Module):
                 else:
                     prediction = self.refiner(**kwargs)
                 error = None
-            except Exception as exc:  # a failed round is data, not a crash; the chain decides what it means
+            except (Exception, SpendingStopped) as exc:  # a failed or refused round is data; the chain decides
                 prediction, error = None, exc
         return self._outcome(prediction, error, usage.to_dict())
 
     async def _acall(self, call: Call, outer: Any = _FROM_LM, refiner: tuple[Any, Any] | None = None) -> Outcome:
         kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call, outer, refiner)
-        with measure_usage() as usage:
+        with metered() as usage:
             try:
                 if call.round > 0:
                     prediction = await self.refiner.acall(**kwargs)
@@ -619,7 +631,7 @@ class MarkovRefine(dspy.Module):
                         else:
                             prediction = await dspy.asyncify(self.program)(**kwargs)
                 error = None
-            except Exception as exc:
+            except (Exception, SpendingStopped) as exc:
                 prediction, error = None, exc
         return self._outcome(prediction, error, usage.to_dict())
 

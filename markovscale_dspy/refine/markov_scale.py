@@ -43,6 +43,7 @@ from markovscale_dspy.refine.sampling import (
     sample_rollout,
 )
 from markovscale_dspy.refine.state import MarkovState, load_into, read_state_file, scrub_lm_state
+from markovscale_dspy.spending import DollarCap, current_cap, dollar_cap
 from markovscale_dspy.tracing import annotate, carry_context, span
 from markovscale_dspy.usage import Usage, measure_usage
 
@@ -70,7 +71,8 @@ class ScaleAccount:
         selected_chain: The chain whose answer was returned.
         stop_reason: Why the vote stopped where it did: ``"settled"`` (the remaining chains could not change its
             answer), ``"not_worth_a_call"`` (one more chain was not worth ``call_cost``), ``"max_calls"`` (the plan's
-            budget), or ``"fixed"`` (``adaptive=False``, one chain, or no vote model: every planned chain ran).
+            budget), ``"max_dollars"`` (the dollar cap refused the next call) or ``"fixed"`` (``adaptive=False``,
+            one chain, or no vote model: every planned chain ran).
         stop_info: The numbers behind it: ``posterior`` (that the returned answer is correct, under the calibrated
             vote model), ``gain`` (what going on was expected to add, net of its cost) and ``budget`` (chains the
             plan allowed).
@@ -180,6 +182,10 @@ class MarkovScale(dspy.Module):
             and cancel the rest once the vote is decided -- faster, but chains that answered after the decision
             are paid and not used (``pred.markovscale.unused``, ``cancelled``). ``forward`` (threads cannot cancel a
             request in flight) launches only the chains the vote needs, and warns.
+        max_dollars: A hard cap on what one call spends: before each LM call its worst case must fit in what is
+            left, or it is not made and no further chain starts; the vote counts the chains that finished
+            (``stop_reason="max_dollars"``, spending in ``stop_info["dollar_cap"]``). Needs a price and
+            ``max_tokens`` for every LM.
 
     Example:
         >>> import dspy
@@ -215,6 +221,7 @@ class MarkovScale(dspy.Module):
         concurrency: int | None = None,
         adaptive: bool = True,
         speculate: bool = False,
+        max_dollars: float | None = None,
     ):
         super().__init__()
         check_int("max_calls", max_calls, 1, MAX_CALLS_LIMIT)
@@ -224,6 +231,7 @@ class MarkovScale(dspy.Module):
         if not strategies or any(k not in KINDS for k in strategies):
             raise ConfigurationError(f"strategies must be a non-empty subset of {KINDS}, got {strategies!r}")
         check_int("concurrency", concurrency, 1, none_ok=True)
+        check_number("max_dollars", max_dollars, 0, none_ok=True, unit="dollars")
         for name, flag in (("adaptive", adaptive), ("speculate", speculate)):
             if not isinstance(flag, bool):
                 raise ConfigurationError(f"{name} must be True or False, got {flag!r}")
@@ -246,6 +254,7 @@ class MarkovScale(dspy.Module):
         self.concurrency = concurrency
         self.adaptive = adaptive
         self.speculate = speculate
+        self.max_dollars = max_dollars
 
     # What it wraps and what it learned ----------------------------------------------------------------------------
 
@@ -409,6 +418,12 @@ class MarkovScale(dspy.Module):
         self, strategy: Strategy, reason: str, predicted: Any, inputs: dict[str, Any], adaptive: bool = True
     ) -> ScaledPrediction:
         self.refine._check_inputs(inputs)
+        with dollar_cap(DollarCap.for_module(self.max_dollars, self, self.refine.refiner_lm)) as cap:
+            return _capped(cap, self._run_capped(strategy, reason, predicted, inputs, adaptive))
+
+    def _run_capped(
+        self, strategy: Strategy, reason: str, predicted: Any, inputs: dict[str, Any], adaptive: bool
+    ) -> ScaledPrediction:
         stopper = self._stopper(strategy) if adaptive else None
         if self.speculate and stopper is not None:
             warn(
@@ -420,7 +435,7 @@ class MarkovScale(dspy.Module):
             runs = self._sample_chains([strategy.rounds] * strategy.samples, dict(inputs), setup=setup)
             return self._finish(strategy, reason, predicted, runs)
         runs: list[SampleChain] = []
-        while batch := stopper.next_batch(_keys(runs), self._threads(strategy.samples)):
+        while not _cap_reached() and (batch := stopper.next_batch(_keys(runs), self._threads(strategy.samples))):
             runs += self._sample_chains([strategy.rounds] * batch, dict(inputs), first=len(runs), setup=setup)
             _raise_what_must_be_heard(runs)  # no further wave for a key that was rejected
         return self._finish(strategy, reason, predicted, runs, stopper)
@@ -429,6 +444,12 @@ class MarkovScale(dspy.Module):
         self, strategy: Strategy, reason: str, predicted: Any, inputs: dict[str, Any], adaptive: bool = True
     ) -> ScaledPrediction:
         self.refine._check_inputs(inputs)
+        with dollar_cap(DollarCap.for_module(self.max_dollars, self, self.refine.refiner_lm)) as cap:
+            return _capped(cap, await self._arun_capped(strategy, reason, predicted, inputs, adaptive))
+
+    async def _arun_capped(
+        self, strategy: Strategy, reason: str, predicted: Any, inputs: dict[str, Any], adaptive: bool
+    ) -> ScaledPrediction:
         gate = asyncio.Semaphore(self._threads(strategy.samples))
         setup = self._setup([strategy.rounds])
 
@@ -444,7 +465,7 @@ class MarkovScale(dspy.Module):
             runs, unused, cancelled = await self._speculate(stopper, one)
             return self._finish(strategy, reason, predicted, runs, stopper, unused=unused, cancelled=cancelled)
         runs = []
-        while batch := stopper.next_batch(_keys(runs), self._threads(strategy.samples)):
+        while not _cap_reached() and (batch := stopper.next_batch(_keys(runs), self._threads(strategy.samples))):
             # gather cancels the batch's other tasks if one is cancelled (a caller's timeout): LiteLLM's async
             # client then closes their requests, so the server stops working on them
             runs += await asyncio.gather(*(one(j) for j in range(len(runs), len(runs) + batch)))
@@ -626,6 +647,22 @@ class MarkovScale(dspy.Module):
         prediction = ScaledPrediction(**outputs, **compat)
         prediction.markovscale = account
         return prediction
+
+
+def _cap_reached() -> bool:
+    cap = current_cap()
+    return cap is not None and cap.exhausted
+
+
+def _capped(cap: DollarCap | None, prediction: ScaledPrediction) -> ScaledPrediction:
+    """The prediction, saying so when the dollar cap stopped the vote (and what it spent)."""
+    if cap is not None:
+        account = prediction.markovscale
+        info = {**account.stop_info, "dollar_cap": cap.to_dict()}
+        prediction.markovscale = replace(
+            account, stop_reason="max_dollars" if cap.exhausted else account.stop_reason, stop_info=info
+        )
+    return prediction
 
 
 def _annotated(prediction: ScaledPrediction) -> ScaledPrediction:

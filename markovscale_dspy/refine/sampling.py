@@ -16,7 +16,7 @@ import dspy
 
 from markovscale_dspy.core.validation import check_int
 from markovscale_dspy.refine.loop import Outcome
-from markovscale_dspy.usage import measure_usage
+from markovscale_dspy.spending import SpendingStopped, metered
 
 __all__ = [
     "MAX_SAMPLES",
@@ -97,11 +97,11 @@ def fresh_sample(
     """An independent round-0 sample of ``program``: own rollout id ``rollout`` (see :func:`sample_rollout`; composed
     with the LM's) at ``temperature``. What calibration draws and what votes use, so the two agree. A failure is
     returned, not raised (a failed sample does not vote)."""
-    with measure_usage() as usage:
+    with metered() as usage:
         try:
             with _fresh_program(program, rollout, temperature, pinned) as module:
                 prediction, error = module(**inputs), None
-        except Exception as exc:  # a failed sample is data: it does not vote
+        except (Exception, SpendingStopped) as exc:  # a failed or refused sample is data: it does not vote
             prediction, error = None, exc
     return Outcome(prediction, error, usage.to_dict())
 
@@ -110,7 +110,7 @@ async def afresh_sample(
     program: dspy.Module, inputs: dict[str, Any], *, rollout: int, temperature: float, pinned: bool | None = None
 ) -> Outcome:
     """Async twin of :func:`fresh_sample`."""
-    with measure_usage() as usage:
+    with metered() as usage:
         try:
             with _fresh_program(program, rollout, temperature, pinned) as module:
                 if hasattr(module, "aforward"):
@@ -118,6 +118,6 @@ async def afresh_sample(
                 else:
                     prediction = await dspy.asyncify(module)(**inputs)
                 error = None
-        except Exception as exc:
+        except (Exception, SpendingStopped) as exc:
             prediction, error = None, exc
     return Outcome(prediction, error, usage.to_dict())

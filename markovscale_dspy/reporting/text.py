@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # rendering reads these results; it never runs the evaluation
 
 __all__ = [
     "calibration_markdown",
+    "cap_words",
     "comparison_markdown",
     "configurations_markdown",
     "difference_interval",
@@ -172,6 +173,8 @@ def format_calibration(
         f"  failures: {f['chains_failed']} chains, {f['rounds_failed']} refinement rounds ({errors}), "
         f"{len(f['metric_errors'])} metric errors"
     )
+    if report.dollar_cap:
+        lines.append("  " + cap_words(report.dollar_cap))
     lines.append("  " + drift_words(report))
     lines.append("  " + verdict(model, round_cost, max_rounds, min_prob_improves))
     if report.votes:
@@ -183,6 +186,19 @@ def format_calibration(
     if report.plan:
         lines.append("  " + format_plan(report.plan))
     return "\n".join(lines)
+
+
+def cap_words(cap: dict[str, Any]) -> str:
+    """The dollar cap in a sentence: what was spent and left, and whether it stopped the calibration."""
+    stopped = (
+        f"it stopped the calibration ({cap['refused_calls']} calls refused before they were made)"
+        if cap.get("refused_calls")
+        else "it was not reached"
+    )
+    return (
+        f"dollar cap ${cap['max_dollars']:g}: {dollars(cap['spent'])} spent, {dollars(max(cap['left'], 0.0))} left; "
+        f"{stopped}"
+    )
 
 
 def drift_words(report: CalibrationReport) -> str:
@@ -480,6 +496,8 @@ def lms_and_spend_markdown(report: CalibrationReport) -> list[str]:
             "The transition rates belong to this pair of LMs: MarkovRefine warns when it runs with others.",
             "",
         ]
+    if report.dollar_cap:
+        out += ["## Dollar cap", "", cap_words(report.dollar_cap), ""]
     rows = spend_rows(report.spend)
     if rows:
         out += [
