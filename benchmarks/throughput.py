@@ -1,13 +1,15 @@
 """Calibration throughput behind LiteLLM's Router: real llama.cpp servers, and a latency-bound API stand-in.
 
     python -m benchmarks.throughput latency            # a loopback OpenAI-compatible server with a fixed delay
+    python -m benchmarks.throughput client             # where the client's CPU per call goes, layer by layer
     flock /tmp/llm.lock python -m benchmarks.throughput llama   # two one-thread llama.cpp servers vs one two-thread
 
-``latency`` measures how calibration scales with concurrency when the server has spare capacity (a hosted API): a
-real HTTP server on 127.0.0.1 answers every chat completion after a fixed delay (threads sleep, no CPU), so the
-ideal throughput at concurrency ``c`` is ``c / delay`` calls per second. It runs the threaded calibrator
-(``MarkovCalibrator(num_threads=c)``) and the async path (``MarkovRefine.arun_chain`` under ``asyncio.gather``,
-``c`` at a time), through a plain LiteLLM LM and through a one-deployment Router group.
+``latency`` measures how calibration scales with concurrency when the server has spare capacity (a hosted API): an
+OpenAI-compatible server **in its own process** (``benchmarks/latency_server.py``, aiohttp) answers every chat
+completion after a fixed delay, so the ideal throughput at concurrency ``c`` is ``c / delay`` calls per second and
+any shortfall is the client's (the server shares no interpreter lock with it). It runs the threaded calibrator
+(``MarkovCalibrator(num_threads=c).compile``) and the async one (``MarkovCalibrator().acompile(concurrency=c)``),
+through a plain LiteLLM LM and through a one-deployment Router group, and measures the client's CPU time per call.
 
 ``llama`` compares, on the same questions, one llama.cpp server with two threads against two one-thread servers
 behind one Router group (each server in its own process), and counts the work each server did from its
@@ -25,9 +27,7 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import dspy
 
+from benchmarks.latency_server import LatencyServerProcess
 from markovscale_dspy import MarkovCalibrator, MarkovRefine
 from markovscale_dspy.integrations.lms import build_lm
 
@@ -43,79 +44,10 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-# A latency-bound OpenAI-compatible server ----------------------------------------------------------------------------
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as a hosted API would
-    disable_nagle_algorithm = True  # else headers and body wait on delayed ACKs (~40 ms a response)
-    delay = 0.5
-    answer = '{"answer": "A"}'
-    requests = 0
-    lock = threading.Lock()
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("content-length", 0))
-        self.rfile.read(length)
-        with _Handler.lock:
-            _Handler.requests += 1
-        time.sleep(self.delay)
-        body = json.dumps(
-            {
-                "id": "chatcmpl-latency",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": "latency-model",
-                "choices": [
-                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": self.answer}}
-                ],
-                "usage": {"prompt_tokens": 100, "completion_tokens": 8, "total_tokens": 108},
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-class LatencyServer:
-    """A real HTTP server on 127.0.0.1 that answers every chat completion after ``delay`` seconds."""
-
-    def __init__(self, delay: float):
-        self.delay = delay
-        self._server: ThreadingHTTPServer | None = None
-
-    def __enter__(self) -> LatencyServer:
-        _Handler.delay = self.delay
-        _Handler.requests = 0
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = True
-        self._server.request_queue_size = 128
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
-
-    @property
-    def api_base(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    @property
-    def requests(self) -> int:
-        return _Handler.requests
-
-
 def _examples(n: int, offset: int) -> list[dspy.Example]:
     return [
-        dspy.Example(question=f"Question {offset + i}: A or B?", answer="A").with_inputs("question") for i in range(n)
+        dspy.Example(question=f"Question #{offset + i}: A, B, C or D?", answer="A").with_inputs("question")
+        for i in range(n)
     ]
 
 
@@ -123,35 +55,37 @@ def _metric(example: dspy.Example, pred: Any, trace: Any = None) -> bool:
     return example.answer == pred.answer
 
 
+def _calibrator(rounds: int, concurrency: int) -> MarkovCalibrator:
+    return MarkovCalibrator(_metric, rounds=rounds, num_threads=concurrency, store_traces=False, question_types=1)
+
+
+def _student(rounds: int) -> MarkovRefine:
+    return MarkovRefine(dspy.Predict("question -> answer"), max_rounds=rounds)
+
+
 def _threaded(lm: dspy.LM, examples: list[dspy.Example], rounds: int, concurrency: int) -> int:
-    calibrator = MarkovCalibrator(_metric, rounds=rounds, num_threads=concurrency, store_traces=False, question_types=1)
-    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
-        calibrator.compile(MarkovRefine(dspy.Predict("question -> answer"), max_rounds=rounds), trainset=examples)
+    calibrator = _calibrator(rounds, concurrency)
+    with dspy.context(lm=lm):
+        calibrator.compile(_student(rounds), trainset=examples)
     return int(calibrator.report.usage["calls"])
 
 
 def _async(lm: dspy.LM, examples: list[dspy.Example], rounds: int, concurrency: int) -> int:
-    module = MarkovRefine(dspy.Predict("question -> answer"), max_rounds=rounds)
+    calibrator = _calibrator(rounds, concurrency)
 
-    async def run() -> int:
-        gate = asyncio.Semaphore(concurrency)
+    async def run() -> None:
+        with dspy.context(lm=lm):
+            await calibrator.acompile(_student(rounds), trainset=examples, concurrency=concurrency)
 
-        async def one(example: dspy.Example) -> int:
-            async with gate:
-                pred = await module.arun_chain(rounds, **example.inputs())
-            return pred.markovscale.calls
-
-        with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
-            return sum(await asyncio.gather(*(one(e) for e in examples)))
-
-    return asyncio.run(run())
+    asyncio.run(run())
+    return int(calibrator.report.usage["calls"])
 
 
 def latency(delay: float, concurrencies: list[int], rounds: int, chains_per_thread: int) -> list[dict[str, Any]]:
-    """Calls per second against the latency-bound server, against the ideal ``c / delay``."""
+    """Calls per second against the out-of-process latency server, against the ideal ``c / delay``."""
     rows = []
     offset = 0
-    with LatencyServer(delay) as server:
+    with LatencyServerProcess(delay) as server:
         routed = {
             "model_list": [
                 {
@@ -165,19 +99,21 @@ def latency(delay: float, concurrencies: list[int], rounds: int, chains_per_thre
             "LiteLLM": build_lm("openai/latency-model", api_base=server.api_base, cache=False, num_retries=0),
             "Router": build_lm("api", router_config=routed, cache=False),
         }
-        # Warm-up: imports, connection pools, the Router's clients.
+        # Warm-up: imports, connection pools, the Router's clients, both paths.
         for lm in lms.values():
-            _threaded(lm, _examples(4, 10_000_000), 1, 4)
+            for run in (_threaded, _async):
+                run(lm, _examples(8, 10_000_000 + offset), 1, 8)
+                offset += 8
         for c in concurrencies:
             for route, lm in lms.items():
                 for mode, run in (("threads", _threaded), ("async", _async)):
                     n = chains_per_thread * c
                     examples = _examples(n, offset)  # fresh prompts: nothing is served from any cache
                     offset += n
-                    before = server.requests
-                    started = time.perf_counter()
+                    before = server.stats()["completed"]
+                    cpu, started = time.process_time(), time.perf_counter()
                     calls = run(lm, examples, rounds, c)
-                    seconds = time.perf_counter() - started
+                    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
                     ideal = c / delay
                     row = {
                         "route": route,
@@ -185,18 +121,77 @@ def latency(delay: float, concurrencies: list[int], rounds: int, chains_per_thre
                         "concurrency": c,
                         "chains": n,
                         "calls": calls,
-                        "server_requests": server.requests - before,
+                        "server_completed": server.stats()["completed"] - before,
                         "seconds": seconds,
                         "calls_per_s": calls / seconds,
                         "ideal_calls_per_s": ideal,
                         "efficiency": calls / seconds / ideal,
+                        "client_cpu_ms_per_call": 1000 * cpu / max(calls, 1),
                     }
                     rows.append(row)
                     _say(
                         f"  {route:<8} {mode:<8} c={c:<3} {calls} calls in {seconds:.2f} s = {row['calls_per_s']:.1f}/s"
-                        f" (ideal {ideal:.1f}/s, {100 * row['efficiency']:.0f}%)"
+                        f" (ideal {ideal:.1f}/s, {100 * row['efficiency']:.0f}%; client CPU "
+                        f"{row['client_cpu_ms_per_call']:.2f} ms/call)"
                     )
     return rows
+
+
+# Where the client's CPU goes ------------------------------------------------------------------------------------------
+
+
+def client(delay: float, calls: int, concurrency: int) -> list[dict[str, Any]]:
+    """Client CPU per LM call, layer by layer, against the out-of-process latency server (async, ``concurrency`` in
+    flight): a bare ``LM.acall``, a ``dspy.Predict``, a MarkovRefine chain, and ``MarkovCalibrator.acompile``."""
+    rows = []
+    with LatencyServerProcess(delay) as server:
+        lm = build_lm("openai/latency-model", api_base=server.api_base, cache=False, num_retries=0)
+        offset = [20_000_000]
+
+        def questions(n: int) -> list[dspy.Example]:
+            offset[0] += n
+            return _examples(n, offset[0])
+
+        async def gated(items: list[Any], fn: Any) -> list[Any]:
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one(item: Any) -> Any:
+                async with gate:
+                    with dspy.context(lm=lm):
+                        return await fn(item)
+
+            return await asyncio.gather(*(one(item) for item in items))
+
+        predict, refine = dspy.Predict("question -> answer"), _student(2)
+        layers = [
+            ("LM.acall (DSPy + LiteLLM)", 1, lambda e: lm.acall(e.question)),
+            ("dspy.Predict.acall (+ ChatAdapter)", 1, lambda e: predict.acall(question=e.question)),
+            ("MarkovRefine.arun_chain(2)", 3, lambda e: refine.arun_chain(2, question=e.question)),
+        ]
+        asyncio.run(gated(questions(16), layers[0][2]))  # warm-up
+        for name, per_item, fn in layers:
+            items = questions(calls // per_item)
+            cpu, started = time.process_time(), time.perf_counter()
+            asyncio.run(gated(items, fn))
+            rows.append(_client_row(name, len(items) * per_item, cpu, started))
+        cpu, started = time.process_time(), time.perf_counter()
+        made = _async(lm, questions(calls // 3), 2, concurrency)
+        rows.append(_client_row("MarkovCalibrator.acompile (chains of 3)", made, cpu, started))
+    for row in rows:
+        _say(f"  {row['layer']:<42} {row['cpu_ms_per_call']:5.2f} ms CPU / call, {row['calls_per_s']:6.1f} calls/s")
+    return rows
+
+
+def _client_row(name: str, calls: int, cpu: float, started: float) -> dict[str, Any]:
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {"layer": name, "calls": calls, "cpu_ms_per_call": 1000 * cpu / calls, "calls_per_s": calls / seconds}
+
+
+def _client_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| layer | LM calls | client CPU ms / call | calls / s |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['calls']} | {r['cpu_ms_per_call']:.2f} | {r['calls_per_s']:.1f} |")
+    return "\n".join(lines)
 
 
 # Two llama.cpp servers behind the Router vs one -----------------------------------------------------------------------
@@ -273,13 +268,14 @@ def llama(n: int, rounds: int, concurrency: int, repeats: int) -> dict[str, Any]
 def _latency_markdown(rows: list[dict[str, Any]], delay: float) -> str:
     lines = [
         "| route | path | concurrency | chains | LM calls | seconds | calls / s "
-        f"| ideal (c / {delay:g} s) | of ideal |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| ideal (c / {delay:g} s) | of ideal | client CPU ms / call |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['route']} | {r['mode']} | {r['concurrency']} | {r['chains']} | {r['calls']} | {r['seconds']:.2f} | "
-            f"{r['calls_per_s']:.1f} | {r['ideal_calls_per_s']:.1f} | {100 * r['efficiency']:.0f}% |"
+            f"{r['calls_per_s']:.1f} | {r['ideal_calls_per_s']:.1f} | {100 * r['efficiency']:.0f}% | "
+            f"{r['client_cpu_ms_per_call']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -301,11 +297,13 @@ def _llama_markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=("latency", "llama"))
+    parser.add_argument("part", choices=("latency", "client", "llama"))
     parser.add_argument("--delay", type=float, default=0.5, help="latency server: seconds per request")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="latency: concurrencies")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 128], help="latency: concurrencies")
     parser.add_argument("--chains-per-thread", type=int, default=4, help="latency: chains per unit of concurrency")
     parser.add_argument("--rounds", type=int, default=2, help="refinement rounds per chain")
+    parser.add_argument("--calls", type=int, default=768, help="client: LM calls per layer")
+    parser.add_argument("--client-concurrency", type=int, default=64, help="client: calls in flight")
     parser.add_argument("--n", type=int, default=24, help="llama: calibration questions per run")
     parser.add_argument("--threads", type=int, default=4, help="llama: calibration threads")
     parser.add_argument("--repeats", type=int, default=2, help="llama: runs of each set-up (interleaved)")
@@ -319,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = latency(args.delay, args.concurrency, args.rounds, args.chains_per_thread)
         result: dict[str, Any] = {"rows": rows, "delay": args.delay, "rounds": args.rounds}
         markdown = _latency_markdown(rows, args.delay)
+    elif args.part == "client":
+        rows = client(args.delay, args.calls, args.client_concurrency)
+        result = {"rows": rows, "delay": args.delay, "concurrency": args.client_concurrency}
+        markdown = _client_markdown(rows)
     else:
         result = llama(args.n, args.rounds, args.threads, args.repeats)
         markdown = _llama_markdown(result)

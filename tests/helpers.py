@@ -152,12 +152,19 @@ def calibrate_and_kill(calibrator, program, train, lm, store, *, chains, kill, w
 
 class StatusServer:
     """A loopback OpenAI-compatible server that answers every request with one HTTP status and an OpenAI-style error
-    body (401 for a missing key, 404 for an unknown model...), counting the requests it saw.
+    body (401 for a missing key, 404 for an unknown model...), or with status 200 a chat completion whose content is
+    ``answer``, counting the requests it saw.
 
     Use as a context manager; ``api_base`` is its ``/v1`` URL.
     """
 
-    def __init__(self, status: int, message: str = "Incorrect API key provided", code: str = "invalid_api_key"):
+    def __init__(
+        self,
+        status: int,
+        message: str = "Incorrect API key provided",
+        code: str = "invalid_api_key",
+        answer: str = '{"answer": "A"}',
+    ):
         import json
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -165,7 +172,13 @@ class StatusServer:
         outer = self
         self.hits = 0
         self._lock = threading.Lock()
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": code}}).encode()
+        if status == 200:
+            choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}
+            usage = {"prompt_tokens": 100, "completion_tokens": 8, "total_tokens": 108}
+            payload = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "x"}
+            body = json.dumps({**payload, "choices": [choice], "usage": usage}).encode()
+        else:
+            body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": code}}).encode()
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):

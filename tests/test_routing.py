@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import dspy
 import pytest
-from helpers import needs_olmo_eval
+from helpers import StatusServer, needs_olmo_eval
 
 from markovscale_dspy import ConfigurationError, MarkovCalibrator, MarkovRefine
 from markovscale_dspy.calibrate.traces import chain_key
@@ -417,9 +417,7 @@ def test_a_pinned_router_lm_saves_without_secrets_and_loads_unpinned_with_a_warn
 
 def test_a_self_hosted_deployment_without_a_key_gets_a_placeholder():
     """OpenAI-compatible local servers take any key, but LiteLLM's OpenAI client refuses to send none."""
-    from benchmarks.throughput import LatencyServer
-
-    with LatencyServer(0.0) as server:
+    with StatusServer(200) as server:
         cfg = {
             "model_list": [
                 {"model_name": "local", "litellm_params": {"model": "openai/x", "api_base": server.api_base}}
@@ -428,25 +426,23 @@ def test_a_self_hosted_deployment_without_a_key_gets_a_placeholder():
         lm = build_lm("local", router_config=cfg, cache=False)
         with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
             assert dspy.Predict("question -> answer")(question="A or B?").answer == "A"
-        assert server.requests == 1
+        assert server.hits == 1
 
 
 def test_routers_built_one_after_another_each_reach_their_own_servers():
     """Regression: LiteLLM caches clients per deployment id process-wide, and registers deployments' model_info
     globally; a second Router with the same group names must neither reuse the first's ids nor stop counting its
     deployments as self-hosted (it then sent no key)."""
-    from benchmarks.throughput import LatencyServer
-
     build_lm("openai/seq-model", api_base="http://127.0.0.1:9/v1")  # a single-server LM registers the name first
     for _ in range(2):
-        with LatencyServer(0.0) as server:
+        with StatusServer(200) as server:
             deployments = [
                 {"model_name": "seq", "litellm_params": {"model": "openai/seq-model", "api_base": server.api_base}}
             ]
             lm = build_lm("seq", router_config={"model_list": deployments * 2}, cache=False)
             for i in range(3):
                 lm(f"hello {i}")
-            assert server.requests == 3 and lm.supports_response_schema
+            assert server.hits == 3 and lm.supports_response_schema
 
 
 def test_streaming_goes_through_the_router():

@@ -3,12 +3,14 @@ voting over independent samples behaves for a MarkovScale."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,9 +32,9 @@ from markovscale_dspy.core.validation import check_callable, check_int, check_nu
 from markovscale_dspy.core.voting import VoteModel
 from markovscale_dspy.integrations.mlflow import follow_autolog
 from markovscale_dspy.refine.logprobs import LOGPROBS_FIELD
-from markovscale_dspy.refine.loop import describe, error_kind, unrecoverable
+from markovscale_dspy.refine.loop import Outcome, describe, error_kind, unrecoverable
 from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine
-from markovscale_dspy.refine.sampling import MAX_SAMPLES, fresh_sample, has_pinned_lm, sample_rollout
+from markovscale_dspy.refine.sampling import MAX_SAMPLES, afresh_sample, fresh_sample, has_pinned_lm, sample_rollout
 from markovscale_dspy.spending import DollarCap, SpendingStopped, current_cap, dollar_cap
 from markovscale_dspy.tracing import carry_context, span
 from markovscale_dspy.usage import Usage, measure_usage
@@ -180,30 +182,64 @@ class MarkovCalibrator(Teleprompter):
             CalibrationError: no chain could be observed (every round 0 or every metric call failed), or no
                 sample could be graded when samples were asked for.
         """
-        started = time.perf_counter()
+        job = self._prepare(student, trainset)
+        with job.observing():
+            records, store_dir = self._observe(job)
+        return self._conclude(job, records, store_dir, valset)
+
+    async def acompile(
+        self,
+        student: Calibratable,
+        *,
+        trainset: Sequence[dspy.Example],
+        valset: Sequence[dspy.Example] | None = None,
+        concurrency: int | None = None,
+    ) -> Calibratable:
+        """Async twin of :meth:`compile`: chains and samples run as asyncio tasks through the LMs' async clients,
+        at most ``concurrency`` at once (default ``num_threads``, else ``dspy.settings.num_threads``) -- for hosted
+        APIs and server fleets, where the client, not the server, limits how many calls are in flight. Resumes
+        from the trace store, stops, caps and reports exactly as :meth:`compile` (the valset, if any, is evaluated
+        with threads)."""
+        width = check_int("concurrency", concurrency, 1, none_ok=True) or self.num_threads or dspy.settings.num_threads
+        job = self._prepare(student, trainset)
+        with job.observing():
+            records, store_dir = await self._aobserve(job, width)
+        return self._conclude(job, records, store_dir, valset)
+
+    def _prepare(self, student: Calibratable, trainset: Sequence[dspy.Example]) -> _Job:
+        """Check the student and the trainset, copy the student, and set up what the run shares."""
         self.report = None  # a failed compile must not leave the previous run's report behind
+        started = time.perf_counter()
         chains = _check_student(student).chain_module()
         examples = _check_examples(trainset, chains, "trainset")
         rounds, samples = self._rounds_for(chains), self._samples_for(student)
-
         program = student.deepcopy()  # the student stays untouched
         refine = program.chain_module()
-        guard = RunGuard(self.max_errors or dspy.settings.max_errors)
-        cap = DollarCap.for_module(self.max_dollars, refine, refine.refiner_lm)
-        # Where the user traces what optimizers run, the whole calibration is one trace with a span per chain.
-        with (
-            span("MarkovCalibrator.compile", lambda: {"examples": len(examples), "rounds": rounds}, root="compile"),
-            dollar_cap(cap),
-        ):
-            records, store_dir = self._observe(refine, examples, rounds, samples, guard)
+        return _Job(
+            started=started,
+            chains=chains,
+            examples=examples,
+            rounds=rounds,
+            samples=samples,
+            program=program,
+            refine=refine,
+            guard=RunGuard(self.max_errors or dspy.settings.max_errors),
+            cap=DollarCap.for_module(self.max_dollars, refine, refine.refiner_lm),
+        )
+
+    def _conclude(
+        self, job: _Job, records: list[ChainRecord], store_dir: str | None, valset: Sequence[dspy.Example] | None
+    ) -> Calibratable:
+        """Fit what was observed, record it on the program, report it (or say why not)."""
+        rounds, samples, cap, refine, program = job.rounds, job.samples, job.cap, job.refine, job.program
         if cap is not None and cap.exhausted:
             _warn_capped(cap, records)
         _check_metric_scores(records)
         try:
-            guard.check(len(examples))
+            job.guard.check(len(job.examples))
         except (CalibrationError, ConfigurationError):
             # what the finished chains measured stays readable (calibrator.report.failures) after a stopped run
-            seconds = time.perf_counter() - started
+            seconds = time.perf_counter() - job.started
             self.report = self._partial_report(records, rounds, samples, seconds, store_dir, cap)
             raise
         model = self._fit(records, rounds, samples)
@@ -212,7 +248,7 @@ class MarkovCalibrator(Teleprompter):
         lms = refine.markov.calibrated_for
 
         def report(valset_result: dict[str, Any] | None = None, plan: Any = None) -> CalibrationReport:
-            seconds = time.perf_counter() - started
+            seconds = time.perf_counter() - job.started
             return _with_cap(
                 build_report(model, records, rounds, seconds, valset_result, store_dir, lms, plan=plan), cap
             )
@@ -223,7 +259,7 @@ class MarkovCalibrator(Teleprompter):
         valset_result = None
         if valset:
             valset_result = _evaluate(
-                program, _check_examples(valset, chains, "valset"), self.metric, self.threshold, self.num_threads
+                program, _check_examples(valset, job.chains, "valset"), self.metric, self.threshold, self.num_threads
             )
         self.report = report(valset_result, program.calibration_plan())
         logger.info("MarkovCalibrator: %r", model)
@@ -312,45 +348,73 @@ class MarkovCalibrator(Teleprompter):
             )
         return self.rounds
 
-    def _observe(
-        self, program: MarkovRefine, examples: list[dspy.Example], rounds: int, samples: int, guard: RunGuard
-    ) -> tuple[list[ChainRecord], str | None]:
-        # One job per chain and one per sample, all in one executor, so samples run as concurrently as chains.
+    def _start_run(self, job: _Job) -> tuple[list[tuple[int, dspy.Example, int | None]], _Run]:
+        """One job per chain and one per sample (so samples run as concurrently as chains), and what they share."""
+        program, examples, rounds = job.refine, job.examples, job.rounds
         jobs = [(i, example, None) for i, example in enumerate(examples)]
-        jobs += [(i, example, j) for j in range(samples) for i, example in enumerate(examples)]
-        executor = ParallelExecutor(
-            num_threads=self.num_threads, max_errors=len(jobs) + 1, disable_progress_bar=not self.display_progress
-        )
+        jobs += [(i, example, j) for j in range(job.samples) for i, example in enumerate(examples)]
         store = (
             TraceStore(self.trace_dir) if self.store_traces and self._identifiable(program, rounds, examples) else None
         )
         run = _Run(
             program=program,
             store=store,
-            guard=guard,
+            guard=job.guard,
             pinned=has_pinned_lm(program.program),  # once: walking the program costs as much as its history
             types={name: f.annotation for name, f in program.signature.output_fields.items()},
         )
+        return jobs, run
 
-        def work(job: tuple[int, dspy.Example, int | None]) -> Any:
-            index, example, sample = job
-            if sample is None:
-                with span(f"chain {index}", lambda: {"chain": index}):
-                    return self._chain(run, rounds, index, example)
-            with span(f"sample {sample} of chain {index}", lambda: {"chain": index, "sample": sample}):
+    def _observe(self, job: _Job) -> tuple[list[ChainRecord], str | None]:
+        jobs, run = self._start_run(job)
+        executor = ParallelExecutor(
+            num_threads=self.num_threads, max_errors=len(jobs) + 1, disable_progress_bar=not self.display_progress
+        )
+
+        def work(item: tuple[int, dspy.Example, int | None]) -> Any:
+            index, example, sample = item
+            with _job_span(index, sample):
+                if sample is None:
+                    return self._chain(run, job.rounds, index, example)
                 return self._sample(run, index, example, sample)
 
         try:
             results = executor.execute(carry_context(work), jobs)
         finally:
-            if store is not None:
-                store.close()
-        # The worker never raises, but the executor may still return None (cancelled) or an exception object.
+            if run.store is not None:
+                run.store.close()
+        return self._collect(job, jobs, results, run)
+
+    async def _aobserve(self, job: _Job, concurrency: int) -> tuple[list[ChainRecord], str | None]:
+        jobs, run = self._start_run(job)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def work(item: tuple[int, dspy.Example, int | None]) -> Any:
+            index, example, sample = item
+            async with gate:
+                with _job_span(index, sample):
+                    if sample is None:
+                        return await self._achain(run, job.rounds, index, example)
+                    return await self._asample(run, index, example, sample)
+
+        try:
+            results = await asyncio.gather(*(work(item) for item in jobs))
+        finally:
+            if run.store is not None:
+                run.store.close()
+        return self._collect(job, jobs, results, run)
+
+    def _collect(
+        self, job: _Job, jobs: list[tuple[int, dspy.Example, int | None]], results: list[Any], run: _Run
+    ) -> tuple[list[ChainRecord], str | None]:
+        """Each chain's record with its samples, in trainset order; what could not be stored or reused, said."""
+        n = len(job.examples)
+        # The workers never raise, but the executor may still return None (cancelled) or an exception object.
         records = [
             r if isinstance(r, ChainRecord) else ChainRecord(index=i, failure=f"executor: {r!r}")
-            for (i, _, _), r in zip(jobs[: len(examples)], results[: len(examples)], strict=True)
+            for (i, _, _), r in zip(jobs[:n], results[:n], strict=True)
         ]
-        for (i, _, j), r in zip(jobs[len(examples) :], results[len(examples) :], strict=True):
+        for (i, _, j), r in zip(jobs[n:], results[n:], strict=True):
             records[i].samples.append(
                 r if isinstance(r, dict) else {"sample": j, "label": None, "answer": None, "error": f"executor: {r!r}"}
             )
@@ -371,33 +435,51 @@ class MarkovCalibrator(Teleprompter):
                 len(run.unstored),
                 reason,
             )
-        return records, None if store is None else str(store.directory)
+        return records, None if run.store is None else str(run.store.directory)
 
     def _sample(self, run: _Run, index: int, example: dspy.Example, sample: int) -> dict[str, Any]:
         """Worker: independent round-0 sample ``sample`` of one example, graded. Pure, like :meth:`_chain`."""
-        program = run.program
-        out: dict[str, Any] = {"sample": sample, "label": None, "answer": None, "error": None, "usage": {}}
         if run.guard.stopped or _capped():
-            return {**out, "error": _SKIPPED, "skipped": True}
+            return _skipped_sample(sample)
         key = self._key(run, index, example, 0, sample=sample)
-        entry = self._reused(run, key)
-        stored = entry is not None
-        if entry is None:
+        stored = self._reused(run, key)
+        if stored is None:
             with dspy.context(trace=[]):
-                outcome = fresh_sample(
-                    program.program,
-                    dict(example.inputs()),
-                    rollout=sample_rollout(program.rollout_seed, sample),
-                    temperature=program.temperature,
-                    pinned=run.pinned,
-                )
-            entry = _sample_entry(program, outcome)
-            if outcome.error is not None and unrecoverable(outcome.error) is not None:
-                _count_error(run.guard, outcome.error)  # a failed sample is data (it does not vote), a bad key is not
-            self._store(run, key, [entry])
-        else:
-            entry = entry[0]
-        out.update(answer=entry["answer_key"], error=entry["error"], usage=entry.get("usage") or {}, reused=stored)
+                outcome = fresh_sample(run.program.program, dict(example.inputs()), **_sampling(run, sample))
+            return self._graded_sample(run, example, sample, self._sample_ran(run, key, outcome), reused=False)
+        return self._graded_sample(run, example, sample, stored[0], reused=True)
+
+    async def _asample(self, run: _Run, index: int, example: dspy.Example, sample: int) -> dict[str, Any]:
+        """Async twin of :meth:`_sample`."""
+        if run.guard.stopped or _capped():
+            return _skipped_sample(sample)
+        key = self._key(run, index, example, 0, sample=sample)
+        stored = self._reused(run, key)
+        if stored is None:
+            with dspy.context(trace=[]):
+                outcome = await afresh_sample(run.program.program, dict(example.inputs()), **_sampling(run, sample))
+            return self._graded_sample(run, example, sample, self._sample_ran(run, key, outcome), reused=False)
+        return self._graded_sample(run, example, sample, stored[0], reused=True)
+
+    def _sample_ran(self, run: _Run, key: str | None, outcome: Outcome) -> dict[str, Any]:
+        """A sample just drawn, as the store keeps it (stored, unless a service failure lost it)."""
+        entry = _sample_entry(run.program, outcome)
+        if outcome.error is not None and unrecoverable(outcome.error) is not None:
+            _count_error(run.guard, outcome.error)  # a failed sample is data (it does not vote), a bad key is not
+        self._store(run, key, [entry])
+        return entry
+
+    def _graded_sample(
+        self, run: _Run, example: dspy.Example, sample: int, entry: dict[str, Any], *, reused: bool
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "sample": sample,
+            "label": None,
+            "answer": entry["answer_key"],
+            "error": entry["error"],
+            "usage": entry.get("usage") or {},
+            "reused": reused,
+        }
         if entry["error"] is None:
             try:
                 out["label"] = score_to_label(self.metric(example, dspy.Prediction(**entry["outputs"])), self.threshold)
@@ -465,37 +547,77 @@ class MarkovCalibrator(Teleprompter):
             return record
         key = self._key(run, index, example, rounds)
         trajectory = self._reused(run, key)
-        if trajectory is not None:
-            record.reused = True
-        else:
-            usage = Usage()
+        if trajectory is None:
+            usage, prediction, error = Usage(), None, None
             try:
                 with dspy.context(trace=[]), measure_usage() as usage:
                     prediction = run.program.run_chain(rounds, **example.inputs())
             except Exception as exc:
-                cause = exc.__cause__ if isinstance(exc, RoundZeroError) and exc.__cause__ else exc
-                record.failure = describe(cause)
-                record.usage = usage.to_dict()
-                if isinstance(cause, SpendingStopped):  # the cap refused round 0: not an error, and nothing paid
-                    record.skipped = True
-                else:
-                    _count_error(run.guard, exc)
+                error = exc
+            trajectory = self._chain_ran(run, record, key, prediction, error, usage)
+            if trajectory is None:
                 return record
-            # Token log-probabilities are summarised by each round's confidence; the store keeps that, not them.
-            trajectory = [
-                {
-                    **entry,
-                    "outputs": {k: v for k, v in entry["outputs"].items() if k != LOGPROBS_FIELD},
-                    "answer_key": jsonable(entry["answer_key"]),
-                }
-                for entry in prediction.markovscale.trajectory
-            ]
-            for entry in trajectory:
-                if entry.get("error_kind") == "fatal":
-                    run.guard.fatal(f"refinement round {entry['round']}: {entry['error']}", entry.get("fix", ""))
-            self._store(run, key, trajectory)
+        else:
+            record.reused = True
         self._label(record, example, trajectory, run.guard)
         return record
+
+    async def _achain(self, run: _Run, rounds: int, index: int, example: dspy.Example) -> ChainRecord:
+        """Async twin of :meth:`_chain`."""
+        record = ChainRecord(index=index)
+        if run.guard.stopped or _capped():
+            record.failure, record.skipped = _SKIPPED, True
+            return record
+        key = self._key(run, index, example, rounds)
+        trajectory = self._reused(run, key)
+        if trajectory is None:
+            usage, prediction, error = Usage(), None, None
+            try:
+                with dspy.context(trace=[]), measure_usage() as usage:
+                    prediction = await run.program.arun_chain(rounds, **example.inputs())
+            except Exception as exc:
+                error = exc
+            trajectory = self._chain_ran(run, record, key, prediction, error, usage)
+            if trajectory is None:
+                return record
+        else:
+            record.reused = True
+        self._label(record, example, trajectory, run.guard)
+        return record
+
+    def _chain_ran(
+        self,
+        run: _Run,
+        record: ChainRecord,
+        key: str | None,
+        prediction: Any,
+        error: BaseException | None,
+        usage: Usage,
+    ) -> list[dict[str, Any]] | None:
+        """The trajectory of a chain just run, stored (``None``, with the failure on ``record``, if round 0 failed)."""
+        if error is not None:
+            cause = error.__cause__ if isinstance(error, RoundZeroError) and error.__cause__ else error
+            record.failure = describe(cause)
+            record.usage = usage.to_dict()
+            if isinstance(cause, SpendingStopped):  # the cap refused round 0: not an error, and nothing paid
+                record.skipped = True
+            else:
+                _count_error(run.guard, error)
+            return None
+        # Token log-probabilities are summarised by each round's confidence; the store keeps that, not them.
+        trajectory = [
+            {
+                **entry,
+                "outputs": {k: v for k, v in entry["outputs"].items() if k != LOGPROBS_FIELD},
+                "answer_key": jsonable(entry["answer_key"]),
+            }
+            for entry in prediction.markovscale.trajectory
+        ]
+        for entry in trajectory:
+            if entry.get("error_kind") == "fatal":
+                run.guard.fatal(f"refinement round {entry['round']}: {entry['error']}", entry.get("fix", ""))
+        self._store(run, key, trajectory)
+        return trajectory
 
     def _label(
         self, record: ChainRecord, example: dspy.Example, trajectory: list[dict[str, Any]], guard: RunGuard
@@ -556,6 +678,48 @@ def _with_cap(report: CalibrationReport, cap: DollarCap | None) -> CalibrationRe
 
 #: Why a chain or sample did not run: the calibration had already stopped.
 _SKIPPED = "skipped: the calibration stopped"
+
+
+@dataclass
+class _Job:
+    """One calibration: what it was given and what its workers share, from the checks to the report."""
+
+    started: float
+    chains: MarkovRefine
+    examples: list[dspy.Example]
+    rounds: int
+    samples: int
+    program: Calibratable
+    refine: MarkovRefine
+    guard: RunGuard
+    cap: DollarCap | None
+
+    @contextmanager
+    def observing(self) -> Iterator[None]:
+        """While the chains run: one trace where the user traces optimizers, and the dollar cap in force."""
+        attributes = {"examples": len(self.examples), "rounds": self.rounds}
+        with span("MarkovCalibrator.compile", lambda: attributes, root="compile"), dollar_cap(self.cap):
+            yield
+
+
+def _job_span(index: int, sample: int | None) -> Any:
+    if sample is None:
+        return span(f"chain {index}", lambda: {"chain": index})
+    return span(f"sample {sample} of chain {index}", lambda: {"chain": index, "sample": sample})
+
+
+def _skipped_sample(sample: int) -> dict[str, Any]:
+    return {"sample": sample, "label": None, "answer": None, "error": _SKIPPED, "usage": {}, "skipped": True}
+
+
+def _sampling(run: _Run, sample: int) -> dict[str, Any]:
+    """How sample ``sample`` is drawn: its own rollout id, the module's temperature (as MarkovScale draws it)."""
+    program = run.program
+    return {
+        "rollout": sample_rollout(program.rollout_seed, sample),
+        "temperature": program.temperature,
+        "pinned": run.pinned,
+    }
 
 
 @dataclass
