@@ -7,8 +7,13 @@ template's special tokens, plus ``max_tokens`` of completion, at the model's pri
 :class:`SpendingStopped` before it sends anything. A call whose price is unknown or whose completion is unbounded
 (no ``max_tokens``) is refused too, with the fix: a cap that cannot be checked is no cap.
 
-The check is a DSPy callback (``on_lm_start``), so it sees every call of every LM a program uses, pinned or not;
-a run sets its cap with :func:`dollar_cap`, and each unit of work (a round, a sample) runs in :func:`metered`.
+The check is a DSPy callback (``on_lm_start``), so it sees every call of every LM a program uses, pinned or not,
+in the program's own worker threads too; a run sets its cap with :func:`dollar_cap`, and each unit of work (a
+round, a sample) runs in :func:`metered`, which settles its calls at what they measured. A call that reserved but
+was never measured (cancelled or failed after it was sent, or made in a thread whose usage DSPy does not report
+back) stays charged at its worst case: a provider may bill it. The prompt bound counts text, tool definitions and
+response schemas; images are not counted (their price depends on the provider's resizing), so a cap over calls
+with images is only as hard as the images' share is small.
 :class:`SpendingStopped` derives from ``BaseException`` because DSPy runs callbacks inside ``except Exception``:
 an ordinary exception would be logged and the call made anyway. Code of this package that runs programs catches
 it and records the refused call; what finished is kept.
@@ -23,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -36,7 +42,7 @@ from markovscale_dspy._exceptions import ConfigurationError
 from markovscale_dspy.core.validation import check_number
 from markovscale_dspy.usage import Usage, measure_usage, price_of
 
-__all__ = ["DollarCap", "SpendingStopped", "current_cap", "dollar_cap", "metered", "worst_case_price"]
+__all__ = ["DollarCap", "SpendingStopped", "cap_reached", "current_cap", "dollar_cap", "metered", "worst_case_price"]
 
 #: Special tokens a chat template may add per message, and once per prompt: counted on top of the bytes.
 TEMPLATE_TOKENS_PER_MESSAGE = 16
@@ -158,84 +164,130 @@ def worst_case_price(lm: Any, messages: list[dict[str, Any]] | None, prompt: str
             "unbounded",
         )
     texts = [prompt or ""] + [_text(m.get("content")) for m in messages or []]
+    # Tool definitions and a response schema are sent, and billed, as prompt tokens.
+    texts += [json.dumps(settings[key], default=str) for key in ("tools", "response_format") if settings.get(key)]
     prompt_tokens = sum(len(t.encode("utf-8")) for t in texts)
     prompt_tokens += TEMPLATE_TOKENS_PER_MESSAGE * (len(messages or []) + 1)
-    return price[0] * prompt_tokens + price[1] * int(max_tokens)
+    completions = int(settings.get("n") or 1)
+    return price[0] * prompt_tokens + price[1] * int(max_tokens) * completions
 
 
 def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list):  # multi-part content: its text parts (images are priced by the provider)
-        return " ".join(str(part.get("text", part)) if isinstance(part, dict) else str(part) for part in content)
+    if isinstance(content, list):  # multi-part content: its text parts (an image is not text: see the module doc)
+        return " ".join(
+            (part.get("text") or "") if isinstance(part, dict) else str(part)
+            for part in content
+            if not isinstance(part, dict) or part.get("type", "text") == "text"
+        )
     return "" if content is None else str(content)
 
 
 class Held:
-    """Worst cases reserved by the calls of one :func:`metered` block, settled when it ends."""
+    """The calls one :func:`metered` block made under its caps: how many, and the worst cases they reserved.
 
-    def __init__(self, cap: DollarCap):
-        self.cap = cap
+    Shared by every thread the block's calls run in (DSPy carries the callback that holds it into its workers).
+    """
+
+    def __init__(self, caps: tuple[DollarCap, ...]):
+        self.caps = caps
+        self.lock = threading.Lock()
+        self.calls = 0
         self.dollars = 0.0
+        self.largest = 0.0
+
+    def reserve(self, price: float) -> DollarCap | None:
+        """Hold ``price`` in every cap; the cap it did not fit in (nothing held then), or ``None``."""
+        for i, cap in enumerate(self.caps):
+            if not cap.reserve(price):
+                for earlier in self.caps[:i]:
+                    earlier.settle(price, 0.0)
+                return cap
+        with self.lock:
+            self.calls += 1
+            self.dollars += price
+            self.largest = max(self.largest, price)
+        return None
+
+    def settle(self, usage: Usage) -> None:
+        """Replace the held worst cases by what the block measured. A call that reserved but was never measured (it
+        ran in a thread of the program's own, or was cancelled or failed after it was sent: a provider may bill it)
+        is charged at the largest worst case held."""
+        with self.lock:
+            unmeasured = max(self.calls - usage.calls, 0)
+            reserved, largest = self.dollars, self.largest
+        measured = None if usage.cost is None else (usage.cost if usage.calls else 0.0)
+        spent = None if measured is None else measured + unmeasured * largest
+        for cap in self.caps:
+            cap.settle(reserved, spent)
 
 
-_cap: ContextVar[DollarCap | None] = ContextVar("markovscale_dollar_cap", default=None)
-_held: ContextVar[Held | None] = ContextVar("markovscale_dollar_held", default=None)
+_caps: ContextVar[tuple[DollarCap, ...]] = ContextVar("markovscale_dollar_caps", default=())
 
 
 class _CapCheck(BaseCallback):
-    """Refuses, before it is made, an LM call whose worst case does not fit in the run's cap."""
+    """Refuses, before it is made, an LM call whose worst case does not fit in the caps of one :func:`metered`
+    block. One instance per block, holding its :class:`Held`: DSPy carries callbacks into the worker threads a
+    program starts (``dspy.Parallel``, its executor), where a context variable would not reach."""
+
+    def __init__(self, held: Held):
+        self.held = held
 
     def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        held = _held.get()
-        if held is None:
-            return
         price = worst_case_price(instance, inputs.get("messages"), inputs.get("prompt"), inputs.get("kwargs") or {})
-        if not held.cap.reserve(price):
+        full = self.held.reserve(price)
+        if full is not None:
             raise SpendingStopped(
-                f"max_dollars={held.cap.max_dollars:g} reached: this call could cost up to ${price:.6f} and "
-                f"${max(held.cap.left, 0.0):.6f} is left, so it was not made",
+                f"max_dollars={full.max_dollars:g} reached: this call could cost up to ${price:.6f} and "
+                f"${max(full.left, 0.0):.6f} is left, so it was not made",
                 "cap",
             )
-        held.dollars += price
-
-
-_CHECK = _CapCheck()
 
 
 @contextmanager
 def dollar_cap(cap: DollarCap | None) -> Iterator[DollarCap | None]:
-    """Make ``cap`` the cap of every :func:`metered` block run inside (this thread, the tasks it starts, and worker
-    threads started with :func:`markovscale_dspy.tracing.carry_context`)."""
-    token = _cap.set(cap)
+    """Add ``cap`` to the caps of every :func:`metered` block run inside (this thread, the tasks it starts, and
+    worker threads started with :func:`markovscale_dspy.tracing.carry_context`); an enclosing cap still applies.
+    ``None`` adds nothing."""
+    if cap is None:
+        yield None
+        return
+    token = _caps.set((*_caps.get(), cap))
     try:
         yield cap
     finally:
-        _cap.reset(token)
+        _caps.reset(token)
 
 
 def current_cap() -> DollarCap | None:
-    """The cap of the enclosing :func:`dollar_cap` block, if any."""
-    return _cap.get()
+    """The innermost cap of the enclosing :func:`dollar_cap` blocks, if any."""
+    caps = _caps.get()
+    return caps[-1] if caps else None
+
+
+def cap_reached() -> bool:
+    """Whether any enclosing cap has refused a call (work should not start)."""
+    return any(cap.exhausted for cap in _caps.get())
 
 
 @contextmanager
 def metered() -> Iterator[Usage]:
-    """:func:`markovscale_dspy.usage.measure_usage`, with every LM call inside checked against the run's cap first
+    """:func:`markovscale_dspy.usage.measure_usage`, with every LM call inside checked against the enclosing caps first
     (:class:`SpendingStopped` if it does not fit) and settled at what the block measured when it ends."""
-    cap = _cap.get()
-    if cap is None:
+    caps = _caps.get()
+    if not caps:
         with measure_usage() as usage:
             yield usage
         return
-    held = Held(cap)
-    token = _held.set(held)
+    held = Held(caps)
     callbacks = dspy.settings.get("callbacks", []) or []
     usage = Usage()
     try:
-        # The check runs first, so a refused call never leaves another callback's span half open.
-        with measure_usage() as usage, dspy.context(callbacks=[_CHECK, *[c for c in callbacks if c is not _CHECK]]):
+        # The check runs first, so a refused call never leaves another callback's span half open; an enclosing
+        # block's check is left out (its caps are this block's too, and this block settles them).
+        others = [c for c in callbacks if not isinstance(c, _CapCheck)]
+        with measure_usage() as usage, dspy.context(callbacks=[_CapCheck(held), *others]):
             yield usage
     finally:
-        _held.reset(token)
-        cap.settle(held.dollars, usage.cost if usage.calls else 0.0)
+        held.settle(usage)

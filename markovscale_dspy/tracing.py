@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -41,9 +42,12 @@ def carry_context(fn: Callable[[T], R]) -> Callable[[T], R]:
     tracker) and no enclosing usage meter, as it would in a fresh thread.
     """
     context = contextvars.copy_context()
+    caller = threading.get_ident()
 
     @functools.wraps(fn)
     def run(item: T) -> R:
+        if threading.get_ident() == caller:  # the executor's one-thread path: already in the caller's context
+            return fn(item)
         overrides = thread_local_overrides.get()  # what the executor set for this worker
 
         def inside() -> R:
@@ -137,13 +141,22 @@ def span(
     manager, handle = opened
     try:
         yield
-    finally:
-        if attributes is not None:
-            try:
-                handle.set_attributes(_prefixed(attributes()))
-            except Exception as exc:  # a tracer refusing an attribute must not fail the call
-                logger.debug("could not set span attributes: %s", exc)
-        manager.__exit__(*sys.exc_info())
+    except BaseException as exc:
+        _close(handle, attributes)
+        manager.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    else:
+        # Not sys.exc_info(): inside a caller's ``except`` block it is the caller's handled exception.
+        _close(handle, attributes)
+        manager.__exit__(None, None, None)
+
+
+def _close(handle: Any, attributes: Callable[[], Mapping[str, Any]] | None) -> None:
+    if attributes is not None:
+        try:
+            handle.set_attributes(_prefixed(attributes()))
+        except Exception as exc:  # a tracer refusing an attribute must not fail the call
+            logger.debug("could not set span attributes: %s", exc)
 
 
 def _open(name: str, root: str | None) -> tuple[Any, Any] | None:

@@ -3,7 +3,14 @@
 import dspy
 import pytest
 
-from markovscale_dspy import ConfigurationError, MarkovCalibrator, MarkovRefine, MarkovScale, register_price
+from markovscale_dspy import (
+    CalibrationError,
+    ConfigurationError,
+    MarkovCalibrator,
+    MarkovRefine,
+    MarkovScale,
+    register_price,
+)
 from markovscale_dspy.testing import SimulatedWorld
 
 COUNTS = ("n0_correct", "n0_total", "n_cc", "n_cw", "n_wc", "n_ww")
@@ -70,3 +77,22 @@ async def test_a_bad_concurrency_names_the_argument(bad):
     w = SimulatedWorld.homogeneous(5, seed=14, p0=0.4, p_cw=0.1, p_wc=0.3)
     with pytest.raises(ConfigurationError, match="concurrency"):
         await MarkovCalibrator(w.metric).acompile(student(), trainset=w.examples, concurrency=bad)
+
+
+async def test_a_job_that_raises_ends_as_it_does_in_compile():
+    def broken_key(outputs):
+        raise ValueError("this answer has no key")
+
+    w = SimulatedWorld.homogeneous(12, seed=15, p0=0.4, p_cw=0.1, p_wc=0.3)
+    student = MarkovScale(dspy.Predict("question -> answer"), max_calls=2, answer_key=broken_key)
+    errors = []
+    with dspy.context(lm=w.lm()):
+        for run in ("compile", "acompile"):
+            calibrator = MarkovCalibrator(w.metric, parallel_samples=2, resume=False, max_errors=100)
+            with pytest.raises(CalibrationError) as raised:
+                if run == "compile":
+                    calibrator.compile(student, trainset=w.examples)
+                else:
+                    await calibrator.acompile(student, trainset=w.examples, concurrency=4)
+            errors.append(str(raised.value).split(":")[0])
+    assert errors[0] == errors[1]

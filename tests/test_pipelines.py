@@ -232,3 +232,24 @@ def test_evaluate_with_threads_and_track_usage_totals():
         total = sum(entry["prompt_tokens"] for entry in pred.get_lm_usage().values())
         rounds = sum((e.get("usage") or {}).get("prompt_tokens", 0) for e in pred.markovscale.trajectory)
         assert total == rounds > 0
+
+
+def test_a_copy_that_dspy_builds_attribute_by_attribute_saves_its_own_refiner(monkeypatch):
+    """DSPy falls back to copying a module attribute by attribute when a whole deep copy fails (an LM holding a
+    lock or a client); the copy's refiner must then save the copy's demos, not the original's."""
+    import copy as copying
+
+    original = MarkovRefine(dspy.Predict("question -> answer"), max_rounds=2)
+    real = copying.deepcopy
+
+    def refusing(value, memo=None):
+        if value is original or value is original.refiner or getattr(value, "__self__", None) is original.refiner:
+            raise TypeError("cannot pickle '_thread.lock' object")  # as for a predictor pinned to such an LM
+        return real(value, memo)
+
+    monkeypatch.setattr(copying, "deepcopy", refusing)
+    twin = original.deepcopy()
+    monkeypatch.setattr(copying, "deepcopy", real)
+    twin.refiner.demos = [dspy.Example(question="q", answer="a")]
+    assert twin.refiner.dump_state()["demos"] == [{"question": "q", "answer": "a"}]
+    assert original.refiner.dump_state()["demos"] == []

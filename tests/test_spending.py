@@ -7,7 +7,7 @@ import pytest
 
 from markovscale_dspy import ConfigurationError, MarkovCalibrator, MarkovRefine, MarkovScale, register_price
 from markovscale_dspy.reporting.text import format_calibration
-from markovscale_dspy.spending import DollarCap, SpendingStopped, worst_case_price
+from markovscale_dspy.spending import DollarCap, SpendingStopped, dollar_cap, metered, worst_case_price
 from markovscale_dspy.testing import SimulatedWorld
 
 PRICE = (2e-6, 8e-6)  # dollars per prompt token, per completion token
@@ -126,3 +126,67 @@ def test_a_batch_under_a_dollar_cap_keeps_what_it_answered():
     reasons = {p.markovscale.stop_reason for p in answered}
     assert result.errors or "max_dollars" in reasons  # the cap, not the round budget, ended the batch
     assert result.spent < 60
+
+
+class FanOut(dspy.Module):
+    """A program that makes its calls in threads of its own (dspy.Parallel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.predict = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        calls = [(self.predict, {"question": f"{question} (part {i})"}) for i in range(8)]
+        return dspy.Parallel(num_threads=4, disable_progress_bar=True)(calls)[0]
+
+
+def test_calls_a_program_makes_in_its_own_threads_are_checked_and_charged():
+    w, lm = priced_world(4, seed=5, name="fanout")
+    one = worst_case_price(lm, [{"role": "user", "content": "x" * 2000}], None, {})
+    cap = DollarCap(2.5 * one)  # room for the worst case of two calls at a time
+    before = w.calls
+    with dspy.context(lm=lm), dollar_cap(cap), pytest.raises(SpendingStopped):
+        with metered():
+            FanOut()(question=w.examples[0].question)
+    made = w.calls - before
+    assert 0 < made < 8 and cap.refused > 0  # unchecked, all 8 were made (and charged nothing)
+    # The calls ran in dspy.Parallel's threads, whose usage DSPy does not report back: each stays charged at its
+    # worst case (at least its max_tokens of completion; what one costs here is about half that), never at zero.
+    assert made * PRICE[1] * MAX_TOKENS <= cap.spent <= cap.max_dollars
+
+
+def test_a_call_sent_but_never_measured_stays_charged_at_its_worst_case():
+    from markovscale_dspy.spending import Held
+    from markovscale_dspy.usage import Usage
+
+    cap = DollarCap(1.0)
+    held = Held((cap,))
+    assert held.reserve(0.2) is None and held.reserve(0.3) is None
+    held.settle(Usage(calls=1, cost=0.05))  # one call measured; the other was cancelled after it was sent
+    assert cap.spent == pytest.approx(0.05 + 0.3) and cap.left == pytest.approx(1.0 - 0.35)
+
+
+def test_the_worst_case_counts_every_completion_and_the_tools_sent():
+    _, lm = priced_world(4, seed=6, name="many")
+    messages = [{"role": "user", "content": "Hi"}]
+    one = worst_case_price(lm, messages, None, {})
+    assert worst_case_price(lm, messages, None, {"n": 4}) == pytest.approx(one + 3 * PRICE[1] * MAX_TOKENS)
+    tools = [{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
+    import json
+
+    extra = len(json.dumps(tools).encode())
+    assert worst_case_price(lm, messages, None, {"tools": tools}) == pytest.approx(one + PRICE[0] * extra)
+    image = [{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": "data:" + "A" * 10**6}}]
+    assert worst_case_price(lm, [{"role": "user", "content": image}], None, {}) == pytest.approx(one)
+
+
+def test_an_enclosing_cap_still_applies_inside_a_looser_one():
+    w, lm = priced_world(4, seed=7, name="nested")
+    outer = DollarCap(0.9 * PRICE[1] * MAX_TOKENS)  # less than any call's worst case
+    inner = DollarCap(1.0)
+    before = w.calls
+    with dspy.context(lm=lm), dollar_cap(outer), dollar_cap(inner), metered():
+        with pytest.raises(SpendingStopped, match=f"max_dollars={outer.max_dollars:g} reached"):
+            dspy.Predict("question -> answer")(question=w.examples[0].question)
+    assert (outer.refused, inner.refused, w.calls - before) == (1, 0, 0)
+    assert inner.left == pytest.approx(1.0)  # the refused call holds nothing in the cap it fitted in

@@ -36,16 +36,20 @@ def test_worker_threads_see_the_callers_context_and_their_own_dspy_settings():
 
     active = contextvars.ContextVar("active_span", default=None)
     active.set("caller's span")
+    adapter = dspy.JSONAdapter()
 
     def job(i):
-        with dspy.track_usage() as tracker:  # each worker's own tracker, as DSPy's executor gives it
-            pass
-        return active.get(), tracker is not None
+        tracker = dspy.settings.usage_tracker
+        return active.get(), dspy.settings.adapter is adapter, tracker is not None and tracker is not callers_tracker
 
-    plain = ParallelExecutor(num_threads=2, disable_progress_bar=True).execute(job, range(4))
-    carried = ParallelExecutor(num_threads=2, disable_progress_bar=True).execute(carry_context(job), range(4))
-    assert plain == [(None, True)] * 4  # what DSPy does alone: the span is lost in the worker
-    assert carried == [("caller's span", True)] * 4
+    with dspy.context(adapter=adapter), dspy.track_usage() as callers_tracker:
+        plain = ParallelExecutor(num_threads=2, disable_progress_bar=True).execute(job, range(4))
+        carried = ParallelExecutor(num_threads=2, disable_progress_bar=True).execute(carry_context(job), range(4))
+        alone = ParallelExecutor(num_threads=1, disable_progress_bar=True).execute(carry_context(job), range(2))
+    # What DSPy does alone: its settings reach the workers (each with its own usage tracker), the span does not.
+    assert plain == [(None, True, True)] * 4
+    assert carried == [("caller's span", True, True)] * 4
+    assert [a for a, _, _ in alone] == ["caller's span"] * 2  # one thread: the caller's own context, untouched
 
 
 def run_session(tracer, order, tmp_path):
@@ -131,6 +135,11 @@ def test_one_trace_per_call_with_round_attributes(tracer, order, tmp_path):
     written = [s for s in out["down"]["spans"] if s["name"].startswith(("round ", "chain ", "Markov"))]
     assert written and not [s["name"] for s in written if ENDPOINT in s["text"]]
 
+    # The async calibration: one trace too (autolog patches compile only; acompile does what its patch does).
+    root = one_trace(out["acompile"]["spans"])
+    assert root["name"] == "MarkovCalibrator.compile"
+    assert len(children(out["acompile"]["spans"], root, "chain ")) == out["acompile"]["examples"]
+
     if tracer == "mlflow":
         check_calibration_run(out)
 
@@ -138,8 +147,21 @@ def test_one_trace_per_call_with_round_attributes(tracer, order, tmp_path):
 def check_calibration_run(out):
     """Each calibration is an MLflow run (autolog's log_compiles) with its estimates, verdict and report."""
     calibration = out["calibration"]
-    runs = [r for r in out["runs"] if r["params"].get("markovscale.parallel_samples") == "None"]
-    assert len(out["runs"]) == 2 and len(runs) == 1  # the MarkovRefine's and the MarkovScale's calibrations
+    logged = [r for r in out["runs"] if "markovscale.rounds" in r["params"]]
+    # compile x2 (MarkovRefine, MarkovScale), acompile, and in the user's own run two calibrations: the first in it,
+    # the second in a nested run of its own
+    assert sorted(r["params"]["markovscale.rounds"] for r in logged) == ["1", "1", "2", "3", "3"]
+    user_run = next(r for r in out["runs"] if r["name"] == "two calibrations")
+    nested = [r for r in logged if r["parent"] is not None]
+    assert user_run["params"]["markovscale.rounds"] == "1" and [r["params"]["markovscale.rounds"] for r in nested] == [
+        "2"
+    ]
+    runs = [
+        r
+        for r in logged
+        if r["params"]["markovscale.rounds"] == "3" and r["params"].get("markovscale.parallel_samples") == "None"
+    ]
+    assert len(runs) == 1
     run = runs[0]
     assert run["params"]["markovscale.trainset_size"] == str(calibration["examples"])
     assert run["params"]["markovscale.rounds"] == "3" and run["params"]["markovscale.program_lm"] == "simulated/world"

@@ -144,6 +144,23 @@ with dspy.context(lm=world.lm()):
     failed = down(**question)
     out["down"] = {"spans": spans_so_far(), "error": failed.markovscale.trajectory[1]["error"]}
 
+    # The async calibration: MLflow's autolog patches compile only, acompile must behave the same.
+    acalibrator = MarkovCalibrator(world.metric, store_traces=False)
+    asyncio.run(
+        acalibrator.acompile(
+            MarkovRefine(dspy.Predict("question -> answer"), max_rounds=1), trainset=world.examples[:12]
+        )
+    )
+    out["acompile"] = {"spans": spans_so_far(), "examples": 12}
+    if TRACER == "mlflow":
+        # Two calibrations in one run of the user's: the second gets a nested run (params cannot change).
+        with mlflow.start_run(run_name="two calibrations"):
+            for rounds in (1, 2):
+                MarkovCalibrator(world.metric, store_traces=False).compile(
+                    MarkovRefine(dspy.Predict("question -> answer"), max_rounds=rounds), trainset=world.examples[:12]
+                )
+        spans_so_far()
+
 if TRACER == "mlflow":
     client = mlflow.MlflowClient()
     runs = mlflow.search_runs(output_format="list")
@@ -156,6 +173,8 @@ if TRACER == "mlflow":
                 for name in ("markovscale.observed_accuracy", "markovscale.predicted_accuracy")
             },
             "artifacts": [a.path for a in client.list_artifacts(r.info.run_id, "markovscale")],
+            "name": r.info.run_name,
+            "parent": r.data.tags.get("mlflow.parentRunId"),
         }
         for r in runs
     ]

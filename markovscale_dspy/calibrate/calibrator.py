@@ -30,12 +30,12 @@ from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.statistics import PARTIAL_SCORE, binomial_interval, score_to_label
 from markovscale_dspy.core.validation import check_callable, check_int, check_number, check_prior
 from markovscale_dspy.core.voting import VoteModel
-from markovscale_dspy.integrations.mlflow import follow_autolog
+from markovscale_dspy.integrations.mlflow import autolog_compile, follow_autolog
 from markovscale_dspy.refine.logprobs import LOGPROBS_FIELD
 from markovscale_dspy.refine.loop import Outcome, describe, error_kind, unrecoverable
 from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine
 from markovscale_dspy.refine.sampling import MAX_SAMPLES, afresh_sample, fresh_sample, has_pinned_lm, sample_rollout
-from markovscale_dspy.spending import DollarCap, SpendingStopped, current_cap, dollar_cap
+from markovscale_dspy.spending import DollarCap, SpendingStopped, cap_reached, dollar_cap
 from markovscale_dspy.tracing import carry_context, span
 from markovscale_dspy.usage import Usage, measure_usage
 
@@ -201,10 +201,12 @@ class MarkovCalibrator(Teleprompter):
         from the trace store, stops, caps and reports exactly as :meth:`compile` (the valset, if any, is evaluated
         with threads)."""
         width = check_int("concurrency", concurrency, 1, none_ok=True) or self.num_threads or dspy.settings.num_threads
-        job = self._prepare(student, trainset)
-        with job.observing():
-            records, store_dir = await self._aobserve(job, width)
-        return self._conclude(job, records, store_dir, valset)
+        # MLflow's autolog patches compile only: do here what its patch does there (a run, compile-time tracing).
+        with autolog_compile(type(self).__name__):
+            job = self._prepare(student, trainset)
+            with job.observing():
+                records, store_dir = await self._aobserve(job, width)
+            return self._conclude(job, records, store_dir, valset)
 
     def _prepare(self, student: Calibratable, trainset: Sequence[dspy.Example]) -> _Job:
         """Check the student and the trainset, copy the student, and set up what the run shares."""
@@ -392,14 +394,22 @@ class MarkovCalibrator(Teleprompter):
         async def work(item: tuple[int, dspy.Example, int | None]) -> Any:
             index, example, sample = item
             async with gate:
-                with _job_span(index, sample):
-                    if sample is None:
-                        return await self._achain(run, job.rounds, index, example)
-                    return await self._asample(run, index, example, sample)
+                try:
+                    with _job_span(index, sample):
+                        if sample is None:
+                            return await self._achain(run, job.rounds, index, example)
+                        return await self._asample(run, index, example, sample)
+                except Exception as exc:  # as DSPy's executor does for compile: the job's record says it failed
+                    logger.error("MarkovCalibrator: a calibration job failed: %s", describe(exc))
+                    return exc
 
+        tasks = [asyncio.ensure_future(work(item)) for item in jobs]
         try:
-            results = await asyncio.gather(*(work(item) for item in jobs))
+            results = await asyncio.gather(*tasks)
         finally:
+            for task in tasks:  # cancelled from outside: nothing may still write to the store once it closes
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if run.store is not None:
                 run.store.close()
         return self._collect(job, jobs, results, run)
@@ -439,7 +449,7 @@ class MarkovCalibrator(Teleprompter):
 
     def _sample(self, run: _Run, index: int, example: dspy.Example, sample: int) -> dict[str, Any]:
         """Worker: independent round-0 sample ``sample`` of one example, graded. Pure, like :meth:`_chain`."""
-        if run.guard.stopped or _capped():
+        if run.guard.stopped or cap_reached():
             return _skipped_sample(sample)
         key = self._key(run, index, example, 0, sample=sample)
         stored = self._reused(run, key)
@@ -451,7 +461,7 @@ class MarkovCalibrator(Teleprompter):
 
     async def _asample(self, run: _Run, index: int, example: dspy.Example, sample: int) -> dict[str, Any]:
         """Async twin of :meth:`_sample`."""
-        if run.guard.stopped or _capped():
+        if run.guard.stopped or cap_reached():
             return _skipped_sample(sample)
         key = self._key(run, index, example, 0, sample=sample)
         stored = self._reused(run, key)
@@ -542,7 +552,7 @@ class MarkovCalibrator(Teleprompter):
         """Worker: one full chain and its labels. Pure (returns its record) because the executor may re-run it;
         the store write is idempotent (same key, same chain)."""
         record = ChainRecord(index=index)
-        if run.guard.stopped or _capped():
+        if run.guard.stopped or cap_reached():
             record.failure, record.skipped = _SKIPPED, True
             return record
         key = self._key(run, index, example, rounds)
@@ -565,7 +575,7 @@ class MarkovCalibrator(Teleprompter):
     async def _achain(self, run: _Run, rounds: int, index: int, example: dspy.Example) -> ChainRecord:
         """Async twin of :meth:`_chain`."""
         record = ChainRecord(index=index)
-        if run.guard.stopped or _capped():
+        if run.guard.stopped or cap_reached():
             record.failure, record.skipped = _SKIPPED, True
             return record
         key = self._key(run, index, example, rounds)
@@ -653,12 +663,6 @@ def _publish(calibrator: MarkovCalibrator, report: CalibrationReport) -> None:
             sink(calibrator, report)
         except Exception as exc:
             logger.warning("MarkovCalibrator: the calibration could not be logged by %s: %s", sink, describe(exc))
-
-
-def _capped() -> bool:
-    """Whether the run's dollar cap has refused a call (no new chain or sample starts)."""
-    cap = current_cap()
-    return cap is not None and cap.exhausted
 
 
 def _warn_capped(cap: DollarCap, records: list[ChainRecord]) -> None:

@@ -21,7 +21,7 @@ from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.policies import Decision, evidence_for
 from markovscale_dspy.core.theory import TIE_TOLERANCE
 from markovscale_dspy.refine.loop import Call, ChainState, Outcome
-from markovscale_dspy.spending import current_cap
+from markovscale_dspy.spending import cap_reached
 from markovscale_dspy.tracing import carry_context
 
 __all__ = ["BudgetResult", "allocate"]
@@ -93,8 +93,7 @@ def allocate(
 
     gains = {i: gain_of(i) for i in alive}
     spent, step, log = 0, 0, []
-    cap = current_cap()
-    while spent < budget and not (cap is not None and cap.exhausted):
+    while spent < budget and not cap_reached():
         candidates = [i for i in alive if states[i].rounds < max_rounds and gains[i] > round_cost + TIE_TOLERANCE]
         if not candidates:
             break
@@ -123,7 +122,7 @@ def allocate(
     for i in alive:
         if states[i].rounds >= max_rounds:
             reason = "max_rounds"
-        elif cap is not None and cap.exhausted and gains[i] > round_cost + TIE_TOLERANCE:
+        elif cap_reached() and gains[i] > round_cost + TIE_TOLERANCE:
             reason = "max_dollars"
         elif gains[i] <= round_cost + TIE_TOLERANCE:
             reason = "cost"

@@ -265,6 +265,19 @@ class MarkovRefine(dspy.Module):
 
     # Saving and loading -------------------------------------------------------------------------------------------
 
+    def deepcopy(self) -> MarkovRefine:
+        """A deep copy (DSPy's). Its refiner saves its own state: when the predictor cannot be deep-copied whole,
+        DSPy copies its attributes one by one, which would leave the copy's ``dump_state`` bound to the original."""
+        copy = super().deepcopy()
+        _scrub_saved_state(_refiner_predict(copy.refiner))
+        return copy
+
+    def reset_copy(self) -> MarkovRefine:
+        """DSPy's ``reset_copy``, with the copy's refiner saving its own state (see :meth:`deepcopy`)."""
+        copy = super().reset_copy()
+        _scrub_saved_state(_refiner_predict(copy.refiner))
+        return copy
+
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
         """DSPy state of the module, with endpoints and headers of pinned LMs removed (they may hold secrets)."""
         return scrub_lm_state(super().dump_state(json_mode=json_mode))

@@ -43,7 +43,7 @@ from markovscale_dspy.refine.sampling import (
     sample_rollout,
 )
 from markovscale_dspy.refine.state import MarkovState, load_into, read_state_file, scrub_lm_state
-from markovscale_dspy.spending import DollarCap, current_cap, dollar_cap
+from markovscale_dspy.spending import DollarCap, SpendingStopped, cap_reached, dollar_cap
 from markovscale_dspy.tracing import annotate, carry_context, span
 from markovscale_dspy.usage import Usage, measure_usage
 
@@ -435,7 +435,7 @@ class MarkovScale(dspy.Module):
             runs = self._sample_chains([strategy.rounds] * strategy.samples, dict(inputs), setup=setup)
             return self._finish(strategy, reason, predicted, runs)
         runs: list[SampleChain] = []
-        while not _cap_reached() and (batch := stopper.next_batch(_keys(runs), self._threads(strategy.samples))):
+        while not cap_reached() and (batch := stopper.next_batch(_keys(runs), self._threads(strategy.samples))):
             runs += self._sample_chains([strategy.rounds] * batch, dict(inputs), first=len(runs), setup=setup)
             _raise_what_must_be_heard(runs)  # no further wave for a key that was rejected
         return self._finish(strategy, reason, predicted, runs, stopper)
@@ -465,7 +465,7 @@ class MarkovScale(dspy.Module):
             runs, unused, cancelled = await self._speculate(stopper, one)
             return self._finish(strategy, reason, predicted, runs, stopper, unused=unused, cancelled=cancelled)
         runs = []
-        while not _cap_reached() and (batch := stopper.next_batch(_keys(runs), self._threads(strategy.samples))):
+        while not cap_reached() and (batch := stopper.next_batch(_keys(runs), self._threads(strategy.samples))):
             # gather cancels the batch's other tasks if one is cancelled (a caller's timeout): LiteLLM's async
             # client then closes their requests, so the server stops working on them
             runs += await asyncio.gather(*(one(j) for j in range(len(runs), len(runs) + batch)))
@@ -485,9 +485,11 @@ class MarkovScale(dspy.Module):
         used: list[SampleChain] = []
         try:
             while True:
-                while len(pending) < width and launched < stopper.budget:
+                while len(pending) < width and launched < stopper.budget and not cap_reached():
                     pending[asyncio.ensure_future(one(launched))] = launched
                     launched += 1
+                if not pending:  # the dollar cap stopped new chains: the vote is what finished
+                    return used, [done[j] for j in sorted(done)], 0
                 finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
                     done[pending.pop(task)] = task.result()
@@ -562,6 +564,10 @@ class MarkovScale(dspy.Module):
         """Worker: sample ``index``, refined ``rounds`` rounds. Never raises (the executor would swallow it): a
         failure is returned, and :func:`_raise_what_must_be_heard` decides."""
         pinned, refiner = setup
+        if cap_reached():
+            return SampleChain.failed(
+                SpendingStopped("the dollar cap was reached before this chain started", "cap"), {}
+            )
         outer = self._outer(index, refiner)
 
         def run(call: Call) -> Outcome:
@@ -582,6 +588,10 @@ class MarkovScale(dspy.Module):
     ) -> SampleChain:
         """Async twin of :meth:`_sample_chain`."""
         pinned, refiner = setup
+        if cap_reached():
+            return SampleChain.failed(
+                SpendingStopped("the dollar cap was reached before this chain started", "cap"), {}
+            )
         outer = self._outer(index, refiner)
 
         async def run(call: Call) -> Outcome:
@@ -647,11 +657,6 @@ class MarkovScale(dspy.Module):
         prediction = ScaledPrediction(**outputs, **compat)
         prediction.markovscale = account
         return prediction
-
-
-def _cap_reached() -> bool:
-    cap = current_cap()
-    return cap is not None and cap.exhausted
 
 
 def _capped(cap: DollarCap | None, prediction: ScaledPrediction) -> ScaledPrediction:

@@ -70,6 +70,17 @@ def log_calibration(calibrator: Any, report: CalibrationReport) -> bool:
     mlflow = sys.modules.get("mlflow")
     if mlflow is None or mlflow.active_run() is None:
         return False
+    active = mlflow.active_run().info.run_id
+    if "markovscale.rounds" in mlflow.get_run(active).data.params:
+        # A second calibration in the same run (MLflow params cannot change): a nested run of its own.
+        with mlflow.start_run(run_name=type(calibrator).__name__, nested=True):
+            _log(mlflow, calibrator, report)
+    else:
+        _log(mlflow, calibrator, report)
+    return True
+
+
+def _log(mlflow: Any, calibrator: Any, report: CalibrationReport) -> None:
     metrics, steps = calibration_metrics(report)
     mlflow.log_params({k: str(v)[:500] for k, v in calibration_params(report, calibrator).items()})
     mlflow.log_metrics({f"markovscale.{k}": v for k, v in metrics.items()})
@@ -87,7 +98,6 @@ def log_calibration(calibrator: Any, report: CalibrationReport) -> bool:
             pass
         markdown = calibration_markdown(report, figure="calibration.png" if figure else None)
         mlflow.log_text(markdown, "markovscale/calibration_report.md")
-    return True
 
 
 def _is_finite(value: Any) -> bool:
