@@ -18,7 +18,7 @@ import math
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, TypeVar
 
 from dspy.dsp.utils.settings import thread_local_overrides
@@ -112,6 +112,8 @@ def _prefixed(attributes: Mapping[str, Any]) -> dict[str, Any]:
 
 def annotate(attributes: Mapping[str, Any]) -> None:
     """Set ``attributes`` (``markovscale.``-prefixed) on the active span of MLflow and of OpenTelemetry, if any."""
+    if "mlflow" not in sys.modules and "opentelemetry.trace" not in sys.modules:
+        return
     values = _prefixed(attributes)
     if not values:
         return
@@ -122,10 +124,9 @@ def annotate(attributes: Mapping[str, Any]) -> None:
             logger.debug("could not set span attributes: %s", exc)
 
 
-@contextmanager
 def span(
     name: str, attributes: Callable[[], Mapping[str, Any]] | None = None, *, root: str | None = None
-) -> Iterator[None]:
+) -> AbstractContextManager:
     """A child span of the active one, named ``name``, with ``attributes()`` set when it closes.
 
     In MLflow when an MLflow span is active, else in OpenTelemetry when a recording span is active and the global
@@ -134,6 +135,13 @@ def span(
     not a module call (MLflow autolog's ``log_traces``, an OpenTelemetry-instrumented DSPy), ``"compile"`` for a
     calibration (``log_traces_from_compile=True``, an instrumented DSPy).
     """
+    if "mlflow" not in sys.modules and "opentelemetry.trace" not in sys.modules:
+        return nullcontext()  # no tracer loaded: nothing to look up, per round
+    return _span(name, attributes, root)
+
+
+@contextmanager
+def _span(name: str, attributes: Callable[[], Mapping[str, Any]] | None, root: str | None) -> Iterator[None]:
     opened = _open(name, root)
     if opened is None:
         yield

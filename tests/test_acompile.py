@@ -47,6 +47,7 @@ async def test_async_calibration_fits_what_the_threads_fit_and_resumes_from_the_
     assert again.report.chains_reused == 80 and w.calls == calls  # every chain came from the store
 
 
+@pytest.mark.slow  # thread and asyncio equality, with samples
 async def test_async_calibration_of_a_vote_fits_the_same_vote_model():
     first, w = twin_worlds(n=60, seed=12, p0=0.5, p_cw=0.2, p_wc=0.1)
     scale = MarkovScale(dspy.Predict("question -> answer"), max_calls=4)

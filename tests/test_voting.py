@@ -206,6 +206,7 @@ def _inside_bootstrap(value, draws, level=0.99):
     return lo <= value <= hi
 
 
+@pytest.mark.slow  # a statistical run (bootstrap refits)
 def test_the_fit_recovers_the_difficulty_law_within_its_bootstrap_range():
     model = _fitted(3, 0.6)
     draws = np.array([(d[0], d[1]) for d in model.draws])
@@ -242,6 +243,7 @@ def test_the_fit_recovers_the_number_of_distractors_and_their_agreement():
     )
 
 
+@pytest.mark.slow  # a statistical run (coverage over many fits)
 def test_the_prediction_interval_covers_the_truth():
     model = _fitted(3, 0.6)
     for n in (3, 5, 7):
