@@ -551,13 +551,8 @@ class MarkovCalibrator(Teleprompter):
     def _chain(self, run: _Run, rounds: int, index: int, example: dspy.Example) -> ChainRecord:
         """Worker: one full chain and its labels. Pure (returns its record) because the executor may re-run it;
         the store write is idempotent (same key, same chain)."""
-        record = ChainRecord(index=index)
-        if run.guard.stopped or cap_reached():
-            record.failure, record.skipped = _SKIPPED, True
-            return record
-        key = self._key(run, index, example, rounds)
-        trajectory = self._reused(run, key)
-        if trajectory is None:
+        record, key, trajectory = self._chain_start(run, rounds, index, example)
+        if trajectory is None and not record.skipped:
             usage, prediction, error = Usage(), None, None
             try:
                 with dspy.context(trace=[]), measure_usage() as usage:
@@ -565,22 +560,12 @@ class MarkovCalibrator(Teleprompter):
             except Exception as exc:
                 error = exc
             trajectory = self._chain_ran(run, record, key, prediction, error, usage)
-            if trajectory is None:
-                return record
-        else:
-            record.reused = True
-        self._label(record, example, trajectory, run.guard)
-        return record
+        return self._chain_end(run, record, example, trajectory)
 
     async def _achain(self, run: _Run, rounds: int, index: int, example: dspy.Example) -> ChainRecord:
         """Async twin of :meth:`_chain`."""
-        record = ChainRecord(index=index)
-        if run.guard.stopped or cap_reached():
-            record.failure, record.skipped = _SKIPPED, True
-            return record
-        key = self._key(run, index, example, rounds)
-        trajectory = self._reused(run, key)
-        if trajectory is None:
+        record, key, trajectory = self._chain_start(run, rounds, index, example)
+        if trajectory is None and not record.skipped:
             usage, prediction, error = Usage(), None, None
             try:
                 with dspy.context(trace=[]), measure_usage() as usage:
@@ -588,11 +573,27 @@ class MarkovCalibrator(Teleprompter):
             except Exception as exc:
                 error = exc
             trajectory = self._chain_ran(run, record, key, prediction, error, usage)
-            if trajectory is None:
-                return record
-        else:
-            record.reused = True
-        self._label(record, example, trajectory, run.guard)
+        return self._chain_end(run, record, example, trajectory)
+
+    def _chain_start(
+        self, run: _Run, rounds: int, index: int, example: dspy.Example
+    ) -> tuple[ChainRecord, str | None, list[dict[str, Any]] | None]:
+        """A chain's record, its store key and its stored trajectory (``None``: run it, unless the record says it
+        was skipped because the calibration had stopped)."""
+        record = ChainRecord(index=index)
+        if run.guard.stopped or cap_reached():
+            record.failure, record.skipped = _SKIPPED, True
+            return record, None, None
+        key = self._key(run, index, example, rounds)
+        trajectory = self._reused(run, key)
+        record.reused = trajectory is not None
+        return record, key, trajectory
+
+    def _chain_end(
+        self, run: _Run, record: ChainRecord, example: dspy.Example, trajectory: list[dict[str, Any]] | None
+    ) -> ChainRecord:
+        if trajectory is not None:
+            self._label(record, example, trajectory, run.guard)
         return record
 
     def _chain_ran(
