@@ -15,17 +15,20 @@ import contextvars
 import functools
 import logging
 import math
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, TypeVar
 
+import dspy
 from dspy.dsp.utils.settings import thread_local_overrides
+from dspy.utils.callback import BaseCallback
 
 from markovscale_dspy.usage import detach_meter
 
-__all__ = ["PREFIX", "annotate", "carry_context", "span"]
+__all__ = ["PREFIX", "annotate", "carry_context", "scrub_endpoints", "scrubbed_errors", "span"]
 
 #: Every attribute this package sets on a span starts with this.
 PREFIX = "markovscale."
@@ -58,6 +61,54 @@ def carry_context(fn: Callable[[T], R]) -> Callable[[T], R]:
         return context.copy().run(inside)
 
     return run
+
+
+# Endpoints in error text ------------------------------------------------------------------------------------------
+
+#: A URL, or an IP address or ``localhost`` with or without a port: where an LM server is, not what went wrong.
+_ENDPOINT = re.compile(
+    r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>()]+|\b(?:localhost|\d{1,3}(?:\.\d{1,3}){3})(?::\d{1,5})?\b", re.IGNORECASE
+)
+
+
+def scrub_endpoints(text: str) -> str:
+    """``text`` with URLs, IP addresses and ``localhost:port`` replaced by ``<endpoint>``.
+
+    Example:
+        >>> scrub_endpoints("cannot reach http://10.0.0.7:8000/v1 (retry in 3.5 s)")
+        'cannot reach <endpoint> (retry in 3.5 s)'
+    """
+    return _ENDPOINT.sub("<endpoint>", text)
+
+
+class _ScrubErrors(BaseCallback):
+    """Replaces endpoints in an LM's exception as it leaves the LM, before a tracer records it on the LM's span or
+    any span around it (MLflow's callback runs after this one; OpenTelemetry's wrappers sit outside the call)."""
+
+    def on_lm_end(self, call_id: str, outputs: Any, exception: BaseException | None = None) -> None:
+        if exception is None:
+            return
+        exception.args = tuple(scrub_endpoints(a) if isinstance(a, str) else a for a in exception.args)
+        message = getattr(exception, "message", None)
+        if isinstance(message, str):
+            try:
+                exception.message = scrub_endpoints(message)
+            except AttributeError:  # a read-only message: its args were scrubbed
+                pass
+
+
+_SCRUB = _ScrubErrors()
+
+
+def scrubbed_errors() -> AbstractContextManager:
+    """Where a tracer is loaded, LM calls inside the block raise with endpoints replaced in their message (so no
+    server address reaches a trace); without a tracer, nothing changes."""
+    if "mlflow" not in sys.modules and "opentelemetry.trace" not in sys.modules:
+        return nullcontext()
+    callbacks = dspy.settings.get("callbacks", []) or []
+    if any(c is _SCRUB for c in callbacks):
+        return nullcontext()
+    return dspy.context(callbacks=[_SCRUB, *callbacks])
 
 
 # The tracers ------------------------------------------------------------------------------------------------------

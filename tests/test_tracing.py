@@ -129,11 +129,11 @@ def test_one_trace_per_call_with_round_attributes(tracer, order, tmp_path):
     assert root["name"] == "MarkovRefine.answer_with_budget"
     assert ours(root["attributes"])["spent"] == out["budget"]["spent"]
 
-    # A refiner whose server is down: the failure is recorded, its address is not, in the outputs and in every
-    # span this package writes or whose outputs it returns (DSPy's own LM span records the LM's raw exception).
+    # A refiner whose server is down: the failure is recorded, its address is not, in the outputs and in any span
+    # (DSPy's own LM, adapter and predictor spans record the LM's exception, with its endpoint replaced).
     assert out["down"]["error"].startswith("ConnectionError: cannot reach <endpoint>")
-    written = [s for s in out["down"]["spans"] if s["name"].startswith(("round ", "chain ", "Markov"))]
-    assert written and not [s["name"] for s in written if ENDPOINT in s["text"]]
+    assert [s["name"] for s in out["down"]["spans"] if ENDPOINT in s["text"]] == []
+    assert any("cannot reach <endpoint>" in s["text"] for s in out["down"]["spans"])  # what failed is still there
 
     # The async calibration: one trace too (autolog patches compile only; acompile does what its patch does).
     root = one_trace(out["acompile"]["spans"])

@@ -11,7 +11,6 @@ module, which keeps ``MarkovRefine.forward`` free of mutation and thread-safe. E
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable, Generator, Hashable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from markovscale_dspy.core.answers import default_answer_key, is_empty_answer
 from markovscale_dspy.core.model import TransitionModel
 from markovscale_dspy.core.policies import Decision, Policy, RoundContext, evidence_for, observations_of
 from markovscale_dspy.spending import SpendingStopped
-from markovscale_dspy.tracing import span
+from markovscale_dspy.tracing import scrub_endpoints, span
 from markovscale_dspy.usage import Usage
 
 __all__ = [
@@ -69,16 +68,11 @@ class Outcome:
 
 
 #: A URL, or an IP address or ``localhost`` with or without a port: where an LM server is, not what went wrong.
-_ENDPOINT = re.compile(
-    r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>()]+|\b(?:localhost|\d{1,3}(?:\.\d{1,3}){3})(?::\d{1,5})?\b", re.IGNORECASE
-)
-
-
 def describe(error: BaseException) -> str:
     """``Type: first line of the message`` (short enough for trajectories and reports), with endpoints replaced by
     ``<endpoint>``: the text is kept in outputs, traces and reports, where a server's address does not belong."""
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {_ENDPOINT.sub('<endpoint>', text[0])[:200]}" if text else type(error).__name__
+    return f"{type(error).__name__}: {scrub_endpoints(text[0])[:200]}" if text else type(error).__name__
 
 
 class RoundEntry(TypedDict, total=False):

@@ -47,7 +47,7 @@ from markovscale_dspy.refine.state import (
     scrub_lm_state,
 )
 from markovscale_dspy.spending import DollarCap, SpendingStopped, dollar_cap, metered
-from markovscale_dspy.tracing import annotate, span
+from markovscale_dspy.tracing import annotate, scrubbed_errors, span
 
 __all__ = ["MarkovRefine"]
 
@@ -619,7 +619,7 @@ class MarkovRefine(dspy.Module):
     def _call(self, call: Call, outer: Any = _FROM_LM, refiner: tuple[Any, Any] | None = None) -> Outcome:
         # Resolving the refiner's LM raises on a misconfiguration: that is the user's to fix, not a failed round.
         kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call, outer, refiner)
-        with metered() as usage:
+        with metered() as usage, scrubbed_errors():
             try:
                 if call.round == 0:
                     with self._round_zero_context():
@@ -633,7 +633,7 @@ class MarkovRefine(dspy.Module):
 
     async def _acall(self, call: Call, outer: Any = _FROM_LM, refiner: tuple[Any, Any] | None = None) -> Outcome:
         kwargs = call.kwargs if call.round == 0 else self._refine_kwargs(call, outer, refiner)
-        with metered() as usage:
+        with metered() as usage, scrubbed_errors():
             try:
                 if call.round > 0:
                     prediction = await self.refiner.acall(**kwargs)

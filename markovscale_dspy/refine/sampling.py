@@ -17,6 +17,7 @@ import dspy
 from markovscale_dspy.core.validation import check_int
 from markovscale_dspy.refine.loop import Outcome
 from markovscale_dspy.spending import SpendingStopped, metered
+from markovscale_dspy.tracing import scrubbed_errors
 
 __all__ = [
     "MAX_SAMPLES",
@@ -97,7 +98,7 @@ def fresh_sample(
     """An independent round-0 sample of ``program``: own rollout id ``rollout`` (see :func:`sample_rollout`; composed
     with the LM's) at ``temperature``. What calibration draws and what votes use, so the two agree. A failure is
     returned, not raised (a failed sample does not vote)."""
-    with metered() as usage:
+    with metered() as usage, scrubbed_errors():
         try:
             with _fresh_program(program, rollout, temperature, pinned) as module:
                 prediction, error = module(**inputs), None
@@ -110,7 +111,7 @@ async def afresh_sample(
     program: dspy.Module, inputs: dict[str, Any], *, rollout: int, temperature: float, pinned: bool | None = None
 ) -> Outcome:
     """Async twin of :func:`fresh_sample`."""
-    with metered() as usage:
+    with metered() as usage, scrubbed_errors():
         try:
             with _fresh_program(program, rollout, temperature, pinned) as module:
                 if hasattr(module, "aforward"):
