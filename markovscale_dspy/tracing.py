@@ -161,11 +161,12 @@ def _prefixed(attributes: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def annotate(attributes: Mapping[str, Any]) -> None:
-    """Set ``attributes`` (``markovscale.``-prefixed) on the active span of MLflow and of OpenTelemetry, if any."""
+def annotate(attributes: Callable[[], Mapping[str, Any]]) -> None:
+    """Set ``attributes()`` (``markovscale.``-prefixed) on the active span of MLflow and of OpenTelemetry, if any
+    (a function, so nothing is computed when no tracer is loaded)."""
     if "mlflow" not in sys.modules and "opentelemetry.trace" not in sys.modules:
         return
-    values = _prefixed(attributes)
+    values = _prefixed(attributes())
     if not values:
         return
     for current in {id(s): s for s in (_mlflow_span(), _otel_span()) if s is not None}.values():

@@ -527,7 +527,7 @@ class MarkovRefine(dspy.Module):
         name = self.policy if isinstance(self.policy, str) else type(self.policy).__name__
         if isinstance(policy, Abstain):
             name = f"{name} (abstained: {policy.reason})"
-        annotate(account_attributes(prediction.markovscale, name))
+        annotate(lambda: account_attributes(prediction.markovscale, name))
         return prediction
 
     def _refiner_lm(self) -> tuple[Any, Any]:

@@ -672,31 +672,32 @@ def _capped(cap: DollarCap | None, prediction: ScaledPrediction) -> ScaledPredic
 
 def _annotated(prediction: ScaledPrediction) -> ScaledPrediction:
     """The prediction, after telling the user's tracer (the module's span) what ran and why it stopped."""
-    account = prediction.markovscale
+    annotate(lambda: _scale_attributes(prediction.markovscale))
+    return prediction
+
+
+def _scale_attributes(account: ScaleAccount) -> dict[str, Any]:
     total = Usage()
     for used in [*account.usage, *account.unused]:
         total = total + Usage.from_dict(used)
     predicted = account.predicted or {}
-    annotate(
-        {
-            "plan": account.plan,
-            "samples": account.samples,
-            "rounds": account.rounds,
-            "reason": account.reason,
-            "stop_reason": account.stop_reason,
-            "votes": ", ".join(f"{n}" for _, n in account.votes),
-            "winning_votes": account.votes[0][1] if account.votes else 0,
-            "failed_samples": account.failed_samples,
-            "cancelled": account.cancelled,
-            "posterior": account.stop_info.get("posterior"),
-            "predicted_accuracy": predicted.get("accuracy"),
-            "calls": total.calls,
-            "prompt_tokens": total.prompt_tokens,
-            "completion_tokens": total.completion_tokens,
-            "cost": total.cost,
-        }
-    )
-    return prediction
+    return {
+        "plan": account.plan,
+        "samples": account.samples,
+        "rounds": account.rounds,
+        "reason": account.reason,
+        "stop_reason": account.stop_reason,
+        "votes": ", ".join(f"{n}" for _, n in account.votes),
+        "winning_votes": account.votes[0][1] if account.votes else 0,
+        "failed_samples": account.failed_samples,
+        "cancelled": account.cancelled,
+        "posterior": account.stop_info.get("posterior"),
+        "predicted_accuracy": predicted.get("accuracy"),
+        "calls": total.calls,
+        "prompt_tokens": total.prompt_tokens,
+        "completion_tokens": total.completion_tokens,
+        "cost": total.cost,
+    }
 
 
 def _raise_what_must_be_heard(runs: Sequence[SampleChain]) -> None:
