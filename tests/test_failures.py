@@ -87,6 +87,7 @@ def test_max_errors_stops_the_calibration_before_the_rest_is_paid_for():
 # A missing key against a real loopback server -----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a real loopback server, 200 questions on 4 threads
 def test_a_rejected_key_stops_calibration_at_the_first_call_with_the_fix():
     w = world(200)
     with StatusServer(401) as server:
@@ -102,6 +103,7 @@ def test_a_rejected_key_stops_calibration_at_the_first_call_with_the_fix():
     assert elapsed < 10
 
 
+@pytest.mark.slow  # a real loopback server
 def test_an_unknown_model_stops_calibration_with_the_fix():
     w = world(50)
     with StatusServer(404, message="The model `nope` does not exist", code="model_not_found") as server:
@@ -137,6 +139,7 @@ def test_cli_calibrate_with_a_missing_key_fails_in_one_line_without_paying_for_t
     assert server.hits <= 2 and elapsed < 10, (server.hits, elapsed)
 
 
+@pytest.mark.slow  # builds hosted LMs through LiteLLM
 @pytest.mark.parametrize("engine", [None, "litellm"])
 def test_a_hosted_model_with_no_key_stops_calibration_at_once(monkeypatch, engine):
     """Built directly (not with build_lm), an OpenAI model with no key: DSPy's own engine says it is not configured;

@@ -94,6 +94,7 @@ def test_plan_needs_a_calibration_and_uncalibrated_modules_answer_in_one_call():
     assert pred.markovscale.calls == 1 and pred.plan == "single"
 
 
+@pytest.mark.slow  # a statistical run with samples
 def test_calibration_fits_a_vote_model_and_the_plan_votes_where_refinement_hurts():
     _, scale, calibrator = small()
     model = scale.model

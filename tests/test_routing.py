@@ -214,6 +214,7 @@ def failing_server():
     server.shutdown()
 
 
+@pytest.mark.slow  # a Router over a failing deployment
 def test_retries_do_not_multiply(failing_server):
     """The Router retries (num_retries=1: two attempts); DSPy does not retry on top (it would make 2 x 4)."""
     cfg = config(deployment(base=failing_server, answer=None), num_retries=1, retry_after=0)
