@@ -190,3 +190,20 @@ def test_an_enclosing_cap_still_applies_inside_a_looser_one():
             dspy.Predict("question -> answer")(question=w.examples[0].question)
     assert (outer.refused, inner.refused, w.calls - before) == (1, 0, 0)
     assert inner.left == pytest.approx(1.0)  # the refused call holds nothing in the cap it fitted in
+
+
+async def test_a_speculating_vote_stops_at_the_cap_too():
+    w, lm = priced_world(40, seed=8, name="speculate")
+    with dspy.context(lm=lm):
+        scale = MarkovCalibrator(w.metric, num_threads=2, parallel_samples=4).compile(
+            MarkovScale(dspy.Predict("question -> answer"), max_calls=8, concurrency=4, speculate=True),
+            trainset=w.examples,
+        )
+        scale.max_dollars = 0.0025  # one or two calls' worst case: the vote cannot run its course
+        before = w.calls
+        pred = await scale.acall(**w.examples[1].inputs())
+    account = pred.markovscale
+    assert account.plan in ("vote", "refine_vote") and scale.speculate  # the speculative path ran
+    assert account.stop_reason == "max_dollars"
+    assert account.stop_info["dollar_cap"]["spent"] <= 0.0025
+    assert w.calls - before <= account.samples + len(account.unused)  # nothing answered beyond what is accounted

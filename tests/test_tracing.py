@@ -179,3 +179,31 @@ def check_calibration_run(out):
         "markovscale/calibration_report.json",
         "markovscale/calibration_report.md",
     ]
+
+
+def test_a_round_that_ends_normally_inside_a_callers_except_block_is_not_an_error():
+    """A user retrying in an ``except`` block: our span must not take the handled exception for its own."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from markovscale_dspy.tracing import span
+
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not hasattr(provider, "add_span_processor"):  # the global provider can be set once per process
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with trace.get_tracer("user").start_as_current_span("the user's call"):
+        try:
+            raise KeyError("handled by the user")
+        except KeyError:
+            with span("round 0: program", lambda: {"round": 0}):
+                pass
+    ours = next(s for s in exporter.get_finished_spans() if s.name == "round 0: program")
+    assert ours.status.status_code is StatusCode.UNSET and not ours.events
+    assert ours.attributes["markovscale.round"] == 0
