@@ -101,9 +101,11 @@ _SCRUB = _ScrubErrors()
 
 
 def scrubbed_errors() -> AbstractContextManager:
-    """Where a tracer is loaded, LM calls inside the block raise with endpoints replaced in their message (so no
-    server address reaches a trace); without a tracer, nothing changes."""
+    """Inside a trace being recorded, LM calls in the block raise with endpoints replaced in their message (so no
+    server address reaches the trace); elsewhere nothing changes."""
     if "mlflow" not in sys.modules and "opentelemetry.trace" not in sys.modules:
+        return nullcontext()
+    if _mlflow_span() is None and _otel_span() is None:  # nothing is recording here: no callback to dispatch
         return nullcontext()
     callbacks = dspy.settings.get("callbacks", []) or []
     if any(c is _SCRUB for c in callbacks):
