@@ -42,7 +42,7 @@ from markovscale_dspy._exceptions import ConfigurationError
 from markovscale_dspy.core.validation import check_number
 from markovscale_dspy.usage import Usage, measure_usage, price_of
 
-__all__ = ["DollarCap", "SpendingStopped", "cap_reached", "current_cap", "dollar_cap", "metered", "worst_case_price"]
+__all__ = ["DollarCap", "SpendingStopped", "cap_reached", "dollar_cap", "metered", "worst_case_price"]
 
 #: Special tokens a chat template may add per message, and once per prompt: counted on top of the bytes.
 TEMPLATE_TOKENS_PER_MESSAGE = 16
@@ -258,12 +258,6 @@ def dollar_cap(cap: DollarCap | None) -> Iterator[DollarCap | None]:
         yield cap
     finally:
         _caps.reset(token)
-
-
-def current_cap() -> DollarCap | None:
-    """The innermost cap of the enclosing :func:`dollar_cap` blocks, if any."""
-    caps = _caps.get()
-    return caps[-1] if caps else None
 
 
 def cap_reached() -> bool:
