@@ -44,6 +44,7 @@ from markovscale_dspy._version import __version__
 from markovscale_dspy.calibrate.calibrator import REPORT_SINKS as _REPORT_SINKS
 from markovscale_dspy.calibrate.calibrator import Calibratable, MarkovCalibrator, fit_chains
 from markovscale_dspy.calibrate.records import ChainRecord
+from markovscale_dspy.calibrate.refiner_optimizer import VERIFY_FIRST, RefinerOptimizer, RefinerReport
 from markovscale_dspy.calibrate.report import CalibrationReport
 from markovscale_dspy.core import belief, theory
 from markovscale_dspy.core.answers import default_answer_key, normalize_answer
@@ -68,6 +69,7 @@ from markovscale_dspy.refine.markov_scale import MarkovScale, ScaleAccount, Scal
 from markovscale_dspy.usage import Usage, measure_usage, register_price
 
 __all__ = [
+    "VERIFY_FIRST",
     "BeliefPolicy",
     "BudgetResult",
     "Calibratable",
@@ -89,6 +91,8 @@ __all__ = [
     "Policy",
     "RefineAccount",
     "RefinedPrediction",
+    "RefinerOptimizer",
+    "RefinerReport",
     "RoundContext",
     "RoundZeroError",
     "ScaleAccount",

@@ -4,6 +4,8 @@
 stickiness, and a DSPy custom engine that answers them: a round-0 prompt is answered correctly with probability
 ``p0``; a refinement prompt (one with a ``previous_<answer>`` input) looks at the previous answer it is shown and
 moves by the question's chain. Because the truth is known, estimates and policies can be checked against it.
+With ``refiner_effects``, the refinement chain also depends on the refiner's instructions (a phrase in the prompt
+scales ``p_cw`` and ``p_wc``), so a refiner optimizer can be checked against the truth too.
 
 It plugs into DSPy as a real ``dspy.LM`` (``engine=`` / ``async_engine=``), so everything in between -- adapters,
 signatures, caching, threads -- is the real thing. With ``confidence_auroc`` set, an LM that asks for token
@@ -34,7 +36,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from statistics import NormalDist
 from typing import Any
 
@@ -122,6 +124,28 @@ class SimQuestion:
         if self.answer in self.distractors:
             raise ConfigurationError(f"question {self.id}: the gold answer {self.answer!r} cannot be a distractor")
         _check_auroc(self.confidence_auroc, f"confidence_auroc of question {self.id}")
+
+
+def _check_effects(effects: Any) -> dict[str, dict[str, float]]:
+    if effects is None:
+        return {}
+    if not isinstance(effects, Mapping):
+        raise ConfigurationError(
+            f"refiner_effects must be a dict {{phrase: {{'p_cw': factor, 'p_wc': factor}}}}, got {effects!r}"
+        )
+    out: dict[str, dict[str, float]] = {}
+    for phrase, factors in effects.items():
+        if not isinstance(phrase, str) or not phrase.strip():
+            raise ConfigurationError(f"refiner_effects phrases must be non-empty strings, got {phrase!r}")
+        if not isinstance(factors, Mapping) or not set(factors) <= {"p_cw", "p_wc"}:
+            raise ConfigurationError(
+                f"refiner_effects[{phrase!r}] must be a dict with keys 'p_cw' and/or 'p_wc', got {factors!r}"
+            )
+        for key, factor in factors.items():
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < math.inf:
+                raise ConfigurationError(f"refiner_effects[{phrase!r}][{key!r}] must be a factor >= 0, got {factor!r}")
+        out[phrase] = {k: float(v) for k, v in factors.items()}
+    return out
 
 
 def _check_auroc(value: Any, name: str) -> None:
@@ -259,6 +283,8 @@ class SimulatedEngine:
         parts = [self.world.seed, self.world.answer_field, world, sorted(self.faults.items())]
         if self.world.confidence_auroc is not None:
             parts.append(self.world.confidence_auroc)
+        if self.world.refiner_effects:
+            parts.append(sorted((k, sorted(v.items())) for k, v in self.world.refiner_effects.items()))
         text = json.dumps(parts)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -298,7 +324,7 @@ class SimulatedEngine:
         if JUDGE_FIELD in fields:
             values[JUDGE_FIELD] = self.world.judge(inputs, rng)
         elif self.world.answer_field in fields:
-            values[self.world.answer_field] = self.world.respond(inputs, rng)
+            values[self.world.answer_field] = self.world.respond(inputs, rng, system)
         if "JSON" in system.split("In adhering to this structure", 1)[0]:
             text = json.dumps(values)
         else:
@@ -418,6 +444,16 @@ class SimulatedWorld:
         confidence_auroc: When set, LMs that ask for log-probabilities get an answer confidence with this AUROC for
             correctness (per-question ``SimQuestion.confidence_auroc`` overrides it); ``None`` (default): no
             log-probabilities, as from a provider that has none.
+        refiner_effects: How the refiner's instructions shape the chain: ``{phrase: {"p_cw": factor, "p_wc":
+            factor}}``. A refinement prompt whose instructions contain ``phrase`` (case-insensitive) has every
+            question's ``p_cw`` and ``p_wc`` multiplied by these factors (clipped to [0, 1]; several matching
+            phrases multiply). ``None`` (default): the instructions do not matter.
+
+    Example:
+        >>> world = SimulatedWorld.homogeneous(
+        ...     3, p0=0.5, p_cw=0.2, p_wc=0.3, refiner_effects={"verify first": {"p_cw": 0.1}})
+        >>> world.chain_for(world.questions[0], "Verify first, then answer.")
+        (0.5, 0.020000000000000004, 0.3)
     """
 
     def __init__(
@@ -428,12 +464,14 @@ class SimulatedWorld:
         question_field: str = "question",
         answer_field: str = "answer",
         confidence_auroc: float | None = None,
+        refiner_effects: Mapping[str, Mapping[str, float]] | None = None,
     ):
         if not questions:
             raise ConfigurationError("a simulated world needs at least one question")
         _check_auroc(confidence_auroc, "confidence_auroc")
         self.questions = list(questions)
         self.confidence_auroc = confidence_auroc
+        self.refiner_effects = _check_effects(refiner_effects)
         self.seed = seed
         self.question_field = question_field
         self.answer_field = answer_field
@@ -526,6 +564,7 @@ class SimulatedWorld:
             question_field=self.question_field,
             answer_field=self.answer_field,
             confidence_auroc=self.confidence_auroc,
+            refiner_effects=self.refiner_effects,
         )
         world.prices = dict(self.prices)
         return world
@@ -615,12 +654,26 @@ class SimulatedWorld:
         correct = normalize_answer(inputs.get("proposed_answer")) == normalize_answer(q.answer)
         return rng.random() < (q.judge_tpr if correct else q.judge_fpr)
 
-    def respond(self, inputs: Mapping[str, str], rng: random.Random) -> str:
-        """The answer the world gives to a prompt with these input fields."""
+    def chain_for(self, question: SimQuestion, instructions: str) -> tuple[float, float, float]:
+        """``(p0, p_cw, p_wc)`` of ``question`` under a refiner with these instructions (see ``refiner_effects``)."""
+        p_cw, p_wc = question.p_cw, question.p_wc
+        text = instructions.lower()
+        for phrase, factors in self.refiner_effects.items():
+            if phrase.lower() in text:
+                p_cw *= factors.get("p_cw", 1.0)
+                p_wc *= factors.get("p_wc", 1.0)
+        return question.p0, min(p_cw, 1.0), min(p_wc, 1.0)
+
+    def respond(self, inputs: Mapping[str, str], rng: random.Random, system: str = "") -> str:
+        """The answer the world gives to a prompt with these input fields (``system``: the prompt's instructions,
+        which matter with ``refiner_effects``)."""
         q = self.truth(inputs.get(self.question_field, ""))
         previous = inputs.get(f"previous_{self.answer_field}")
         if previous is None:  # round 0
             return q.answer if rng.random() < q.p0 else self._wrong(q, rng)
+        if self.refiner_effects:
+            _, p_cw, p_wc = self.chain_for(q, system)
+            q = replace(q, p_cw=p_cw, p_wc=p_wc)
         was_correct = normalize_answer(previous) == normalize_answer(q.answer)
         if was_correct:
             if rng.random() < q.p_cw:

@@ -24,6 +24,7 @@ CORE = {
     "belief": 1,
     "voting": 1,
     "evidence": 1,
+    "racing": 1,  # reads theory (the rounds the closed form plans)
     "mixture": 2,
     "stopping": 2,  # reads voting (the vote model and its exact laws)
     "model": 3,

@@ -213,7 +213,7 @@ class MarkovCalibrator(Teleprompter):
         self.report = None  # a failed compile must not leave the previous run's report behind
         started = time.perf_counter()
         chains = _check_student(student).chain_module()
-        examples = _check_examples(trainset, chains, "trainset")
+        examples = check_examples(trainset, chains, "trainset")
         rounds, samples = self._rounds_for(chains), self._samples_for(student)
         program = student.deepcopy()  # the student stays untouched
         refine = program.chain_module()
@@ -261,7 +261,7 @@ class MarkovCalibrator(Teleprompter):
         valset_result = None
         if valset:
             valset_result = _evaluate(
-                program, _check_examples(valset, job.chains, "valset"), self.metric, self.threshold, self.num_threads
+                program, check_examples(valset, job.chains, "valset"), self.metric, self.threshold, self.num_threads
             )
         self.report = report(valset_result, program.calibration_plan())
         logger.info("MarkovCalibrator: %r", model)
@@ -350,7 +350,7 @@ class MarkovCalibrator(Teleprompter):
             )
         return self.rounds
 
-    def _start_run(self, job: _Job) -> tuple[list[tuple[int, dspy.Example, int | None]], _Run]:
+    def _start_run(self, job: _Job) -> tuple[list[tuple[int, dspy.Example, int | None]], ChainRun]:
         """One job per chain and one per sample (so samples run as concurrently as chains), and what they share."""
         program, examples, rounds = job.refine, job.examples, job.rounds
         jobs = [(i, example, None) for i, example in enumerate(examples)]
@@ -358,7 +358,7 @@ class MarkovCalibrator(Teleprompter):
         store = (
             TraceStore(self.trace_dir) if self.store_traces and self._identifiable(program, rounds, examples) else None
         )
-        run = _Run(
+        run = ChainRun(
             program=program,
             store=store,
             guard=job.guard,
@@ -415,7 +415,7 @@ class MarkovCalibrator(Teleprompter):
         return self._collect(job, jobs, results, run)
 
     def _collect(
-        self, job: _Job, jobs: list[tuple[int, dspy.Example, int | None]], results: list[Any], run: _Run
+        self, job: _Job, jobs: list[tuple[int, dspy.Example, int | None]], results: list[Any], run: ChainRun
     ) -> tuple[list[ChainRecord], str | None]:
         """Each chain's record with its samples, in trainset order; what could not be stored or reused, said."""
         n = len(job.examples)
@@ -447,7 +447,7 @@ class MarkovCalibrator(Teleprompter):
             )
         return records, None if run.store is None else str(run.store.directory)
 
-    def _sample(self, run: _Run, index: int, example: dspy.Example, sample: int) -> dict[str, Any]:
+    def _sample(self, run: ChainRun, index: int, example: dspy.Example, sample: int) -> dict[str, Any]:
         """Worker: independent round-0 sample ``sample`` of one example, graded. Pure, like :meth:`_chain`."""
         if run.guard.stopped or cap_reached():
             return _skipped_sample(sample)
@@ -459,7 +459,7 @@ class MarkovCalibrator(Teleprompter):
             return self._graded_sample(run, example, sample, self._sample_ran(run, key, outcome), reused=False)
         return self._graded_sample(run, example, sample, stored[0], reused=True)
 
-    async def _asample(self, run: _Run, index: int, example: dspy.Example, sample: int) -> dict[str, Any]:
+    async def _asample(self, run: ChainRun, index: int, example: dspy.Example, sample: int) -> dict[str, Any]:
         """Async twin of :meth:`_sample`."""
         if run.guard.stopped or cap_reached():
             return _skipped_sample(sample)
@@ -471,7 +471,7 @@ class MarkovCalibrator(Teleprompter):
             return self._graded_sample(run, example, sample, self._sample_ran(run, key, outcome), reused=False)
         return self._graded_sample(run, example, sample, stored[0], reused=True)
 
-    def _sample_ran(self, run: _Run, key: str | None, outcome: Outcome) -> dict[str, Any]:
+    def _sample_ran(self, run: ChainRun, key: str | None, outcome: Outcome) -> dict[str, Any]:
         """A sample just drawn, as the store keeps it (stored, unless a service failure lost it)."""
         entry = _sample_entry(run.program, outcome)
         if outcome.error is not None and unrecoverable(outcome.error) is not None:
@@ -480,7 +480,7 @@ class MarkovCalibrator(Teleprompter):
         return entry
 
     def _graded_sample(
-        self, run: _Run, example: dspy.Example, sample: int, entry: dict[str, Any], *, reused: bool
+        self, run: ChainRun, example: dspy.Example, sample: int, entry: dict[str, Any], *, reused: bool
     ) -> dict[str, Any]:
         out: dict[str, Any] = {
             "sample": sample,
@@ -498,7 +498,9 @@ class MarkovCalibrator(Teleprompter):
                 run.guard.error(f"metric: {describe(exc)}")
         return out
 
-    def _key(self, run: _Run, index: int, example: dspy.Example, rounds: int, sample: int | None = None) -> str | None:
+    def _key(
+        self, run: ChainRun, index: int, example: dspy.Example, rounds: int, sample: int | None = None
+    ) -> str | None:
         if run.store is None:
             return None
         try:
@@ -507,7 +509,7 @@ class MarkovCalibrator(Teleprompter):
             logger.warning("trace store disabled for example %d: %s", index, describe(exc))
             return None
 
-    def _reused(self, run: _Run, key: str | None) -> list[dict[str, Any]] | None:
+    def _reused(self, run: ChainRun, key: str | None) -> list[dict[str, Any]] | None:
         """The stored trajectory under ``key`` with its outputs' types restored, or ``None`` (not stored, not
         resuming, or stored by a program whose output types changed)."""
         if key is None or not self.resume:
@@ -524,7 +526,7 @@ class MarkovCalibrator(Teleprompter):
             run.refits.append(describe(exc))
             return None
 
-    def _store(self, run: _Run, key: str | None, trajectory: list[dict[str, Any]]) -> None:
+    def _store(self, run: ChainRun, key: str | None, trajectory: list[dict[str, Any]]) -> None:
         # Only chains that are the model's own behaviour are remembered; a round lost to a service failure
         # (timeout, rate limit, dead server, rejected key) is recomputed by the next run.
         if key is None or any(e.get("error_kind") not in (None, "parse", "empty") for e in trajectory):
@@ -548,7 +550,7 @@ class MarkovCalibrator(Teleprompter):
             pass
         return True
 
-    def _chain(self, run: _Run, rounds: int, index: int, example: dspy.Example) -> ChainRecord:
+    def _chain(self, run: ChainRun, rounds: int, index: int, example: dspy.Example) -> ChainRecord:
         """Worker: one full chain and its labels. Pure (returns its record) because the executor may re-run it;
         the store write is idempotent (same key, same chain)."""
         record, key, trajectory = self._chain_start(run, rounds, index, example)
@@ -562,7 +564,7 @@ class MarkovCalibrator(Teleprompter):
             trajectory = self._chain_ran(run, record, key, prediction, error, usage)
         return self._chain_end(run, record, example, trajectory)
 
-    async def _achain(self, run: _Run, rounds: int, index: int, example: dspy.Example) -> ChainRecord:
+    async def _achain(self, run: ChainRun, rounds: int, index: int, example: dspy.Example) -> ChainRecord:
         """Async twin of :meth:`_chain`."""
         record, key, trajectory = self._chain_start(run, rounds, index, example)
         if trajectory is None and not record.skipped:
@@ -576,13 +578,13 @@ class MarkovCalibrator(Teleprompter):
         return self._chain_end(run, record, example, trajectory)
 
     def _chain_start(
-        self, run: _Run, rounds: int, index: int, example: dspy.Example
+        self, run: ChainRun, rounds: int, index: int, example: dspy.Example
     ) -> tuple[ChainRecord, str | None, list[dict[str, Any]] | None]:
         """A chain's record, its store key and its stored trajectory (``None``: run it, unless the record says it
         was skipped because the calibration had stopped)."""
         record = ChainRecord(index=index)
         if run.guard.stopped or cap_reached():
-            record.failure, record.skipped = _SKIPPED, True
+            record.failure, record.skipped = SKIPPED, True
             return record, None, None
         key = self._key(run, index, example, rounds)
         trajectory = self._reused(run, key)
@@ -590,7 +592,7 @@ class MarkovCalibrator(Teleprompter):
         return record, key, trajectory
 
     def _chain_end(
-        self, run: _Run, record: ChainRecord, example: dspy.Example, trajectory: list[dict[str, Any]] | None
+        self, run: ChainRun, record: ChainRecord, example: dspy.Example, trajectory: list[dict[str, Any]] | None
     ) -> ChainRecord:
         if trajectory is not None:
             self._label(record, example, trajectory, run.guard)
@@ -598,7 +600,7 @@ class MarkovCalibrator(Teleprompter):
 
     def _chain_ran(
         self,
-        run: _Run,
+        run: ChainRun,
         record: ChainRecord,
         key: str | None,
         prediction: Any,
@@ -682,7 +684,7 @@ def _with_cap(report: CalibrationReport, cap: DollarCap | None) -> CalibrationRe
 
 
 #: Why a chain or sample did not run: the calibration had already stopped.
-_SKIPPED = "skipped: the calibration stopped"
+SKIPPED = "skipped: the calibration stopped"
 
 
 @dataclass
@@ -714,10 +716,10 @@ def _job_span(index: int, sample: int | None) -> Any:
 
 
 def _skipped_sample(sample: int) -> dict[str, Any]:
-    return {"sample": sample, "label": None, "answer": None, "error": _SKIPPED, "usage": {}, "skipped": True}
+    return {"sample": sample, "label": None, "answer": None, "error": SKIPPED, "usage": {}, "skipped": True}
 
 
-def _sampling(run: _Run, sample: int) -> dict[str, Any]:
+def _sampling(run: ChainRun, sample: int) -> dict[str, Any]:
     """How sample ``sample`` is drawn: its own rollout id, the module's temperature (as MarkovScale draws it)."""
     program = run.program
     return {
@@ -728,7 +730,7 @@ def _sampling(run: _Run, sample: int) -> dict[str, Any]:
 
 
 @dataclass
-class _Run:
+class ChainRun:
     """What the workers of one calibration share."""
 
     program: MarkovRefine
@@ -920,7 +922,7 @@ def fit_chains(
     return model.with_mixture(mixture if mixture.components > 1 else None)
 
 
-def _check_examples(dataset: Any, student: MarkovRefine, name: str) -> list[dspy.Example]:
+def check_examples(dataset: Any, student: MarkovRefine, name: str) -> list[dspy.Example]:
     if dataset is None or isinstance(dataset, (str, bytes)) or not isinstance(dataset, Sequence):
         raise DataError(f"{name} must be a list of dspy.Example, got {type(dataset).__name__}")
     if len(dataset) == 0:

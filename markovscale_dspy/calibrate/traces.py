@@ -89,14 +89,20 @@ def lm_fingerprint(lm: Any) -> dict[str, Any]:
 
 
 def chain_key(
-    program: Any, rounds: int, example: dspy.Example, trace_key: str | None = None, sample: int | None = None
+    program: Any,
+    rounds: int,
+    example: dspy.Example,
+    trace_key: str | None = None,
+    sample: int | None = None,
+    purpose: str | None = None,
 ) -> str:
     """Key of one calibration chain: program state, refinement settings, LM, adapter and example.
 
     ``trace_key`` stands in for the identity of LMs that have none (see :func:`lm_fingerprint`); without it such
     an LM raises UnknownLMIdentityError, and the chain is not stored or reused. With ``sample``, the key of the
     example's independent round-0 sample of that index instead (its own rollout id at the program's temperature),
-    so a calibration that asks for more samples reuses the ones it already has.
+    so a calibration that asks for more samples reuses the ones it already has. ``purpose`` keeps chains of
+    another kind apart (e.g. refinements continued from a shared round 0).
     """
 
     def identity(lm: Any) -> Any:
@@ -130,6 +136,8 @@ def chain_key(
     }
     if sample is not None:  # chains keep the keys they always had
         settings["sample"] = sample
+    if purpose is not None:
+        settings["purpose"] = purpose
     confidence = getattr(program, "confidence", "auto")
     if confidence != "auto":  # True asks the LM for more; False / a function record something else
         settings["confidence"] = (

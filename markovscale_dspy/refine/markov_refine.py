@@ -187,7 +187,7 @@ class MarkovRefine(dspy.Module):
         refine_sig = refinement_signature(task, instructions)
         self.refiner = dspy.ChainOfThought(refine_sig) if uses_reasoning(program) else dspy.Predict(refine_sig)
         # The refiner is ours: its saved state drops endpoints and keys even when a parent program saves it.
-        _scrub_saved_state(_refiner_predict(self.refiner))
+        _scrub_saved_state(refiner_predict(self.refiner))
         self.markov = MarkovState(list(task.input_fields), self.answer_fields)
 
     # Learned state -----------------------------------------------------------------------------------------------
@@ -269,13 +269,13 @@ class MarkovRefine(dspy.Module):
         """A deep copy (DSPy's). Its refiner saves its own state: when the predictor cannot be deep-copied whole,
         DSPy copies its attributes one by one, which would leave the copy's ``dump_state`` bound to the original."""
         copy = super().deepcopy()
-        _scrub_saved_state(_refiner_predict(copy.refiner))
+        _scrub_saved_state(refiner_predict(copy.refiner))
         return copy
 
     def reset_copy(self) -> MarkovRefine:
         """DSPy's ``reset_copy``, with the copy's refiner saving its own state (see :meth:`deepcopy`)."""
         copy = super().reset_copy()
-        _scrub_saved_state(_refiner_predict(copy.refiner))
+        _scrub_saved_state(refiner_predict(copy.refiner))
         return copy
 
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
@@ -357,6 +357,24 @@ class MarkovRefine(dspy.Module):
         check_int("rounds", rounds, 0, MAX_ROUNDS_LIMIT)
         state, chain = self._chain(inputs, FixedPolicy(), rounds, select="last")
         return await adrive(chain, self._acall, traced_rounds(state))
+
+    def continue_chain(self, first: dspy.Prediction, rounds: int, **inputs: Any) -> dspy.Prediction:
+        """Refine a given round-0 answer exactly ``rounds`` times, with no early stopping.
+
+        :meth:`run_chain` with round 0 read from ``first`` (a prediction of the wrapped program on ``inputs``)
+        instead of calling the program, so its account counts only the refinement calls. Refiners continued from
+        the same round-0 answers differ only in their refinement rounds: :class:`RefinerOptimizer` compares
+        refiners this way, paired.
+        """
+        check_int("rounds", rounds, 0, MAX_ROUNDS_LIMIT)
+        if not isinstance(first, dspy.Prediction):
+            raise ConfigurationError(f"first must be the program's dspy.Prediction for round 0, got {first!r:.80}")
+        state, chain = self._chain(inputs, FixedPolicy(), rounds, select="last")
+
+        def run(call: Call) -> Outcome:
+            return self._outcome(first, None, {}) if call.round == 0 else self._call(call)
+
+        return drive(chain, run, traced_rounds(state))
 
     def replay(self, recorded: dspy.Prediction, **inputs: Any) -> dspy.Prediction:
         """What this module would have answered, read off a longer recorded chain instead of calling the LM.
@@ -537,7 +555,7 @@ class MarkovRefine(dspy.Module):
         wrapped program's single LM, ``dspy.settings.lm``. Raises when none resolves, at the first refinement
         round, instead of recording the same "No LM is loaded" failure round after round.
         """
-        predictor = _refiner_predict(self.refiner)
+        predictor = refiner_predict(self.refiner)
         if predictor.lm is not None:
             return None, predictor.lm  # Predict uses its pinned LM when none is passed
         if self.refiner_lm is not None:
@@ -699,7 +717,8 @@ def _names(names: Any) -> str:
     return ", ".join(repr(n) for n in names) if isinstance(names, list) else repr(names)
 
 
-def _refiner_predict(refiner: dspy.Module) -> dspy.Predict:
+def refiner_predict(refiner: dspy.Module) -> dspy.Predict:
+    """The refiner's predictor (inside its ChainOfThought when the program reasons)."""
     return refiner.predict if isinstance(refiner, dspy.ChainOfThought) else refiner
 
 
