@@ -355,8 +355,81 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optimize_refiner(args: argparse.Namespace, task: Any, lm: dspy.LM, model_name: str) -> int:
+    """``calibrate --optimize-refiner``: race refinement instructions, save the winner's calibrated state, and report
+    every candidate and the chains before and after."""
+    from markovscale_dspy.calibrate.refiner_optimizer import RefinerOptimizer
+    from markovscale_dspy.reporting.plots import refiner_figure
+    from markovscale_dspy.reporting.text import refiner_markdown, refiner_words
+
+    train, held_out = task.split(args.train, args.holdout or 0, seed=args.seed)
+    out = Path(args.out)
+    candidates = [] if not args.candidates else _read_candidates(args.candidates)
+    reflection = _named_lm(args.reflection_model, args) if args.reflection_model else None
+    student = MarkovRefine(
+        task.program(reasoning=args.reasoning),
+        max_rounds=args.rounds,
+        round_cost=args.round_cost,
+        min_prob_improves=args.min_prob_improves,
+        refiner_lm=_refiner_from_args(args),
+    )
+    optimizer = RefinerOptimizer(
+        task.metric,
+        candidates=candidates,
+        reflection_lm=reflection,
+        proposals=args.proposals if reflection is not None else 0,
+        rounds=args.rounds,
+        num_threads=args.threads,
+        resume=not args.fresh,
+        trace_dir=args.trace_dir,
+        display_progress=True,
+        seed=args.seed,
+    )
+    n = len(candidates) + 2 + (args.proposals if reflection is not None else 0)
+    _say(f"Racing up to {n} refiners on {len(train)} {task.name} questions, round 0 + {args.rounds} rounds ...")
+    with dspy.context(lm=lm, adapter=_adapter(args.adapter)):
+        program = optimizer.compile(student, trainset=train, valset=held_out or None)
+    report = optimizer.report
+    _say(refiner_words(report))
+    _say(format_calibration(report.after, args.round_cost, args.rounds, args.min_prob_improves))
+    report_md = out.with_suffix(".report.md")
+    race_png = out.with_suffix(".refiners.png")
+    figure = _draw(refiner_figure, report, race_png, title=f"{model_name} on {task.name}: refiner before and after")
+    _write_calibration(
+        program,
+        report.after,
+        args,
+        state_path=out,
+        markdown_path=report_md,
+        json_path=out.with_suffix(".report.json"),
+        png_path=out.with_suffix(".report.png"),
+        title=f"Calibration with the optimised refiner: {task.name}",
+        figure_title=f"{model_name} on {task.name} (chosen refiner)",
+        context=_context(args, model_name, task, len(train), len(held_out) or None),
+        extra_markdown="\n" + refiner_markdown(report, figure=figure),
+        extra_json={"refiners": {k: v for k, v in report.to_dict().items() if k not in ("before", "after")}},
+    )
+    _say(f"Saved the state (refiner: {report.chosen_source}) to {out} and the report to {report_md}.")
+    return 0
+
+
+def _read_candidates(path: str) -> list[str]:
+    """Refinement instructions from a text file: one per line, blank lines and ``#`` comments skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigurationError(f"--candidates {path}: cannot read it ({exc.strerror}); give a text file") from None
+    found = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not found:
+        raise ConfigurationError(f"--candidates {path} holds no instructions: write one per line")
+    return found
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     task = load_task(args.task)
+    if args.optimize_refiner:
+        with _lm_from_args(args) as (lm, model_name):
+            return _optimize_refiner(args, task, lm, model_name)
     train, _ = task.split(args.train, 0, seed=args.seed)
     out = Path(args.out)
     with _lm_from_args(args) as (lm, model_name):
@@ -771,6 +844,17 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--refiner-model", help="LM of refinement rounds (LiteLLM string or router group); default --model"
     )
+    race = cal.add_argument_group("refiner optimisation (RefinerOptimizer)")
+    race.add_argument(
+        "--optimize-refiner",
+        action="store_true",
+        help="race refinement instructions (the default, a built-in 'verify first' one, --candidates, proposals) "
+        "and save the winner, chosen only if the posterior supports its advantage",
+    )
+    race.add_argument("--candidates", help="text file of refinement instructions to race, one per line")
+    race.add_argument("--reflection-model", help="LM that proposes more instructions (GEPA's proposer)")
+    race.add_argument("--proposals", type=int, default=2, help="instructions it proposes (default 2)")
+    race.add_argument("--holdout", type=int, default=0, help="held-out questions answered before and after (default 0)")
     cal.set_defaults(func=cmd_calibrate)
 
     rep = add_verb("report", help="print what a saved state says")
@@ -877,6 +961,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_number("--max-dollars", args.max_dollars, 0, unit="dollars")
     if getattr(args, "value_per_correct", None) is not None:
         check_number("--value-per-correct", args.value_per_correct, 0, lo_open=True, unit="dollars")
+    if getattr(args, "optimize_refiner", None) is not None:
+        _check_race_arguments(args)
     if getattr(args, "state", None) is not None:
         read_state_file(args.state)
     if getattr(args, "router_config", None):
@@ -884,6 +970,23 @@ def check_arguments(args: argparse.Namespace) -> None:
     env = getattr(args, "api_key_env", None)
     if env and not os.environ.get(env):
         raise ConfigurationError(f"--api-key-env {env}: the environment variable {env} is not set; export it first")
+
+
+def _check_race_arguments(args: argparse.Namespace) -> None:
+    used = [f"--{n.replace('_', '-')}" for n in ("candidates", "reflection_model", "holdout") if getattr(args, n)]
+    if not args.optimize_refiner:
+        if used:
+            raise ConfigurationError(f"{', '.join(used)} apply to --optimize-refiner: add it, or drop them")
+        return
+    if getattr(args, "max_dollars", None) is not None or getattr(args, "value_per_correct", None) is not None:
+        raise ConfigurationError(
+            "--optimize-refiner does not take --max-dollars or --value-per-correct yet: race with --round-cost, "
+            "then calibrate the saved refiner with a cap"
+        )
+    check_int("--proposals", args.proposals, 1, 16)
+    check_int("--holdout", args.holdout, 0)
+    if args.candidates:
+        _read_candidates(args.candidates)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

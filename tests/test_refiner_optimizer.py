@@ -300,3 +300,51 @@ def test_the_default_candidate_keeps_a_calibration_equal_to_markov_calibrator_on
     with dspy.context(lm=w.fresh().lm()):
         calibrated = plain.compile(MarkovRefine(dspy.Predict("question -> answer"), max_rounds=2), trainset=w.examples)
     assert calibrated.model.n_transitions == module.model.n_transitions
+
+
+# What the user reads -------------------------------------------------------------------------------------------------
+
+
+def test_the_race_is_rendered_as_words_a_table_and_a_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    from markovscale_dspy.reporting.plots import refiner_figure
+    from markovscale_dspy.reporting.text import refiner_markdown, refiner_words
+
+    effects = {"verify first": {"p_cw": 0.1}}
+    w = SimulatedWorld.homogeneous(160, p0=0.6, p_cw=0.35, p_wc=0.3, seed=12, refiner_effects=effects)
+    _, report, _ = optimize(w, n_train=100, valset=w.examples[100:], candidates=CANDIDATES[:2])
+    words = refiner_words(report)
+    assert "Chose the verify_first refiner" in words and f"{report.calls['total']} LM calls" in words
+    assert "Chain before: degrading" in words and "after: improving" in words and "Held out (60 questions" in words
+    markdown = refiner_markdown(report, figure="race.png")
+    assert markdown.count("\n| ") == 1 + len(report.candidates) and "**chosen** verify_first" in markdown
+    path = refiner_figure(report, tmp_path / "race.png")
+    assert path.exists() and path.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["calibrate", "--candidates", "c.txt"], "--candidates apply to --optimize-refiner"),
+        (["calibrate", "--optimize-refiner", "--max-dollars", "1"], "does not take --max-dollars"),
+        (["calibrate", "--optimize-refiner", "--candidates", "/no/such/file.txt"], "--candidates /no/such/file.txt"),
+        (["calibrate", "--optimize-refiner", "--proposals", "0"], "--proposals must be"),
+    ],
+)
+def test_cli_race_options_are_checked_before_anything_runs(argv, message, capsys, monkeypatch):
+    import markovscale_dspy.cli as cli
+
+    monkeypatch.setattr(cli, "load_task", lambda name: pytest.fail("load_task ran"))
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_reads_candidates_one_per_line(tmp_path):
+    from markovscale_dspy.cli import _read_candidates
+
+    path = tmp_path / "c.txt"
+    path.write_text("# mine\nKeep it unless wrong.\n\n  Redo it.  \n")
+    assert _read_candidates(str(path)) == ["Keep it unless wrong.", "Redo it."]
+    path.write_text("# only a comment\n")
+    with pytest.raises(ConfigurationError, match="holds no instructions"):
+        _read_candidates(str(path))

@@ -19,10 +19,11 @@ from markovscale_dspy.core.statistics import binomial_interval
 from markovscale_dspy.core.theory import BOUND_KIND
 
 if TYPE_CHECKING:  # rendering reads these results; it never runs the evaluation that makes them
+    from markovscale_dspy.calibrate.refiner_optimizer import RefinerReport
     from markovscale_dspy.evaluate.configurations import ConfigurationComparison
     from markovscale_dspy.evaluate.evaluation import MethodResult
 
-__all__ = ["calibration_figure", "comparison_figure", "frontier_figure", "strategy_figure"]
+__all__ = ["calibration_figure", "comparison_figure", "frontier_figure", "refiner_figure", "strategy_figure"]
 
 
 def _pyplot():
@@ -75,6 +76,54 @@ def calibration_figure(
         path,
         title or f"Refinement is {report.regime}: P(helps | data) = {report.prob_improves:.2f}",
         legend_size=8,
+    )
+
+
+def refiner_figure(report: RefinerReport, path: str | Path, *, title: str | None = None) -> Path:
+    """The chain before (the default refiner) and after (the chosen one): observed accuracy per round on the same
+    round-0 answers (95% intervals), each chain's ``accuracy_at(t)`` and the bound it converges to."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    horizon = max(report.after.rounds, 6)
+    t = np.arange(horizon + 1)
+    sides = [("before", report.before, "#d62728")]
+    if report.after is not report.before:
+        sides.append(("after", report.after, "#1f77b4"))
+    lows, highs = [], []
+    for name, side, colour in sides:
+        model = side.transition_model()
+        label = "default refiner" if name == "before" else "chosen refiner"
+        ax.plot(t, model.accuracy_at(t), "-", color=colour, lw=2, label=f"{label}: accuracy_at(t)")
+        rows = [r for r in side.observed_accuracy if r["n"]]
+        if rows:
+            x = np.array([r["round"] for r in rows]) + (0.06 if name == "after" else -0.06)
+            y = np.array([r["accuracy"] for r in rows])
+            err = np.array([[r["accuracy"] - r["lo"] for r in rows], [r["hi"] - r["accuracy"] for r in rows]])
+            ax.errorbar(x, y, yerr=err, fmt="o", color=colour, capsize=3, label=f"{label}: observed (95% CI)")
+            lows += [r["lo"] for r in rows]
+            highs += [r["hi"] for r in rows]
+        if side.stationary_accuracy is not None:
+            ax.axhline(
+                side.stationary_accuracy,
+                ls="--",
+                color=colour,
+                alpha=0.7,
+                label=(f"{label}: {BOUND_KIND[side.regime]} bound {side.stationary_accuracy:.3f}"),
+            )
+            lows.append(side.stationary_accuracy)
+            highs.append(side.stationary_accuracy)
+    ax.set_xlabel("refinement round t (0 = the program alone, shared by both)")
+    ax.set_ylabel("accuracy")
+    ax.set_xticks(t)
+    ax.set_ylim(max(0.0, min(lows or [0.0]) - 0.08), min(1.0, max(highs or [1.0]) + 0.08))
+    chosen = report.candidates[report.chosen]
+    return _save(
+        plt,
+        fig,
+        ax,
+        path,
+        title or f"Refiner: {chosen['source']} chosen ({report.before.regime} -> {report.after.regime})",
+        legend_size=7,
     )
 
 

@@ -16,6 +16,7 @@ from markovscale_dspy.core.model import PARAMETERS, TransitionModel
 from markovscale_dspy.core.theory import BOUND_KIND
 
 if TYPE_CHECKING:  # rendering reads these results; it never runs the evaluation that makes them
+    from markovscale_dspy.calibrate.refiner_optimizer import RefinerReport
     from markovscale_dspy.evaluate.configurations import ConfigurationComparison
     from markovscale_dspy.evaluate.evaluation import MethodResult
 
@@ -38,6 +39,8 @@ __all__ = [
     "paired_words",
     "percent",
     "plan_markdown",
+    "refiner_markdown",
+    "refiner_words",
     "round0_words",
     "verdict",
     "votes_markdown",
@@ -723,3 +726,94 @@ def configurations_markdown(comparison: ConfigurationComparison, *, figure: str 
     if notes:
         out += ["## Notes", "", *notes, ""]
     return "\n".join(out)
+
+
+def refiner_words(report: RefinerReport) -> str:
+    """What a refiner race chose and why, in a few lines (what ``markovscale calibrate --optimize-refiner`` says)."""
+    chosen = report.candidates[report.chosen]
+    calls = report.calls
+    saved = 1 - calls["total"] / calls["every_candidate_everywhere"] if calls["every_candidate_everywhere"] else 0.0
+    lines = [
+        f"Raced {len(report.candidates)} refiners on the same {report.rungs[-1] if report.rungs else 0} round-0 "
+        f"answers (rungs {report.rungs}): {calls['total']} LM calls, {percent(saved)} fewer than every refiner on "
+        f"every example ({calls['every_candidate_everywhere']}).",
+    ]
+    if report.chosen == 0:
+        best = max(report.candidates[1:], key=lambda c: c["value"], default=None)
+        why = (
+            f"no challenger's advantage is supported (best: {best['source']}, P(beats default) = "
+            f"{best['prob_beats_default']:.3f} < {report.gate:.3f})"
+            if best is not None
+            else "there was no challenger"
+        )
+        lines.append(f"Kept the default refiner: {why}.")
+    else:
+        lines.append(
+            f"Chose the {chosen['source']} refiner: P(beats default) = {chosen['prob_beats_default']:.3f} >= "
+            f"{report.gate:.3f} (min_prob_better {report.min_prob_better:g} over {len(report.candidates) - 1} "
+            f"challengers)."
+        )
+    before, after = report.before, report.after
+    lines.append(
+        f"Chain before: {before.regime}, bound {percent(before.stationary_accuracy)}; after: {after.regime}, "
+        f"bound {percent(after.stationary_accuracy)}."
+    )
+    if report.held_out:
+        h, d = report.held_out, report.held_out["difference"]
+        lines.append(
+            f"Held out ({h['examples']} questions, same round 0): {percent(h['before']['accuracy'])} before "
+            f"({h['before']['rounds']} rounds), {percent(h['after']['accuracy'])} after ({h['after']['rounds']} "
+            f"rounds); difference {100 * d['diff']:+.1f} points, 95% CI {100 * d['lo']:+.1f} to {100 * d['hi']:+.1f}, "
+            f"McNemar p = {d['p_value']:.3g}."
+        )
+    return "\n".join(lines)
+
+
+def refiner_markdown(report: RefinerReport, *, figure: str | None = None) -> str:
+    """The race as a Markdown section: every candidate, the choice, the chains before and after."""
+    rows = []
+    for i, c in enumerate(report.candidates):
+        text = c["instructions"].replace("|", "\\|").replace("\n", " ")
+        rows.append(
+            [
+                ("**chosen** " if i == report.chosen else "") + c["source"],
+                text if len(text) <= 80 else text[:77] + "...",
+                c["examples"],
+                c["calls"],
+                f"{c['p_cw']['mean']:.3f} [{c['p_cw']['interval'][0]:.3f}, {c['p_cw']['interval'][1]:.3f}]",
+                f"{c['p_wc']['mean']:.3f} [{c['p_wc']['interval'][0]:.3f}, {c['p_wc']['interval'][1]:.3f}]",
+                percent(c["bound"]),
+                c["regime"],
+                c["planned_rounds"],
+                percent(c["value"]),
+                "-" if c["prob_beats_default"] is None else f"{c['prob_beats_default']:.3f}",
+                "finished" if c["eliminated_at"] is None else f"rung {c['eliminated_at'] + 1}",
+            ]
+        )
+    header = [
+        "refiner",
+        "instructions",
+        "examples",
+        "calls",
+        "p_cw [95%]",
+        "p_wc [95%]",
+        "bound",
+        "regime",
+        "rounds",
+        "worth",
+        "P(beats default)",
+        "race",
+    ]
+    parts = [
+        "## Refiner race",
+        "",
+        refiner_words(report).replace("\n", "\n\n"),
+        "",
+        "Worth: expected accuracy at the rounds the closed-form rule plans, minus the round cost "
+        f"({report.round_cost:g} per round); p0 is shared by every refiner (the same round-0 answers).",
+        "",
+        markdown_table(header, rows),
+    ]
+    if figure:
+        parts += ["", f"![chains before and after]({figure})"]
+    return "\n".join(parts) + "\n"
