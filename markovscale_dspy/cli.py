@@ -377,7 +377,7 @@ def _optimize_refiner(args: argparse.Namespace, task: Any, lm: dspy.LM, model_na
         task.metric,
         candidates=candidates,
         reflection_lm=reflection,
-        proposals=args.proposals if reflection is not None else 0,
+        proposals=(args.proposals or 2) if reflection is not None else 0,
         rounds=args.rounds,
         num_threads=args.threads,
         resume=not args.fresh,
@@ -385,7 +385,7 @@ def _optimize_refiner(args: argparse.Namespace, task: Any, lm: dspy.LM, model_na
         display_progress=True,
         seed=args.seed,
     )
-    n = len(candidates) + 2 + (args.proposals if reflection is not None else 0)
+    n = len(candidates) + 2 + ((args.proposals or 2) if reflection is not None else 0)
     _say(f"Racing up to {n} refiners on {len(train)} {task.name} questions, round 0 + {args.rounds} rounds ...")
     with dspy.context(lm=lm, adapter=_adapter(args.adapter)):
         program = optimizer.compile(student, trainset=train, valset=held_out or None)
@@ -393,8 +393,12 @@ def _optimize_refiner(args: argparse.Namespace, task: Any, lm: dspy.LM, model_na
     _say(refiner_words(report))
     _say(format_calibration(report.after, args.round_cost, args.rounds, args.min_prob_improves))
     report_md = out.with_suffix(".report.md")
-    race_png = out.with_suffix(".refiners.png")
-    figure = _draw(refiner_figure, report, race_png, title=f"{model_name} on {task.name}: refiner before and after")
+    program.save(out)  # first: what was paid for is kept whatever happens to the figures
+    try:
+        figure = _draw(refiner_figure, report, out.with_suffix(".refiners.png"), title=f"{model_name} on {task.name}")
+    except Exception as exc:  # a figure is not worth losing the report for
+        _say(f"  (no figure of the chains: {describe(exc)})")
+        figure = None
     _write_calibration(
         program,
         report.after,
@@ -853,7 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     race.add_argument("--candidates", help="text file of refinement instructions to race, one per line")
     race.add_argument("--reflection-model", help="LM that proposes more instructions (GEPA's proposer)")
-    race.add_argument("--proposals", type=int, default=2, help="instructions it proposes (default 2)")
+    race.add_argument("--proposals", type=int, help="instructions --reflection-model proposes (default 2)")
     race.add_argument("--holdout", type=int, default=0, help="held-out questions answered before and after (default 0)")
     cal.set_defaults(func=cmd_calibrate)
 
@@ -973,7 +977,11 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def _check_race_arguments(args: argparse.Namespace) -> None:
-    used = [f"--{n.replace('_', '-')}" for n in ("candidates", "reflection_model", "holdout") if getattr(args, n)]
+    used = [
+        f"--{n.replace('_', '-')}"
+        for n in ("candidates", "reflection_model", "holdout", "proposals")
+        if getattr(args, n) is not None and getattr(args, n) is not False and getattr(args, n) != 0
+    ]
     if not args.optimize_refiner:
         if used:
             raise ConfigurationError(f"{', '.join(used)} apply to --optimize-refiner: add it, or drop them")
@@ -983,7 +991,10 @@ def _check_race_arguments(args: argparse.Namespace) -> None:
             "--optimize-refiner does not take --max-dollars or --value-per-correct yet: race with --round-cost, "
             "then calibrate the saved refiner with a cap"
         )
-    check_int("--proposals", args.proposals, 1, 16)
+    if args.proposals is not None:
+        if not args.reflection_model:
+            raise ConfigurationError("--proposals needs --reflection-model naming the LM that writes them")
+        check_int("--proposals", args.proposals, 1, 16)
     check_int("--holdout", args.holdout, 0)
     if args.candidates:
         _read_candidates(args.candidates)

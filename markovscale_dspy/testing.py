@@ -137,13 +137,15 @@ def _check_effects(effects: Any) -> dict[str, dict[str, float]]:
     for phrase, factors in effects.items():
         if not isinstance(phrase, str) or not phrase.strip():
             raise ConfigurationError(f"refiner_effects phrases must be non-empty strings, got {phrase!r}")
-        if not isinstance(factors, Mapping) or not set(factors) <= {"p_cw", "p_wc"}:
+        if not isinstance(factors, Mapping) or not set(factors) <= {"p_cw", "p_wc", "garbage"}:
             raise ConfigurationError(
-                f"refiner_effects[{phrase!r}] must be a dict with keys 'p_cw' and/or 'p_wc', got {factors!r}"
+                f"refiner_effects[{phrase!r}] must be a dict with keys among 'p_cw', 'p_wc', 'garbage', got {factors!r}"
             )
         for key, factor in factors.items():
-            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < math.inf:
-                raise ConfigurationError(f"refiner_effects[{phrase!r}][{key!r}] must be a factor >= 0, got {factor!r}")
+            top = 1.0 if key == "garbage" else math.inf
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor <= top:
+                kind = "a rate in [0, 1]" if key == "garbage" else "a factor >= 0"
+                raise ConfigurationError(f"refiner_effects[{phrase!r}][{key!r}] must be {kind}, got {factor!r}")
         out[phrase] = {k: float(v) for k, v in factors.items()}
     return out
 
@@ -321,6 +323,8 @@ class SimulatedEngine:
         inputs = {name: value.strip() for name, value in _FIELD_BLOCK.findall(user)}
         fields = _output_fields(system) or {self.world.answer_field: "str"}
         values = {name: _filler(kind) for name, kind in fields.items()}
+        if f"previous_{self.world.answer_field}" in inputs and self.world.garbles(system, rng):
+            return self._fault("garbage", request)  # these refinement instructions make the LM answer off-format
         if JUDGE_FIELD in fields:
             values[JUDGE_FIELD] = self.world.judge(inputs, rng)
         elif self.world.answer_field in fields:
@@ -447,7 +451,8 @@ class SimulatedWorld:
         refiner_effects: How the refiner's instructions shape the chain: ``{phrase: {"p_cw": factor, "p_wc":
             factor}}``. A refinement prompt whose instructions contain ``phrase`` (case-insensitive) has every
             question's ``p_cw`` and ``p_wc`` multiplied by these factors (clipped to [0, 1]; several matching
-            phrases multiply). ``None`` (default): the instructions do not matter.
+            phrases multiply); ``"garbage": rate`` makes that share of its responses unparseable (instructions a
+            model misreads). ``None`` (default): the instructions do not matter.
 
     Example:
         >>> world = SimulatedWorld.homogeneous(
@@ -663,6 +668,12 @@ class SimulatedWorld:
                 p_cw *= factors.get("p_cw", 1.0)
                 p_wc *= factors.get("p_wc", 1.0)
         return question.p0, min(p_cw, 1.0), min(p_wc, 1.0)
+
+    def garbles(self, system: str, rng: random.Random) -> bool:
+        """Whether a refinement prompt with these instructions gets an unparseable response (``"garbage"``)."""
+        text = system.lower()
+        rate = max((f.get("garbage", 0.0) for p, f in self.refiner_effects.items() if p.lower() in text), default=0)
+        return rate > 0 and rng.random() < rate
 
     def respond(self, inputs: Mapping[str, str], rng: random.Random, system: str = "") -> str:
         """The answer the world gives to a prompt with these input fields (``system``: the prompt's instructions,

@@ -13,14 +13,24 @@ from scipy import stats
 
 from markovscale_dspy import (
     VERIFY_FIRST,
+    CalibrationError,
     ConfigurationError,
+    DataError,
     MarkovCalibrator,
     MarkovRefine,
     RefinerOptimizer,
     theory,
 )
 from markovscale_dspy.calibrate.refiner_optimizer import _rung_sizes
-from markovscale_dspy.core.racing import RefinerCounts, gate, prob_best, prob_better, shared_p0_draws, value_draws
+from markovscale_dspy.core.racing import (
+    RefinerCounts,
+    bootstrap_weights,
+    chain_counts,
+    gate,
+    prob_at_least,
+    prob_better,
+    value_draws,
+)
 from markovscale_dspy.refine.signatures import refinement_signature
 from markovscale_dspy.testing import SimulatedWorld
 
@@ -65,46 +75,76 @@ def optimize(world, *, n_train, valset=None, **kwargs):
 
 
 def test_value_draws_centre_on_the_chain_at_the_planned_rounds():
+    """Many examples: the bootstrap's draws centre on the chain's accuracy at the planned rounds, at the estimates."""
     rng = np.random.default_rng(0)
-    counts = RefinerCounts(n_cc=40_000, n_cw=2_000, n_wc=9_000, n_ww=21_000)  # p_cw ~ 0.048, p_wc ~ 0.30
-    p0 = shared_p0_draws(30_000, 50_000, draws=20_000, rng=rng)
-    value = value_draws(p0, counts, max_rounds=4, round_cost=0.01, rng=rng)
-    p_cw, p_wc = counts.means()
-    assert value.rounds == theory.optimal_rounds(0.6, p_cw, p_wc, 0.01, 4)
-    expected = theory.accuracy_at(value.rounds, 0.6, p_cw, p_wc) - 0.01 * value.rounds
-    assert abs(value.mean - expected) < 4 * value.draws.std() / math.sqrt(len(value.draws)) + 1e-4
+    n = 5_000
+    round0 = rng.random(n) < 0.6
+    chains = []
+    for start in round0:
+        chain = [bool(start)]
+        for _ in range(3):
+            chain.append(rng.random() >= 0.05 if chain[-1] else rng.random() < 0.3)
+        chains.append(chain)
+    table = chain_counts(chains)
+    value = value_draws(bootstrap_weights(n, draws=2_000, rng=rng), round0, table, max_rounds=4, round_cost=0.01)
+    totals = RefinerCounts(*(int(x) for x in table.sum(axis=0)))
+    p_cw, p_wc = totals.means()
+    p0 = (1 + round0.sum()) / (2 + n)
+    assert value.rounds == theory.optimal_rounds(p0, p_cw, p_wc, 0.01, 4) == 4
+    expected = theory.accuracy_at(4, p0, p_cw, p_wc) - 0.04
+    assert abs(value.mean - expected) < 4 * value.draws.std() / math.sqrt(len(value.draws)) + 1e-3
 
 
-def test_a_refiner_planning_no_rounds_is_worth_round_zero_and_never_better_than_its_twin():
+def test_refiners_planning_no_rounds_tie_and_a_tie_eliminates_neither():
     rng = np.random.default_rng(1)
-    p0 = shared_p0_draws(60, 100, rng=rng)
-    degrading = RefinerCounts(n_cc=50, n_cw=50, n_wc=5, n_ww=95)
-    a = value_draws(p0, degrading, max_rounds=3, rng=rng)
-    b = value_draws(p0, degrading, max_rounds=3, rng=rng)
-    assert a.rounds == 0 and np.array_equal(a.draws, p0)
-    assert prob_better(a.draws, b.draws) == 0.0  # a tie is not better
-    assert prob_best([a.draws, b.draws]).sum() == pytest.approx(1.0)
+    round0 = rng.random(100) < 0.6
+    degrading = chain_counts([[bool(r), False, False] for r in round0])
+    w = bootstrap_weights(100, rng=rng)
+    a = value_draws(w, round0, degrading, max_rounds=3)
+    b = value_draws(w, round0, degrading, max_rounds=3)
+    assert a.rounds == b.rounds == 0 and np.array_equal(a.draws, b.draws)
+    assert prob_better(a.draws, b.draws) == 0.0  # a tie is not better (the gate)...
+    assert prob_at_least(a.draws, b.draws) == 1.0  # ...and not worse (elimination)
 
 
-def test_the_gate_keeps_false_picks_below_one_minus_min_prob_better():
-    """Seven identical refiners on shared round-0 answers: the leader (the luckiest) must pass the gate at most
-    10% of the time; exact binomial tail over 300 repeated races."""
+def test_draws_are_paired_through_the_examples():
+    """Two refiners that differ on one example in a hundred: with shared weights their difference varies far less
+    than with independent ones (what the examples share cancels out)."""
     rng = np.random.default_rng(2)
-    p0_true, p_cw, p_wc, n, rounds, challengers = 0.6, 0.2, 0.3, 60, 3, 6
+    round0 = np.array([True] * 50 + [False] * 50)
+    chains = [[bool(r), bool(r), True] for r in round0]
+    other = [list(c) for c in chains]
+    other[99] = [False, False, False]
+    w = bootstrap_weights(100, rng=rng)
+    a = value_draws(w, round0, chain_counts(chains), max_rounds=2)
+    b = value_draws(w, round0, chain_counts(other), max_rounds=2)
+    assert a.rounds == b.rounds == 2
+    unpaired = value_draws(bootstrap_weights(100, rng=rng), round0, chain_counts(other), max_rounds=2)
+    assert np.std(a.draws - b.draws) < 0.5 * np.std(a.draws - unpaired.draws)
+    assert prob_at_least(a.draws, b.draws) == 1.0
+
+
+def test_the_gate_keeps_false_picks_below_one_minus_min_prob_better_with_uneven_questions():
+    """Seven identical refiners on shared round-0 answers, questions that differ in difficulty and in how refinement
+    treats them (so a chain's rounds are not independent trials): the leader (the luckiest) passes the gate at most
+    10% of the time; exact binomial tail over 300 repeated races."""
+    rng = np.random.default_rng(3)
+    n, rounds, challengers, repeats = 60, 3, 6, 300
     picks = 0
-    repeats = 300
     for _ in range(repeats):
-        round0 = rng.random(n) < p0_true
-        p0 = shared_p0_draws(int(round0.sum()), n, draws=4_000, rng=rng)
+        p0 = rng.beta(1.5, 1.0, n)
+        p_cw, p_wc = rng.beta(1.0, 6.0, n), rng.beta(1.5, 3.0, n)
+        round0 = rng.random(n) < p0
+        w = bootstrap_weights(n, draws=2_000, rng=rng)
         values = []
         for _ in range(challengers + 1):
-            counts = RefinerCounts()
-            for start in round0:
-                chain = [bool(start)]
+            chains = []
+            for i in range(n):
+                chain = [bool(round0[i])]
                 for _ in range(rounds):
-                    chain.append(rng.random() >= p_cw if chain[-1] else rng.random() < p_wc)
-                counts = counts + RefinerCounts.of_chain(chain)
-            values.append(value_draws(p0, counts, max_rounds=rounds, rng=rng))
+                    chain.append(rng.random() >= p_cw[i] if chain[-1] else rng.random() < p_wc[i])
+                chains.append(chain)
+            values.append(value_draws(w, round0, chain_counts(chains), max_rounds=rounds))
         leader = max(range(1, challengers + 1), key=lambda i: values[i].mean)
         picks += prob_better(values[leader].draws, values[0].draws) >= gate(0.9, challengers)
     # Under "at most 10%", seeing this many picks or more has probability below 0.001.
@@ -116,6 +156,7 @@ def test_rung_sizes_halve_the_challengers_down_to_one():
     assert _rung_sizes(200, 2, 2, None) == [200]
     assert _rung_sizes(30, 9, 3, None) == [20, 30]  # no rung below 20 examples
     assert _rung_sizes(200, 7, 2, 60) == [60, 100, 200]
+    assert _rung_sizes(80, 2, 2, None, at_least=2) == [40, 80]  # proposals need a rung to be judged on
 
 
 # The simulated world the optimizer is checked against ---------------------------------------------------------------
@@ -198,32 +239,47 @@ def test_keeps_the_default_when_no_candidate_is_better():
     assert report.before is report.after
 
 
+def deployed_value(world, instructions, rounds):
+    """Accuracy the module gets under the truth when it refines every question ``rounds`` times (its plan)."""
+    return float(np.mean([theory.accuracy_at(rounds, *world.chain_for(q, instructions)) for q in world.questions]))
+
+
 @pytest.mark.slow
 def test_never_picks_a_refiner_the_truth_says_is_worse_on_random_worlds():
-    """Eight worlds drawn at random (chains and the effect of every phrase): the pick is never worse than the
-    default under the truth by more than 1 point, and every pick passed the gate."""
+    """Eight worlds drawn at random -- two kinds of question, difficulty spread within each, random effects of every
+    phrase -- : at the rounds each module plans, the pick is never worse than the default under the truth by more
+    than 1 point, and every pick passed the gate."""
     rng = random.Random(7)
+    picked = 0
     for k in range(8):
         effects = {
             phrase: {"p_cw": rng.uniform(0.2, 2.0), "p_wc": rng.uniform(0.6, 1.4)}
             for phrase in ("be bold", "slow down", "double-check", "from scratch", "be brief")
         }
-        w = SimulatedWorld.homogeneous(
-            120,
-            p0=rng.uniform(0.3, 0.8),
-            p_cw=rng.uniform(0.05, 0.3),
-            p_wc=rng.uniform(0.1, 0.4),
-            seed=k,
-            refiner_effects=effects,
-        )
-        _, report, student = optimize(w, n_train=120, candidates=CANDIDATES, rounds=2)
+        kinds = [
+            (
+                w,
+                {
+                    "p0": rng.uniform(0.2, 0.8),
+                    "p_cw": rng.uniform(0.05, 0.3),
+                    "p_wc": rng.uniform(0.05, 0.4),
+                    "p0_concentration": 4.0,
+                },
+            )
+            for w in (0.6, 0.4)
+        ]
+        w = SimulatedWorld.mixture(150, kinds, seed=k, refiner_effects=effects)
+        _, report, student = optimize(w, n_train=150, candidates=CANDIDATES, rounds=2)
         task = student.signature
         truth = [
-            true_value(w, refinement_signature(task, c["instructions"]).instructions, 2) for c in report.candidates
+            deployed_value(w, refinement_signature(task, c["instructions"]).instructions, c["planned_rounds"])
+            for c in report.candidates
         ]
         assert truth[report.chosen] >= truth[0] - 0.01, (k, report.chosen, truth)
         if report.chosen:
+            picked += 1
             assert report.candidates[report.chosen]["prob_beats_default"] >= report.gate
+    assert picked >= 1  # the worlds give the race something to find
 
 
 @pytest.mark.slow
@@ -243,10 +299,14 @@ def test_a_reflection_lm_proposes_candidates_through_gepa_and_they_race():
     w = SimulatedWorld.homogeneous(
         80, p0=0.6, p_cw=0.2, p_wc=0.3, seed=9, refiner_effects={"simulated reasoning": {"p_cw": 0.2}}
     )
-    _, report, _ = optimize(w, n_train=80, rounds=2, reflection_lm=w.lm(name="reflect"), proposals=2)
+    reflect = w.lm(name="reflect")
+    _, report, _ = optimize(w, n_train=80, rounds=2, reflection_lm=reflect, proposals=2)
     proposed = [c for c in report.candidates if c["source"] == "proposed"]
     assert proposed and report.calls["proposals"] >= 1
-    assert report.chosen_source == "proposed" and proposed[0]["examples"] == 80
+    # Written from the first rung's transitions (with the questions and answers), judged on the other examples.
+    prompt = str(reflect.history[0]["messages"])
+    assert "Simulated question #" in prompt and ("broke a correct answer" in prompt or "fixed it" in prompt)
+    assert report.chosen_source == "proposed" and proposed[0]["examples"] == 80 - report.rungs[0]
     assert report.calls["total"] == w.calls
 
 
@@ -328,7 +388,8 @@ def test_the_race_is_rendered_as_words_a_table_and_a_figure(tmp_path):
         (["calibrate", "--candidates", "c.txt"], "--candidates apply to --optimize-refiner"),
         (["calibrate", "--optimize-refiner", "--max-dollars", "1"], "does not take --max-dollars"),
         (["calibrate", "--optimize-refiner", "--candidates", "/no/such/file.txt"], "--candidates /no/such/file.txt"),
-        (["calibrate", "--optimize-refiner", "--proposals", "0"], "--proposals must be"),
+        (["calibrate", "--optimize-refiner", "--proposals", "2"], "--proposals needs --reflection-model"),
+        (["calibrate", "--proposals", "2"], "--proposals apply to --optimize-refiner"),
     ],
 )
 def test_cli_race_options_are_checked_before_anything_runs(argv, message, capsys, monkeypatch):
@@ -348,3 +409,43 @@ def test_cli_reads_candidates_one_per_line(tmp_path):
     path.write_text("# only a comment\n")
     with pytest.raises(ConfigurationError, match="holds no instructions"):
         _read_candidates(str(path))
+
+
+def test_a_refiner_whose_rounds_fail_leaves_the_race_and_is_never_chosen():
+    effects = {"be brief": {"garbage": 1.0, "p_cw": 0.0}, "double-check": {"p_cw": 0.3}}
+    w = SimulatedWorld.homogeneous(120, p0=0.6, p_cw=0.2, p_wc=0.3, seed=13, refiner_effects=effects)
+    _, report, _ = optimize(w, n_train=120, candidates=CANDIDATES, verify_first=False)
+    brief = next(c for c in report.candidates if c["instructions"] == "Be brief.")
+    assert brief["refinements_failed"] and brief["eliminated_at"] == 0 and brief["transitions"]["n_cc"] == 0
+    assert "Double-check" in report.candidates[report.chosen]["instructions"]
+
+
+def test_when_no_refinement_succeeds_the_error_says_so():
+    w = SimulatedWorld.homogeneous(40, p0=0.6, p_cw=0.2, p_wc=0.3, seed=14)
+    student = MarkovRefine(dspy.Predict("question -> answer"), max_rounds=2, refiner_lm=w.lm(faults={"server": 1.0}))
+    optimizer = RefinerOptimizer(w.metric, num_threads=2, store_traces=False)
+    with dspy.context(lm=w.lm()), pytest.raises(CalibrationError, match="no refinement round of the race succeeded"):
+        optimizer.compile(student, trainset=w.examples)
+
+
+def test_a_bad_valset_is_refused_before_any_call():
+    w = SimulatedWorld.homogeneous(20, p0=0.6, p_cw=0.2, p_wc=0.3, seed=15)
+    optimizer = RefinerOptimizer(w.metric, store_traces=False)
+    unlabelled = [dspy.Example(question="q").with_inputs("question")]
+    with dspy.context(lm=w.lm()), pytest.raises(DataError, match="valset"):
+        optimizer.compile(MarkovRefine(dspy.Predict("question -> answer")), trainset=w.examples, valset=unlabelled)
+    assert w.calls == 0
+
+
+def test_a_chain_of_thought_program_gets_a_reasoning_refiner_with_the_winning_instructions():
+    effects = {"verify first": {"p_cw": 0.1}}
+    w = SimulatedWorld.homogeneous(100, p0=0.6, p_cw=0.3, p_wc=0.3, seed=16, refiner_effects=effects)
+    optimizer = RefinerOptimizer(w.metric, rounds=2, num_threads=2, store_traces=False)
+    with dspy.context(lm=w.lm()):
+        module = optimizer.compile(
+            MarkovRefine(dspy.ChainOfThought("question -> answer"), max_rounds=2), trainset=w.examples
+        )
+    assert optimizer.report.chosen_source == "verify_first"
+    assert isinstance(module.refiner, dspy.ChainOfThought)
+    assert module.refiner.predict.signature.instructions.startswith(VERIFY_FIRST)
+    assert "reasoning" in module.refiner.predict.signature.output_fields

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import math
 import random
@@ -27,9 +29,11 @@ from markovscale_dspy.core.racing import (
     DEFAULT_DRAWS,
     RefinerCounts,
     RefinerValue,
+    bootstrap_weights,
+    chain_counts,
     gate,
+    prob_at_least,
     prob_better,
-    shared_p0_draws,
     value_draws,
 )
 from markovscale_dspy.core.statistics import binomial_interval, paired_difference, score_to_label
@@ -38,6 +42,7 @@ from markovscale_dspy.refine.loop import describe
 from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine, refiner_predict
 from markovscale_dspy.refine.sampling import has_pinned_lm
 from markovscale_dspy.refine.signatures import refinement_signature
+from markovscale_dspy.spending import cap_reached
 from markovscale_dspy.tracing import carry_context, span
 from markovscale_dspy.usage import Usage, measure_usage
 
@@ -219,7 +224,7 @@ class RefinerOptimizer(Teleprompter):
             CalibrationError: no round 0 could be graded, or ``max_errors`` errors.
         """
         with span("RefinerOptimizer.compile", lambda: self._attributes(), root="compile"):
-            race = self._prepare(student, trainset)
+            race = self._prepare(student, trainset, valset)
             try:
                 self._draw_round_zero(race)
                 self._race(race)
@@ -231,7 +236,9 @@ class RefinerOptimizer(Teleprompter):
 
     # Named steps -------------------------------------------------------------------------------------------------
 
-    def _prepare(self, student: MarkovRefine, trainset: Sequence[dspy.Example]) -> _Race:
+    def _prepare(
+        self, student: MarkovRefine, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example] | None
+    ) -> _Race:
         """Check the student and the trainset; one module per candidate; the order of the race."""
         self.report = None
         self._calibrator.firsts = {}
@@ -241,6 +248,8 @@ class RefinerOptimizer(Teleprompter):
                 "RefinerOptimizer(metric).compile(MarkovRefine(program), trainset=...)"
             )
         examples = check_examples(trainset, student, "trainset")
+        if valset:  # a bad valset is said now, not after the race has been paid for
+            check_examples(valset, student, "valset")
         rounds = self._calibrator._rounds_for(student)
         base = student.deepcopy()
         texts = [("default", _instructions_of(base))]
@@ -269,6 +278,7 @@ class RefinerOptimizer(Teleprompter):
             prior=self.prior,
         )
         if store is not None and not self._calibrator._identifiable(base, rounds, examples):
+            store.close()
             race.store = None
         return race
 
@@ -293,46 +303,41 @@ class RefinerOptimizer(Teleprompter):
                 "no round-0 answer could be graded, so no refiner can be compared; failures: "
                 + "; ".join(sorted({r.failure or r.metric_error or "no label" for r in race.round0})[:3])
             )
-        correct = sum(bool(r.labels[0]) for r in graded)
-        race.p0 = shared_p0_draws(correct, len(graded), draws=DEFAULT_DRAWS, prior=self.prior, rng=race.rng)
+        race.usable = [i for i in race.order if self._usable(race, i)]
+        race.correct0 = np.array([bool(race.round0[i].labels[0]) for i in race.usable])
+        # One set of Bayesian-bootstrap weights over the examples, shared by every candidate: paired draws.
+        race.weights = bootstrap_weights(len(race.usable), draws=DEFAULT_DRAWS, rng=race.rng)
 
     def _race(self, race: _Race) -> None:
         """Successive halving on the shared round-0 answers: every survivor refines the same examples per rung."""
-        usable = [i for i in race.order if self._usable(race, i)]
-        race.rungs = _rung_sizes(len(usable), len(race.candidates), self.eta, self.first_rung)
-        done = 0
+        usable = race.usable
+        race.rungs = _rung_sizes(
+            len(usable), len(race.candidates) + self.proposals, self.eta, self.first_rung, 2 if self.proposals else 1
+        )
         for number, size in enumerate(race.rungs):
             alive = [c for c in race.candidates if c.alive]
-            jobs = [(c, i) for c in alive for i in usable[c.reached : size]]
-            self._run_chains(race, jobs)
+            self._run_chains(race, [(c, i) for c in alive for i in usable[c.reached : size]])
             for c in alive:
                 c.reached = size
             race.guard.check(len(race.examples))
-            if number == 0 and self.proposals:
+            if number == 0 and self.proposals and len(race.rungs) > 1:
+                # Proposals are written from these examples' transitions, so they are judged on the others only.
                 self._propose(race, usable[:size])
-                newcomers = [c for c in race.candidates if c.alive and c.reached < size]
-                self._run_chains(race, [(c, i) for c in newcomers for i in usable[:size]])
-                for c in newcomers:
-                    c.reached = size
-            done = size
+                for c in race.candidates:
+                    c.reached = max(c.reached, size)
             self._value(race)
             if number < len(race.rungs) - 1:
                 self._eliminate(race, number)
-        race.examples_raced = done
 
     def _choose(self, race: _Race) -> _Candidate:
-        """The leader if the posterior supports its advantage over the default, else the default."""
+        """The best finalist whose advantage over the default the posterior supports, else the default."""
         self._value(race)
         default = race.candidates[0]
-        finalists = [c for c in race.candidates if c.alive]
-        leader = max(finalists, key=lambda c: (c.value.mean, -c.index))
-        challengers = len(race.candidates) - 1
-        race.gate = gate(self.min_prob_better, challengers)
-        for c in race.candidates:
-            c.prob_beats_default = None if c is default else prob_better(c.value.draws, default.value.draws)
-        if leader is default or leader.prob_beats_default < race.gate:
-            return default
-        return leader
+        race.gate = gate(self.min_prob_better, len(race.candidates) - 1)
+        for c in race.candidates[1:]:
+            c.prob_beats_default = prob_better(c.value.draws, default.value.draws)
+        supported = [c for c in race.candidates[1:] if c.alive and not c.broken and c.prob_beats_default >= race.gate]
+        return max(supported, key=_rank) if supported else default
 
     def _conclude(self, race: _Race, chosen: _Candidate, valset: Sequence[dspy.Example] | None) -> MarkovRefine:
         """The chosen candidate's module, calibrated on its chains (round 0 shared), with the report."""
@@ -340,6 +345,11 @@ class RefinerOptimizer(Teleprompter):
         after_records = self._full_records(race, chosen)
         before_records = self._full_records(race, default)
         model = self._calibrator._fit(after_records, race.rounds, 0)
+        if model.n_transitions == 0:
+            raise CalibrationError(
+                "no refinement round of the race succeeded, so no refiner can be calibrated (see the logged round "
+                "errors); fix the refiner's LM and re-run: round-0 answers come from the trace store"
+            )
         module = chosen.module
         module.record_calibration(model, spend=spend_of(after_records))
         seconds = time.perf_counter() - race.started
@@ -407,7 +417,7 @@ class RefinerOptimizer(Teleprompter):
         results = self._execute(work, jobs)
         for (candidate, index), record in zip(jobs, results, strict=True):
             if not isinstance(record, ChainRecord):
-                record = ChainRecord(index=index, failure=f"executor: {record!r}")
+                record = ChainRecord(index=index, failure=f"executor: {record!r} (see the logged error)")
             candidate.records[index] = record
         for run in runs.values():
             self._close(race, run)
@@ -416,14 +426,16 @@ class RefinerOptimizer(Teleprompter):
         """Worker: ``candidate`` refines example ``index``'s shared round-0 answer ``rounds`` times."""
         calibrator, example = self._calibrator, race.examples[index]
         record = ChainRecord(index=index)
-        if race.guard.stopped:
+        if race.guard.stopped or cap_reached():
             record.failure, record.skipped = SKIPPED, True
             return record
         first = race.firsts[index]
         key = None
         if race.store is not None:
             try:
-                key = chain_key(candidate.module, race.rounds, example, self.trace_key, purpose=_CONTINUED)
+                # Keyed by the round 0 it continues (its outputs, not only its answer: reasoning differs).
+                purpose = f"{_CONTINUED}|{_digest(first.get('outputs'))}"
+                key = chain_key(candidate.module, race.rounds, example, self.trace_key, purpose=purpose)
             except Exception as exc:  # the store is an optimisation: without a key, just run the chain
                 logger.warning("trace store disabled for example %d: %s", index, describe(exc))
         trajectory = calibrator._reused(run, key)
@@ -445,33 +457,45 @@ class RefinerOptimizer(Teleprompter):
         return record
 
     def _value(self, race: _Race) -> None:
-        """Each candidate's posterior worth from the chains it has run, paired through the shared p0 draws."""
+        """Each candidate's posterior worth from the chains it has run, paired through the shared weights."""
         for c in race.candidates:
-            c.counts = RefinerCounts()
-            for record in c.records.values():
-                chain = record.observed_chain()
-                if len(chain) >= 2:
-                    c.counts = c.counts + RefinerCounts.of_chain(chain)
+            chains = []
+            for i in race.usable:
+                record = c.records.get(i)
+                chain = record.observed_chain() if record is not None else []
+                chains.append(chain if len(chain) >= 2 else None)
+            table = chain_counts(chains)
+            refined = ~np.isnan(table).any(axis=1)
+            c.counts = (
+                RefinerCounts(*(int(x) for x in table[refined].sum(axis=0))) if refined.any() else RefinerCounts()
+            )
+            # A refiner whose rounds mostly fail is not measured, whatever its prior says (and never chosen).
+            c.broken = bool(c.records) and c.counts.total < 0.5 * len(c.records) * race.rounds
             c.value = value_draws(
-                race.p0,
-                c.counts,
+                race.weights,
+                race.correct0,
+                table,
                 max_rounds=race.base.max_rounds,
                 round_cost=race.round_cost,
                 prior=self.prior,
-                rng=race.rng,
             )
+            c.bound = theory.stationary_accuracy(*c.counts.means(self.prior))
 
     def _eliminate(self, race: _Race, rung: int) -> None:
-        """Drop challengers the posterior says lose to the leader, then keep at most 1/eta of the rest."""
-        alive = [c for c in race.candidates if c.alive]
-        leader = max(alive, key=lambda c: (c.value.mean, -c.index))
-        challengers = [c for c in alive if c.index != 0]
+        """Drop challengers whose rounds fail or that the posterior says lose to the leader, then keep at most
+        1/eta of the rest (the default stays: it is what the winner must beat)."""
+        # A proposal that joined at this rung has refined nothing yet: it is judged from the next rung on.
+        challengers = [c for c in race.candidates[1:] if c.alive and c.records]
         for c in challengers:
-            if c is not leader and prob_better(c.value.draws, leader.value.draws) < self.drop_below:
+            if c.broken:
                 c.alive, c.eliminated_at = False, rung
-        rest = sorted((c for c in challengers if c.alive), key=lambda c: (-c.value.mean, c.index))
-        keep = max(1, math.ceil(len(challengers) / self.eta))
-        for c in rest[keep:]:
+        leader = max((c for c in race.candidates if c.alive and not c.broken), key=_rank, default=None)
+        for c in challengers:
+            # A tie is not a loss: two candidates that both plan no rounds do not knock each other out.
+            if c.alive and c is not leader and prob_at_least(c.value.draws, leader.value.draws) < self.drop_below:
+                c.alive, c.eliminated_at = False, rung
+        rest = sorted((c for c in challengers if c.alive), key=_rank, reverse=True)
+        for c in rest[max(1, math.ceil(len(challengers) / self.eta)) :]:
             c.alive, c.eliminated_at = False, rung
 
     def _propose(self, race: _Race, examples: list[int]) -> None:
@@ -479,7 +503,7 @@ class RefinerOptimizer(Teleprompter):
         from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 
         self._value(race)
-        leader = max((c for c in race.candidates if c.alive), key=lambda c: (c.value.mean, -c.index))
+        leader = max((c for c in race.candidates if c.alive and not c.broken), key=_rank, default=race.candidates[0])
         feedback = _reflective_dataset(race, leader, examples)
         if not feedback:
             logger.warning(
@@ -518,7 +542,12 @@ class RefinerOptimizer(Teleprompter):
                     out.append(shared)
                 continue
             if record.round_usage and shared.round_usage:
-                record = replace(record, round_usage=[shared.round_usage[0], *record.round_usage[1:]])
+                # Round 0 was paid once and is shared; its confidence too (the continued chain has none for it).
+                record = replace(
+                    record,
+                    round_usage=[shared.round_usage[0], *record.round_usage[1:]],
+                    confidences=[shared.confidences[0] if shared.confidences else None, *record.confidences[1:]],
+                )
                 record.usage = sum((Usage.from_dict(u) for u in record.round_usage), Usage()).to_dict()
             out.append(record)
         return out
@@ -545,9 +574,17 @@ class _Candidate:
     counts: RefinerCounts = field(default_factory=RefinerCounts)
     value: RefinerValue | None = None
     prob_beats_default: float | None = None
+    broken: bool = False
+    bound: float | None = None
 
-    def calls(self) -> int:
-        return sum(Usage.from_dict(r.usage).calls for r in self.records.values() if not r.reused)
+    def calls(self, *, reused: bool = False) -> int:
+        """Calls its chains made now (``reused=True``: also what stored chains cost when they were run)."""
+        return sum(Usage.from_dict(r.usage).calls for r in self.records.values() if reused or not r.reused)
+
+
+def _rank(c: _Candidate) -> tuple[float, float, int]:
+    """Order of merit: worth, then the bound (closer to paying when neither plans rounds), then the earlier."""
+    return (c.value.mean, c.bound if c.bound is not None else 0.0, -c.index)
 
 
 @dataclass
@@ -563,9 +600,10 @@ class _Race:
     guard: Any
     rng: np.random.Generator
     round0: list[ChainRecord] = field(default_factory=list)
-    p0: np.ndarray | None = None
+    usable: list[int] = field(default_factory=list)
+    correct0: np.ndarray | None = None
+    weights: np.ndarray | None = None
     rungs: list[int] = field(default_factory=list)
-    examples_raced: int = 0
     gate: float = 1.0
     proposal_usage: Usage = field(default_factory=Usage)
     prior: tuple[float, float] = (1.0, 1.0)
@@ -639,7 +677,8 @@ def _build_report(
     seconds: float,
 ) -> RefinerReport:
     rows = []
-    p0 = float(race.p0.mean())
+    a, b = race.prior
+    p0 = (a + race.correct0.sum()) / (a + b + len(race.correct0))
     for c in race.candidates:
         p_cw, p_wc = c.counts.means(race.prior)
         rows.append(
@@ -650,11 +689,11 @@ def _build_report(
                 "calls": c.calls(),
                 "p_cw": {
                     "mean": p_cw,
-                    "interval": list(binomial_interval(c.counts.n_cw, c.counts.n_cw + c.counts.n_cc)),
+                    "interval": _interval(c.counts.n_cw, c.counts.n_cc),
                 },
                 "p_wc": {
                     "mean": p_wc,
-                    "interval": list(binomial_interval(c.counts.n_wc, c.counts.n_wc + c.counts.n_ww)),
+                    "interval": _interval(c.counts.n_wc, c.counts.n_ww),
                 },
                 "transitions": asdict(c.counts),
                 "bound": theory.stationary_accuracy(p_cw, p_wc),
@@ -663,11 +702,17 @@ def _build_report(
                 "value": c.value.mean,
                 "prob_beats_default": c.prob_beats_default,
                 "eliminated_at": c.eliminated_at,
+                "refinements_failed": c.broken,
             }
         )
     round0 = sum(Usage.from_dict(r.usage).calls for r in race.round0 if not r.reused)
     refinement = sum(c.calls() for c in race.candidates)
-    n = sum(1 for r in race.round0 if r.failure is None)
+    # The cost basis of the comparison: what the race's chains cost when they were run (stored ones included)
+    # against every candidate refining every usable example at the measured calls per chain.
+    round0_cost = sum(Usage.from_dict(r.usage).calls for r in race.round0)
+    chains = sum(len(c.records) for c in race.candidates)
+    chain_cost = sum(c.calls(reused=True) for c in race.candidates)
+    per_chain = chain_cost / chains if chains else 0.0
     return RefinerReport(
         candidates=rows,
         chosen=chosen.index,
@@ -679,9 +724,10 @@ def _build_report(
             "refinement": refinement,
             "proposals": race.proposal_usage.calls,
             "total": round0 + refinement + race.proposal_usage.calls,
-            "every_candidate_everywhere": len(race.round0)
-            + len(race.candidates) * n * race.rounds
-            + race.proposal_usage.calls,
+            "race": round0_cost + chain_cost + race.proposal_usage.calls,
+            "every_candidate_everywhere": round(
+                round0_cost + len(race.candidates) * len(race.usable) * per_chain + race.proposal_usage.calls
+            ),
         },
         rungs=list(race.rungs),
         before=before,
@@ -730,15 +776,20 @@ def _with_instructions(base: MarkovRefine, text: str, source: str) -> MarkovRefi
     return module
 
 
-def _rung_sizes(n: int, candidates: int, eta: int, first: int | None) -> list[int]:
+def _rung_sizes(n: int, candidates: int, eta: int, first: int | None, at_least: int = 1) -> list[int]:
     """Examples per rung: the challengers are cut to ``1/eta`` per rung until one is left, and each rung refines
-    ``eta`` times as many examples as the one before, the last all of them."""
-    halvings = math.ceil(math.log(candidates - 1, eta)) if candidates > 2 else 0
+    ``eta`` times as many examples as the one before, the last all of them (at least ``at_least`` rungs where the
+    examples allow)."""
+    halvings = max(math.ceil(math.log(candidates - 1, eta)) if candidates > 2 else 0, at_least - 1)
     sizes = [n]
     for _ in range(halvings):
         sizes.insert(0, math.ceil(sizes[0] / eta))
     floor = min(n, 20 if first is None else first)
     return sorted({max(size, floor) for size in sizes})
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
 
 def _interval(successes: int, failures: int) -> list[float]:
@@ -758,6 +809,8 @@ def _reflective_dataset(race: _Race, leader: _Candidate, examples: list[int]) ->
         if record is None:
             continue
         inputs = dict(race.examples[index].inputs())
+        fields = race.base.answer_fields
+        name = fields[0] if len(fields) == 1 else "answer"
         chain = record.observed()
         for (was, before), (now, after) in itertools.pairwise(chain):
             if was and not now:
@@ -773,8 +826,8 @@ def _reflective_dataset(race: _Race, leader: _Candidate, examples: list[int]) ->
                 continue
             feedback.append(
                 {
-                    "Inputs": {**inputs, "previous_answer": before},
-                    "Generated Outputs": {"answer": after},
+                    "Inputs": {**inputs, f"previous_{name}": before},
+                    "Generated Outputs": {name: after},
                     "Feedback": note,
                 }
             )
