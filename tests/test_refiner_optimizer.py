@@ -19,6 +19,7 @@ from markovscale_dspy import (
     MarkovCalibrator,
     MarkovRefine,
     RefinerOptimizer,
+    TransitionModel,
     theory,
 )
 from markovscale_dspy.calibrate.refiner_optimizer import _rung_sizes
@@ -229,9 +230,15 @@ def test_finds_the_best_of_seven_candidates_with_fewer_calls_than_evaluating_all
 
 def test_keeps_the_default_when_no_candidate_is_better():
     """The world ignores the instructions: every candidate has the default's chain, so none may be picked."""
-    w = SimulatedWorld.homogeneous(200, p0=0.6, p_cw=0.1, p_wc=0.3, seed=6)
-    module, report, _ = optimize(w, n_train=200, candidates=CANDIDATES)
+    w = SimulatedWorld.homogeneous(300, p0=0.6, p_cw=0.1, p_wc=0.3, seed=6)
+    module, report, _ = optimize(w, n_train=200, candidates=CANDIDATES, valset=w.examples[200:])
     assert report.chosen == 0 and report.chosen_source == "default"
+    # Held out, the gate's decision is checked against the best challenger on the same round-0 answers.
+    challenger = report.held_out["best challenger"]
+    assert report.held_out["best challenger source"] in ("verify_first", "yours")
+    assert challenger["difference"]["diff"] == pytest.approx(
+        challenger["accuracy"] - report.held_out["before"]["accuracy"]
+    )
     assert (
         module.refiner.signature.instructions
         == MarkovRefine(dspy.Predict("question -> answer")).refiner.signature.instructions
@@ -449,3 +456,15 @@ def test_a_chain_of_thought_program_gets_a_reasoning_refiner_with_the_winning_in
     assert isinstance(module.refiner, dspy.ChainOfThought)
     assert module.refiner.predict.signature.instructions.startswith(VERIFY_FIRST)
     assert "reasoning" in module.refiner.predict.signature.output_fields
+
+
+def test_held_out_rounds_are_the_rounds_the_module_would_run_after_its_confidence_gate():
+    from markovscale_dspy.calibrate.refiner_optimizer import deployed_rounds
+
+    module = MarkovRefine(dspy.Predict("question -> answer"), max_rounds=3, min_prob_improves=0.99)
+    module.model = TransitionModel.fit([[False, True, True], [True, True, False], [False, False, True]] * 3)
+    planned = module.planned_rounds()
+    assert planned >= 1 and module.model.prob_improves() < 0.99
+    assert deployed_rounds(module) == 0
+    module.min_prob_improves = None
+    assert deployed_rounds(module) == planned

@@ -344,7 +344,8 @@ class RefinerOptimizer(Teleprompter):
         default = race.candidates[0]
         after_records = self._full_records(race, chosen)
         before_records = self._full_records(race, default)
-        model = self._calibrator._fit(after_records, race.rounds, 0)
+        failed0 = sum(r.failure is not None and not r.skipped for r in race.round0)
+        model = self._calibrator._fit(after_records, race.rounds, 0).with_round0_failures(failed0)
         if model.n_transitions == 0:
             raise CalibrationError(
                 "no refinement round of the race succeeded, so no refiner can be calibrated (see the logged round "
@@ -358,19 +359,19 @@ class RefinerOptimizer(Teleprompter):
         if chosen is default:
             before = after
         else:
-            before_model = self._calibrator._fit(before_records, race.rounds, 0)
+            before_model = self._calibrator._fit(before_records, race.rounds, 0).with_round0_failures(failed0)
             before = build_report(before_model, before_records, race.rounds, seconds, None, _directory(race), lms)
             default.module.record_calibration(before_model, spend=spend_of(before_records))
         held_out = None
         if valset:
+            sides = {"before": default.module, "after": module}
+            runner_up = self._runner_up(race, chosen)
+            if runner_up is not None:  # the gate kept the default: how the best challenger does on new questions
+                sides["best challenger"] = runner_up.module
             held_out = _held_out(
-                default.module,
-                module,
-                check_examples(valset, module, "valset"),
-                self.metric,
-                self.threshold,
-                self.num_threads,
+                sides, check_examples(valset, module, "valset"), self.metric, self.threshold, self.num_threads
             )
+            held_out["best challenger source"] = None if runner_up is None else runner_up.source
         self.report = _build_report(
             race, chosen, before, after, held_out, self.min_prob_better, time.perf_counter() - race.started
         )
@@ -378,6 +379,18 @@ class RefinerOptimizer(Teleprompter):
         return module
 
     # Helpers -----------------------------------------------------------------------------------------------------
+
+    def _runner_up(self, race: _Race, chosen: _Candidate) -> _Candidate | None:
+        """When the default was kept: the best finalist challenger, calibrated on its chains (else ``None``)."""
+        if chosen.index != 0:
+            return None
+        finalists = [c for c in race.candidates[1:] if c.alive and not c.broken]
+        if not finalists:
+            return None
+        best = max(finalists, key=_rank)
+        model = self._calibrator._fit(self._full_records(race, best), race.rounds, 0)
+        best.module.record_calibration(model)
+        return best
 
     def _run(self, race: _Race, module: MarkovRefine) -> ChainRun:
         return ChainRun(
@@ -834,51 +847,65 @@ def _reflective_dataset(race: _Race, leader: _Candidate, examples: list[int]) ->
     return feedback
 
 
+def deployed_rounds(module: MarkovRefine) -> int:
+    """Rounds a calibrated closed-form module refines every question: its plan, or none when its confidence gate
+    (``min_prob_improves``) is not passed."""
+    gate_at = module.min_prob_improves or 0.0
+    if gate_at > 0 and module.model.prob_improves() < gate_at:
+        return 0
+    return module.planned_rounds()
+
+
 def _held_out(
-    before: MarkovRefine,
-    after: MarkovRefine,
+    sides: dict[str, MarkovRefine],
     examples: list[dspy.Example],
     metric: Callable[..., Any],
     threshold: float | None,
     num_threads: int | None,
 ) -> dict[str, Any]:
-    """Both modules on the same held-out questions, from the same round-0 answer (each then refines for the rounds
-    its calibrated closed-form rule plans): accuracy, the prediction, and the paired difference."""
-    plans = {"before": before.planned_rounds(), "after": after.planned_rounds()}
+    """The modules on the same held-out questions, from the same round-0 answer, each refining for the rounds it
+    would run (its closed-form plan, after its confidence gate): accuracy, the prediction, and each side's paired
+    difference with ``before``."""
+    plans = {name: deployed_rounds(module) for name, module in sides.items()}
+    first_module = sides["before"]
     executor = ParallelExecutor(num_threads=num_threads, max_errors=len(examples) + 1, disable_progress_bar=True)
 
-    def run(example: dspy.Example) -> tuple[bool, bool] | str:
+    def run(example: dspy.Example) -> tuple[bool, ...] | str:
         try:
             inputs = dict(example.inputs())
-            first = before.run_chain(0, **inputs)
+            first = first_module.run_chain(0, **inputs)
             outputs = dict(first.items())
             labels = []
-            for module, rounds in ((before, plans["before"]), (after, plans["after"])):
+            for name, module in sides.items():
+                rounds = plans[name]
                 pred = module.continue_chain(dspy.Prediction(**outputs), rounds, **inputs) if rounds else first
                 labels.append(score_to_label(metric(example, pred), threshold))
-            return labels[0], labels[1]
-        except Exception as exc:  # scored wrong on both sides, as dspy.Evaluate scores a failure
+            return tuple(labels)
+        except Exception as exc:  # scored wrong on every side, as dspy.Evaluate scores a failure
             return describe(exc)
 
     results = executor.execute(carry_context(run), examples)
-    pairs = [r if isinstance(r, tuple) else (False, False) for r in results]
-    failed = sum(not isinstance(r, tuple) for r in results)
-    out: dict[str, Any] = {"examples": len(examples), "failed": failed}
-    for side, module, labels in (("before", before, [a for a, _ in pairs]), ("after", after, [b for _, b in pairs])):
+    rows = [r if isinstance(r, tuple) else (False,) * len(sides) for r in results]
+    out: dict[str, Any] = {"examples": len(examples), "failed": sum(not isinstance(r, tuple) for r in results)}
+    before = [r[0] for r in rows]
+    for j, (name, module) in enumerate(sides.items()):
+        labels = [r[j] for r in rows]
         k, n = sum(labels), len(labels)
-        out[side] = {
-            "rounds": plans[side],
+        out[name] = {
+            "rounds": plans[name],
             "accuracy": k / n if n else None,
             "interval": list(binomial_interval(k, n)),
-            "predicted": float(module.model.expected_accuracy(plans[side])),
+            "predicted": float(module.model.expected_accuracy(plans[name])),
         }
-    d = paired_difference([b for _, b in pairs], [a for a, _ in pairs])
-    out["difference"] = {
-        "diff": d.diff,
-        "lo": d.lo,
-        "hi": d.hi,
-        "p_value": d.p_value,
-        "after_only": d.a_only,
-        "before_only": d.b_only,
-    }
+        if name != "before":
+            d = paired_difference(labels, before)
+            out[name]["difference"] = {
+                "diff": d.diff,
+                "lo": d.lo,
+                "hi": d.hi,
+                "p_value": d.p_value,
+                "only_this": d.a_only,
+                "only_before": d.b_only,
+            }
+    out["difference"] = out["after"]["difference"]
     return out

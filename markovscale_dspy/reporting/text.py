@@ -763,9 +763,14 @@ def refiner_words(report: RefinerReport) -> str:
         lines.append(
             f"Held out ({h['examples']} questions, same round 0): {percent(h['before']['accuracy'])} before "
             f"({h['before']['rounds']} rounds), {percent(h['after']['accuracy'])} after ({h['after']['rounds']} "
-            f"rounds); difference {100 * d['diff']:+.1f} points, 95% CI {100 * d['lo']:+.1f} to {100 * d['hi']:+.1f}, "
-            f"McNemar p = {d['p_value']:.3g}."
+            f"rounds); difference {_points(d)}."
         )
+        if "best challenger" in h:
+            c = h["best challenger"]
+            lines.append(
+                f"The best challenger ({h['best challenger source']}) on the same questions: "
+                f"{percent(c['accuracy'])} ({c['rounds']} rounds); against the default {_points(c['difference'])}."
+            )
     return "\n".join(lines)
 
 
@@ -817,3 +822,10 @@ def refiner_markdown(report: RefinerReport, *, figure: str | None = None) -> str
     if figure:
         parts += ["", f"![chains before and after]({figure})"]
     return "\n".join(parts) + "\n"
+
+
+def _points(d: dict[str, Any]) -> str:
+    return (
+        f"{100 * d['diff']:+.1f} points, 95% CI {100 * d['lo']:+.1f} to {100 * d['hi']:+.1f}, "
+        f"McNemar p = {d['p_value']:.3g}"
+    )
