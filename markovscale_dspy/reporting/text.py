@@ -732,12 +732,18 @@ def refiner_words(report: RefinerReport) -> str:
     """What a refiner race chose and why, in a few lines (what ``markovscale calibrate --optimize-refiner`` says)."""
     chosen = report.candidates[report.chosen]
     calls = report.calls
-    saved = 1 - calls["total"] / calls["every_candidate_everywhere"] if calls["every_candidate_everywhere"] else 0.0
-    lines = [
-        f"Raced {len(report.candidates)} refiners on the same {report.rungs[-1] if report.rungs else 0} round-0 "
-        f"answers (rungs {report.rungs}): {calls['total']} LM calls, {percent(saved)} fewer than every refiner on "
-        f"every example ({calls['every_candidate_everywhere']}).",
-    ]
+    made, race, every = calls["total"], calls.get("race", calls["total"]), calls["every_candidate_everywhere"]
+    raced = (
+        f"Raced {len(report.candidates)} refiners on the same {report.rungs[-1] if report.rungs else 0} round-0 answers"
+    )
+    if every:
+        spend = (
+            f"{race} LM calls ({made} made now, the rest from the trace store), {percent(1 - race / every)} fewer "
+            f"than every refiner on every example ({every})"
+        )
+    else:
+        spend = f"{made} LM calls made now (the chains came from caches that recorded no calls: no saving measured)"
+    lines = [f"{raced} (rungs {report.rungs}): {spend}."]
     if report.chosen == 0:
         best = max(report.candidates[1:], key=lambda c: c["value"], default=None)
         why = (
