@@ -125,6 +125,7 @@ def test_draws_are_paired_through_the_examples():
     assert prob_at_least(a.draws, b.draws) == 1.0
 
 
+@pytest.mark.slow
 def test_the_gate_keeps_false_picks_below_one_minus_min_prob_better_with_uneven_questions():
     """Seven identical refiners on shared round-0 answers, questions that differ in difficulty and in how refinement
     treats them (so a chain's rounds are not independent trials): the leader (the luckiest) passes the gate at most
@@ -228,6 +229,7 @@ def test_finds_the_best_of_seven_candidates_with_fewer_calls_than_evaluating_all
     assert lo <= module.model.expected_accuracy(rounds) <= hi
 
 
+@pytest.mark.slow
 def test_keeps_the_default_when_no_candidate_is_better():
     """The world ignores the instructions: every candidate has the default's chain, so none may be picked."""
     w = SimulatedWorld.homogeneous(300, p0=0.6, p_cw=0.1, p_wc=0.3, seed=6)
@@ -235,7 +237,7 @@ def test_keeps_the_default_when_no_candidate_is_better():
     assert report.chosen == 0 and report.chosen_source == "default"
     # Held out, the gate's decision is checked against the best challenger on the same round-0 answers.
     challenger = report.held_out["best challenger"]
-    assert report.held_out["best challenger source"] in ("verify_first", "yours")
+    assert report.held_out["best challenger source"] == report.candidates[report.runner_up]["source"]
     assert challenger["difference"]["diff"] == pytest.approx(
         challenger["accuracy"] - report.held_out["before"]["accuracy"]
     )
@@ -317,6 +319,7 @@ def test_a_reflection_lm_proposes_candidates_through_gepa_and_they_race():
     assert report.calls["total"] == w.calls
 
 
+@pytest.mark.slow
 def test_the_report_and_valset_compare_before_and_after_on_the_same_round_zero():
     w = SimulatedWorld.homogeneous(
         300, p0=0.6, p_cw=0.25, p_wc=0.3, seed=10, refiner_effects={"verify first": {"p_cw": 0.1}}
@@ -372,6 +375,7 @@ def test_the_default_candidate_keeps_a_calibration_equal_to_markov_calibrator_on
 # What the user reads -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_race_is_rendered_as_words_a_table_and_a_figure(tmp_path):
     pytest.importorskip("matplotlib")
     from markovscale_dspy.reporting.plots import refiner_figure

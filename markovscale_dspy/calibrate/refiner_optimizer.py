@@ -382,12 +382,9 @@ class RefinerOptimizer(Teleprompter):
 
     def _runner_up(self, race: _Race, chosen: _Candidate) -> _Candidate | None:
         """When the default was kept: the best finalist challenger, calibrated on its chains (else ``None``)."""
-        if chosen.index != 0:
+        best = _best_challenger(race)
+        if chosen.index != 0 or best is None:
             return None
-        finalists = [c for c in race.candidates[1:] if c.alive and not c.broken]
-        if not finalists:
-            return None
-        best = max(finalists, key=_rank)
         model = self._calibrator._fit(self._full_records(race, best), race.rounds, 0)
         best.module.record_calibration(model)
         return best
@@ -595,6 +592,12 @@ class _Candidate:
         return sum(Usage.from_dict(r.usage).calls for r in self.records.values() if reused or not r.reused)
 
 
+def _best_challenger(race: _Race) -> _Candidate | None:
+    """The challenger that finished the race best (the one the held-out check answers when the default is kept)."""
+    finalists = [c for c in race.candidates[1:] if c.alive and not c.broken]
+    return max(finalists, key=_rank) if finalists else None
+
+
 def _rank(c: _Candidate) -> tuple[float, float, int]:
     """Order of merit: worth, then the bound (closer to paying when neither plans rounds), then the earlier."""
     return (c.value.mean, c.bound if c.bound is not None else 0.0, -c.index)
@@ -650,6 +653,7 @@ class RefinerReport:
             ``value`` (expected accuracy at those rounds minus their cost), ``prob_beats_default`` and the rung it
             left the race at (``None``: it finished).
         chosen: Index of the chosen candidate (0: the default was kept).
+        runner_up: Index of the challenger that finished the race best (``None``: none finished).
         gate: The probability the chosen challenger had to reach (``min_prob_better`` split over challengers).
         calls: ``round0`` (shared), ``refinement`` (all candidates' chains), ``proposals`` (reflection LM),
             ``total``, and ``every_candidate_everywhere`` -- what running every candidate on every example would
@@ -662,6 +666,7 @@ class RefinerReport:
 
     candidates: list[dict[str, Any]]
     chosen: int
+    runner_up: int | None
     gate: float
     min_prob_better: float
     round_cost: float
@@ -729,6 +734,7 @@ def _build_report(
     return RefinerReport(
         candidates=rows,
         chosen=chosen.index,
+        runner_up=None if (best := _best_challenger(race)) is None else best.index,
         gate=race.gate,
         min_prob_better=min_prob_better,
         round_cost=race.round_cost,

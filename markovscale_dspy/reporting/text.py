@@ -745,12 +745,12 @@ def refiner_words(report: RefinerReport) -> str:
         spend = f"{made} LM calls made now (the chains came from caches that recorded no calls: no saving measured)"
     lines = [f"{raced} (rungs {report.rungs}): {spend}."]
     if report.chosen == 0:
-        best = max(report.candidates[1:], key=lambda c: c["value"], default=None)
+        best = None if report.runner_up is None else report.candidates[report.runner_up]
         why = (
-            f"no challenger's advantage is supported (best: {best['source']}, P(beats default) = "
+            f"no challenger's advantage is supported (best finalist: {best['source']}, P(beats default) = "
             f"{best['prob_beats_default']:.3f} < {report.gate:.3f})"
             if best is not None
-            else "there was no challenger"
+            else "no challenger finished the race"
         )
         lines.append(f"Kept the default refiner: {why}.")
     else:
