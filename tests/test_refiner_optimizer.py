@@ -236,6 +236,8 @@ def test_keeps_the_default_when_no_candidate_is_better():
     module, report, _ = optimize(w, n_train=200, candidates=CANDIDATES, valset=w.examples[200:])
     assert report.chosen == 0 and report.chosen_source == "default"
     # Held out, the gate's decision is checked against the best challenger on the same round-0 answers.
+    held = report.held_out
+    assert held["after"]["accuracy"] == held["before"]["accuracy"] and held["difference"]["diff"] == 0
     challenger = report.held_out["best challenger"]
     assert report.held_out["best challenger source"] == report.candidates[report.runner_up]["source"]
     assert challenger["difference"]["diff"] == pytest.approx(

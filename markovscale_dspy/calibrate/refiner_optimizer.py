@@ -881,11 +881,14 @@ def _held_out(
             inputs = dict(example.inputs())
             first = first_module.run_chain(0, **inputs)
             outputs = dict(first.items())
-            labels = []
+            labels: list[bool] = []
+            seen: dict[int, bool] = {}  # the same module on two sides (the default kept) answers once
             for name, module in sides.items():
-                rounds = plans[name]
-                pred = module.continue_chain(dspy.Prediction(**outputs), rounds, **inputs) if rounds else first
-                labels.append(score_to_label(metric(example, pred), threshold))
+                if id(module) not in seen:
+                    rounds = plans[name]
+                    pred = module.continue_chain(dspy.Prediction(**outputs), rounds, **inputs) if rounds else first
+                    seen[id(module)] = score_to_label(metric(example, pred), threshold)
+                labels.append(seen[id(module)])
             return tuple(labels)
         except Exception as exc:  # scored wrong on every side, as dspy.Evaluate scores a failure
             return describe(exc)
