@@ -16,7 +16,7 @@ import numpy as np
 from markovscale_dspy._exceptions import ConfigurationError
 from markovscale_dspy.calibrate.report import CalibrationReport
 from markovscale_dspy.core.statistics import binomial_interval
-from markovscale_dspy.core.theory import BOUND_KIND
+from markovscale_dspy.core.theory import BOUND_KIND, accuracy_at
 
 if TYPE_CHECKING:  # rendering reads these results; it never runs the evaluation that makes them
     from markovscale_dspy.calibrate.refiner_optimizer import RefinerReport
@@ -112,6 +112,16 @@ def refiner_figure(report: RefinerReport, path: str | Path, *, title: str | None
             )
             lows.append(side.stationary_accuracy)
             highs.append(side.stationary_accuracy)
+    if report.after is report.before and report.runner_up is not None:
+        # The default was kept: the best challenger's chain, predicted from its rates, shows what was turned down.
+        row = report.candidates[report.runner_up]
+        p0 = report.before.estimates["p0"]["mean"]
+        p_cw, p_wc = row["p_cw"]["mean"], row["p_wc"]["mean"]
+        label = f"best challenger ({row['source']}, not chosen)"
+        ax.plot(t, accuracy_at(t, p0, p_cw, p_wc), "-", color="#7f7f7f", lw=1.5, label=f"{label}: accuracy_at(t)")
+        ax.axhline(row["bound"], ls="--", color="#7f7f7f", alpha=0.7, label=f"{label}: bound {row['bound']:.3f}")
+        lows.append(row["bound"])
+        highs.append(row["bound"])
     ax.set_xlabel("refinement round t (0 = the program alone, shared by both)")
     ax.set_ylabel("accuracy")
     ax.set_xticks(t)

@@ -737,9 +737,9 @@ def refiner_words(report: RefinerReport) -> str:
         f"Raced {len(report.candidates)} refiners on the same {report.rungs[-1] if report.rungs else 0} round-0 answers"
     )
     if every:
+        stored = f" ({made} made now, the rest from the trace store)" if race > made else ""
         spend = (
-            f"{race} LM calls ({made} made now, the rest from the trace store), {percent(1 - race / every)} fewer "
-            f"than every refiner on every example ({every})"
+            f"{race} LM calls{stored}, {percent(1 - race / every)} fewer than every refiner on every example ({every})"
         )
     else:
         spend = f"{made} LM calls made now (the chains came from caches that recorded no calls: no saving measured)"
