@@ -474,3 +474,44 @@ def test_held_out_rounds_are_the_rounds_the_module_would_run_after_its_confidenc
     assert deployed_rounds(module) == 0
     module.min_prob_improves = None
     assert deployed_rounds(module) == planned
+
+
+# The user's mistakes -------------------------------------------------------------------------------------------------
+
+
+def test_a_refiner_lm_with_a_rejected_key_stops_the_race_at_once():
+    from helpers import StatusServer
+
+    from markovscale_dspy import build_lm
+
+    w = SimulatedWorld.homogeneous(100, p0=0.6, p_cw=0.2, p_wc=0.3, seed=17)
+    with StatusServer(401) as server:
+        refiner = build_lm("openai/refiner", api_base=server.api_base, api_key="wrong", num_retries=2, cache=False)
+        student = MarkovRefine(dspy.Predict("question -> answer"), max_rounds=2, refiner_lm=refiner)
+        optimizer = RefinerOptimizer(w.metric, candidates=CANDIDATES, num_threads=2, store_traces=False)
+        with dspy.context(lm=w.lm()), pytest.raises(ConfigurationError) as raised:
+            optimizer.compile(student, trainset=w.examples)
+    message = str(raised.value)
+    assert "API key" in message and server.api_base not in message
+    assert server.hits <= 6, server.hits  # the calls in flight when the first 401 came back, not 7 x 25 chains
+
+
+def test_a_program_that_always_raises_stops_before_any_refinement():
+    class Broken(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.predict = dspy.Predict("question -> answer")
+
+        def forward(self, question):
+            raise KeyError("the user's bug")
+
+    w = SimulatedWorld.homogeneous(40, p0=0.6, p_cw=0.2, p_wc=0.3, seed=18)
+    optimizer = RefinerOptimizer(w.metric, num_threads=1, store_traces=False, max_errors=5)
+    with dspy.context(lm=w.lm()), pytest.raises(CalibrationError, match="KeyError"):
+        optimizer.compile(MarkovRefine(Broken()), trainset=w.examples)
+    assert w.calls == 0
+
+
+def test_a_metric_with_the_wrong_signature_is_refused_at_construction():
+    with pytest.raises(ConfigurationError, match="metric"):
+        RefinerOptimizer(lambda prediction: True)
