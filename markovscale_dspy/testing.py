@@ -328,7 +328,9 @@ class SimulatedEngine:
         if JUDGE_FIELD in fields:
             values[JUDGE_FIELD] = self.world.judge(inputs, rng)
         elif self.world.answer_field in fields:
-            values[self.world.answer_field] = self.world.respond(inputs, rng, system)
+            # The instructions matter only with refiner_effects (and a subclass's respond(inputs, rng) still works).
+            extra = {"system": system} if self.world.refiner_effects else {}
+            values[self.world.answer_field] = self.world.respond(inputs, rng, **extra)
         if "JSON" in system.split("In adhering to this structure", 1)[0]:
             text = json.dumps(values)
         else:
