@@ -44,7 +44,8 @@ from markovscale_dspy._version import __version__
 from markovscale_dspy.calibrate.calibrator import REPORT_SINKS as _REPORT_SINKS
 from markovscale_dspy.calibrate.calibrator import Calibratable, MarkovCalibrator, fit_chains
 from markovscale_dspy.calibrate.records import ChainRecord
-from markovscale_dspy.calibrate.refiner_optimizer import VERIFY_FIRST, RefinerOptimizer, RefinerReport
+from markovscale_dspy.calibrate.refiner_optimizer import VERIFY_FIRST, RefinerOptimizer
+from markovscale_dspy.calibrate.refiner_report import RefinerReport
 from markovscale_dspy.calibrate.report import CalibrationReport
 from markovscale_dspy.core import belief, theory
 from markovscale_dspy.core.answers import default_answer_key, normalize_answer

@@ -465,7 +465,7 @@ def test_a_chain_of_thought_program_gets_a_reasoning_refiner_with_the_winning_in
 
 
 def test_held_out_rounds_are_the_rounds_the_module_would_run_after_its_confidence_gate():
-    from markovscale_dspy.calibrate.refiner_optimizer import deployed_rounds
+    from markovscale_dspy.calibrate.refiner_report import deployed_rounds
 
     module = MarkovRefine(dspy.Predict("question -> answer"), max_rounds=3, min_prob_improves=0.99)
     module.model = TransitionModel.fit([[False, True, True], [True, True, False], [False, False, True]] * 3)

@@ -22,6 +22,7 @@ from markovscale_dspy._exceptions import CalibrationError, ConfigurationError
 from markovscale_dspy.calibrate.calibrator import SKIPPED, ChainRun, MarkovCalibrator, check_examples, check_metric
 from markovscale_dspy.calibrate.guard import RunGuard
 from markovscale_dspy.calibrate.records import ChainRecord
+from markovscale_dspy.calibrate.refiner_report import RefinerReport, held_out_comparison
 from markovscale_dspy.calibrate.report import CalibrationReport, build_report, spend_of
 from markovscale_dspy.calibrate.traces import TraceStore, chain_key
 from markovscale_dspy.core import theory
@@ -36,7 +37,7 @@ from markovscale_dspy.core.racing import (
     prob_better,
     value_draws,
 )
-from markovscale_dspy.core.statistics import binomial_interval, paired_difference, score_to_label
+from markovscale_dspy.core.statistics import binomial_interval
 from markovscale_dspy.core.validation import check_int, check_number, check_prior
 from markovscale_dspy.refine.loop import describe
 from markovscale_dspy.refine.markov_refine import MAX_ROUNDS_LIMIT, MarkovRefine, refiner_predict
@@ -46,7 +47,7 @@ from markovscale_dspy.spending import cap_reached
 from markovscale_dspy.tracing import carry_context, span
 from markovscale_dspy.usage import Usage, measure_usage
 
-__all__ = ["VERIFY_FIRST", "RefinerOptimizer", "RefinerReport"]
+__all__ = ["VERIFY_FIRST", "RefinerOptimizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -368,7 +369,7 @@ class RefinerOptimizer(Teleprompter):
             runner_up = self._runner_up(race, chosen)
             if runner_up is not None:  # the gate kept the default: how the best challenger does on new questions
                 sides["best challenger"] = runner_up.module
-            held_out = _held_out(
+            held_out = held_out_comparison(
                 sides, check_examples(valset, module, "valset"), self.metric, self.threshold, self.num_threads
             )
             held_out["best challenger source"] = None if runner_up is None else runner_up.source
@@ -642,49 +643,6 @@ class _Chains(MarkovCalibrator):
         return super()._chain_end(run, record, example, trajectory)
 
 
-@dataclass
-class RefinerReport:
-    """What a refiner race measured: every candidate, the choice, the calls, and the chains before and after.
-
-    Attributes:
-        candidates: Per candidate (the default first): ``source`` ("default", "verify_first", "yours",
-            "proposed"), ``instructions``, ``examples`` refined, ``calls`` spent on its chains, ``p_cw`` / ``p_wc``
-            (posterior means and 95% intervals), ``bound`` (stationary accuracy), ``regime``, ``planned_rounds``,
-            ``value`` (expected accuracy at those rounds minus their cost), ``prob_beats_default`` and the rung it
-            left the race at (``None``: it finished).
-        chosen: Index of the chosen candidate (0: the default was kept).
-        runner_up: Index of the challenger that finished the race best (``None``: none finished).
-        gate: The probability the chosen challenger had to reach (``min_prob_better`` split over challengers).
-        calls: ``round0`` (shared), ``refinement`` (all candidates' chains), ``proposals`` (reflection LM),
-            ``total``, and ``every_candidate_everywhere`` -- what running every candidate on every example would
-            have cost -- all counting only calls made now (chains from the trace store cost none).
-        rungs: Examples per rung of the race.
-        before: Calibration report of the default refiner's chains.
-        after: Calibration report of the chosen refiner's chains (the returned module's model).
-        held_out: With a valset: accuracy before and after on the same questions, and their paired difference.
-    """
-
-    candidates: list[dict[str, Any]]
-    chosen: int
-    runner_up: int | None
-    gate: float
-    min_prob_better: float
-    round_cost: float
-    calls: dict[str, int]
-    rungs: list[int]
-    before: CalibrationReport
-    after: CalibrationReport
-    held_out: dict[str, Any] | None = None
-    seconds: float = 0.0
-
-    @property
-    def chosen_source(self) -> str:
-        return self.candidates[self.chosen]["source"]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def _build_report(
     race: _Race,
     chosen: _Candidate,
@@ -851,70 +809,3 @@ def _reflective_dataset(race: _Race, leader: _Candidate, examples: list[int]) ->
                 }
             )
     return feedback
-
-
-def deployed_rounds(module: MarkovRefine) -> int:
-    """Rounds a calibrated closed-form module refines every question: its plan, or none when its confidence gate
-    (``min_prob_improves``) is not passed."""
-    gate_at = module.min_prob_improves or 0.0
-    if gate_at > 0 and module.model.prob_improves() < gate_at:
-        return 0
-    return module.planned_rounds()
-
-
-def _held_out(
-    sides: dict[str, MarkovRefine],
-    examples: list[dspy.Example],
-    metric: Callable[..., Any],
-    threshold: float | None,
-    num_threads: int | None,
-) -> dict[str, Any]:
-    """The modules on the same held-out questions, from the same round-0 answer, each refining for the rounds it
-    would run (its closed-form plan, after its confidence gate): accuracy, the prediction, and each side's paired
-    difference with ``before``."""
-    plans = {name: deployed_rounds(module) for name, module in sides.items()}
-    first_module = sides["before"]
-    executor = ParallelExecutor(num_threads=num_threads, max_errors=len(examples) + 1, disable_progress_bar=True)
-
-    def run(example: dspy.Example) -> tuple[bool, ...] | str:
-        try:
-            inputs = dict(example.inputs())
-            first = first_module.run_chain(0, **inputs)
-            outputs = dict(first.items())
-            labels: list[bool] = []
-            seen: dict[int, bool] = {}  # the same module on two sides (the default kept) answers once
-            for name, module in sides.items():
-                if id(module) not in seen:
-                    rounds = plans[name]
-                    pred = module.continue_chain(dspy.Prediction(**outputs), rounds, **inputs) if rounds else first
-                    seen[id(module)] = score_to_label(metric(example, pred), threshold)
-                labels.append(seen[id(module)])
-            return tuple(labels)
-        except Exception as exc:  # scored wrong on every side, as dspy.Evaluate scores a failure
-            return describe(exc)
-
-    results = executor.execute(carry_context(run), examples)
-    rows = [r if isinstance(r, tuple) else (False,) * len(sides) for r in results]
-    out: dict[str, Any] = {"examples": len(examples), "failed": sum(not isinstance(r, tuple) for r in results)}
-    before = [r[0] for r in rows]
-    for j, (name, module) in enumerate(sides.items()):
-        labels = [r[j] for r in rows]
-        k, n = sum(labels), len(labels)
-        out[name] = {
-            "rounds": plans[name],
-            "accuracy": k / n if n else None,
-            "interval": list(binomial_interval(k, n)),
-            "predicted": float(module.model.expected_accuracy(plans[name])),
-        }
-        if name != "before":
-            d = paired_difference(labels, before)
-            out[name]["difference"] = {
-                "diff": d.diff,
-                "lo": d.lo,
-                "hi": d.hi,
-                "p_value": d.p_value,
-                "only_this": d.a_only,
-                "only_before": d.b_only,
-            }
-    out["difference"] = out["after"]["difference"]
-    return out

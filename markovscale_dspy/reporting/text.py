@@ -16,7 +16,7 @@ from markovscale_dspy.core.model import PARAMETERS, TransitionModel
 from markovscale_dspy.core.theory import BOUND_KIND
 
 if TYPE_CHECKING:  # rendering reads these results; it never runs the evaluation that makes them
-    from markovscale_dspy.calibrate.refiner_optimizer import RefinerReport
+    from markovscale_dspy.calibrate.refiner_report import RefinerReport
     from markovscale_dspy.evaluate.configurations import ConfigurationComparison
     from markovscale_dspy.evaluate.evaluation import MethodResult
 
