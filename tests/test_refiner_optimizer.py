@@ -75,6 +75,7 @@ def optimize(world, *, n_train, valset=None, **kwargs):
 # The maths of the race ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_value_draws_centre_on_the_chain_at_the_planned_rounds():
     """Many examples: the bootstrap's draws centre on the chain's accuracy at the planned rounds, at the estimates."""
     rng = np.random.default_rng(0)
@@ -362,6 +363,7 @@ def test_a_student_that_is_not_a_markov_refine_is_refused():
         RefinerOptimizer(lambda e, p, trace=None: True).compile(dspy.Predict("question -> answer"), trainset=[])
 
 
+@pytest.mark.slow
 def test_the_default_candidate_keeps_a_calibration_equal_to_markov_calibrator_on_the_same_chains(tmp_path):
     """With the default kept, the returned module's model counts the same kinds of transitions a calibration does."""
     w = SimulatedWorld.homogeneous(60, p0=0.5, p_cw=0.1, p_wc=0.3, seed=11)
@@ -424,6 +426,7 @@ def test_cli_reads_candidates_one_per_line(tmp_path):
         _read_candidates(str(path))
 
 
+@pytest.mark.slow
 def test_a_refiner_whose_rounds_fail_leaves_the_race_and_is_never_chosen():
     effects = {"be brief": {"garbage": 1.0, "p_cw": 0.0}, "double-check": {"p_cw": 0.3}}
     w = SimulatedWorld.homogeneous(120, p0=0.6, p_cw=0.2, p_wc=0.3, seed=13, refiner_effects=effects)
@@ -450,6 +453,7 @@ def test_a_bad_valset_is_refused_before_any_call():
     assert w.calls == 0
 
 
+@pytest.mark.slow
 def test_a_chain_of_thought_program_gets_a_reasoning_refiner_with_the_winning_instructions():
     effects = {"verify first": {"p_cw": 0.1}}
     w = SimulatedWorld.homogeneous(100, p0=0.6, p_cw=0.3, p_wc=0.3, seed=16, refiner_effects=effects)
@@ -479,6 +483,7 @@ def test_held_out_rounds_are_the_rounds_the_module_would_run_after_its_confidenc
 # The user's mistakes -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_refiner_lm_with_a_rejected_key_stops_the_race_at_once():
     from helpers import StatusServer
 
