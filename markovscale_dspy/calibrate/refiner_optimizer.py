@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
 import math
 import random
@@ -445,7 +443,7 @@ class RefinerOptimizer(Teleprompter):
         if race.store is not None:
             try:
                 # Keyed by the round 0 it continues (its outputs, not only its answer: reasoning differs).
-                purpose = f"{_CONTINUED}|{_digest(first.get('outputs'))}"
+                purpose = [_CONTINUED, first.get("outputs")]
                 key = chain_key(candidate.module, race.rounds, example, self.trace_key, purpose=purpose)
             except Exception as exc:  # the store is an optimisation: without a key, just run the chain
                 logger.warning("trace store disabled for example %d: %s", index, describe(exc))
@@ -763,10 +761,6 @@ def _rung_sizes(n: int, candidates: int, eta: int, first: int | None, at_least: 
         sizes.insert(0, math.ceil(sizes[0] / eta))
     floor = min(n, 20 if first is None else first)
     return sorted({max(size, floor) for size in sizes})
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
 
 def _interval(successes: int, failures: int) -> list[float]:

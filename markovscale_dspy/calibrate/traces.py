@@ -94,15 +94,15 @@ def chain_key(
     example: dspy.Example,
     trace_key: str | None = None,
     sample: int | None = None,
-    purpose: str | None = None,
+    purpose: Any = None,
 ) -> str:
     """Key of one calibration chain: program state, refinement settings, LM, adapter and example.
 
     ``trace_key`` stands in for the identity of LMs that have none (see :func:`lm_fingerprint`); without it such
     an LM raises UnknownLMIdentityError, and the chain is not stored or reused. With ``sample``, the key of the
     example's independent round-0 sample of that index instead (its own rollout id at the program's temperature),
-    so a calibration that asks for more samples reuses the ones it already has. ``purpose`` keeps chains of
-    another kind apart (e.g. refinements continued from a shared round 0).
+    so a calibration that asks for more samples reuses the ones it already has. ``purpose`` (any JSON-able
+    value) keeps chains of another kind apart (e.g. refinements continued from a given round-0 answer).
     """
 
     def identity(lm: Any) -> Any:
